@@ -1,0 +1,46 @@
+"""The seam every method plugs into. A drafter proposes a token tree from the current context and
+may observe what the target accepted; it never touches the target's cache (the engine owns it).
+
+Example (a drafter that always guesses the last token repeats):
+    >>> from semiar.drafters.base import Drafter
+    >>> from semiar.tree import DraftTree
+    >>> class Repeat(Drafter):
+    ...     name = "repeat"
+    ...     def propose(self, tokens):
+    ...         return DraftTree.chain([tokens[-1]] * 3)
+    >>> Repeat().propose([5, 6]).tokens
+    [6, 6, 6]
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..tree import DraftTree
+
+
+class Drafter:
+    name = "base"
+    #: set when the drafter wants the target's final-layer features of accepted tokens
+    needs_hidden = False
+
+    def start(self, prompt_ids: list[int], sampling, generator: Optional[torch.Generator] = None,
+              prompt_hidden: Optional[torch.Tensor] = None) -> None:
+        """Called once per request before the first proposal. prompt_hidden: [n_prompt - 1, hidden]
+        target features for the prompt's cached part (when needs_hidden)."""
+
+    def propose(self, tokens: list[int]) -> DraftTree:
+        """Tree of draft tokens to follow `tokens` (the whole context; tokens[-1] is the root)."""
+        raise NotImplementedError
+
+    def observe(self, accepted: list[int], n_draft_accepted: int,
+                hidden: Optional[torch.Tensor] = None) -> None:
+        """After verification: the emitted tokens, how many of them were draft tokens, and (when
+        needs_hidden) the target's features [len(accepted_path)+1, hidden] of root + accepted path."""
+
+    @property
+    def max_nodes(self) -> int:
+        """Upper bound on nodes per proposal (sizes the target's KV cache)."""
+        return 0

@@ -1,0 +1,149 @@
+"""Speculative sampling with a separate small draft model (SpS): e.g. Qwen2.5-Coder-0.5B drafting
+for the 1.5B. The draft model keeps its own KV cache across steps and re-syncs it with the
+context by common prefix, so accepted tokens are never recomputed twice.
+
+Shapes: "chain" drafts up to k tokens one by one and stops early when the draft model's top
+probability drops below `min_confidence` (greedy), which keeps a weak draft from wasting steps;
+"dynamic" grows an EAGLE-2-style tree level by level inside the draft cache.
+
+Example:
+    >>> from semiar.drafters.draft_model import DraftModelDrafter        # doctest: +SKIP
+    >>> d = DraftModelDrafter(load_model("qwen2.5-coder-0.5b-instruct"), target=target)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import InvalidArgumentError, TokenizerMismatchError
+from ..sampling import SamplingParams, target_probs
+from ..tree import DraftTree, TreeSpec, dynamic_tree
+from .base import Drafter
+
+
+def check_same_tokenizer(target, draft) -> None:
+    """Refuse a draft model whose vocabulary differs from the target's."""
+    tt, dt = target.tokenizer, draft.tokenizer
+    if tt is None or dt is None:
+        same = target.config.vocab_size == draft.config.vocab_size
+        detail = f"vocab sizes {target.config.vocab_size} vs {draft.config.vocab_size}"
+    else:
+        same = tt.get_vocab() == dt.get_vocab()
+        detail = f"vocabularies of {len(tt.get_vocab())} and {len(dt.get_vocab())} tokens differ"
+    if not same:
+        raise TokenizerMismatchError(
+            f"draft model {draft.name} does not share the tokenizer of target {target.name} ({detail}); "
+            "pick a draft model of the same family")
+
+
+class DraftModelDrafter(Drafter):
+    name = "draft"
+
+    def __init__(self, draft, target=None, tree: TreeSpec = TreeSpec("chain", k=6),
+                 min_confidence: float = 0.3):
+        if target is not None:
+            check_same_tokenizer(target, draft)
+        if tree.kind == "static":
+            raise InvalidArgumentError("the draft method supports chain:K and dynamic:DEPTH,TOPK,BUDGET trees")
+        self.model = draft
+        self.tree = tree
+        self.min_confidence = min_confidence
+        self.cache = None
+        self.seen: list[int] = []  # tokens whose K/V are in self.cache, in order
+        self.sampling = SamplingParams()
+        self.generator: Optional[torch.Generator] = None
+
+    @property
+    def max_nodes(self) -> int:
+        return self.tree.max_nodes
+
+    def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
+        ctx = self.model.context_length
+        self.cache = self.model.decoder.new_cache(min(ctx, len(prompt_ids) + 4096) + self.tree.max_nodes + 8)
+        self.seen = []
+        self.sampling = sampling
+        self.generator = generator
+
+    def _feed(self, tokens: list[int]) -> torch.Tensor:
+        """Bring the cache to `tokens` (common prefix reused) and return next-token logits [vocab]."""
+        dec = self.model.decoder
+        m = 0
+        limit = min(len(self.seen), len(tokens) - 1)
+        while m < limit and self.seen[m] == tokens[m]:
+            m += 1
+        self.cache.truncate(m)
+        need = len(tokens) + self.tree.max_nodes + 1
+        if need > self.cache.capacity:  # long generations: grow the draft cache
+            old = self.cache
+            self.cache = dec.new_cache(need + 1024)
+            self.cache.k[:, :, :, :m] = old.k[:, :, :, :m]
+            self.cache.v[:, :, :, :m] = old.v[:, :, :, :m]
+            self.cache.length = m
+        ids = torch.tensor([tokens[m:]], device=dec.device)
+        logits = dec(ids, self.cache, logits_at=slice(-1, None)).logits[0, -1]
+        self.seen = list(tokens)
+        return logits
+
+    def propose(self, tokens: list[int]) -> DraftTree:
+        if self.tree.kind == "dynamic":
+            return self._propose_tree(tokens)
+        logits = self._feed(tokens)
+        dec = self.model.decoder
+        out, qs = [], []
+        for i in range(self.tree.k):
+            if self.sampling.greedy:
+                probs = logits.softmax(-1)
+                conf, tok = probs.max(-1)
+                if i > 0 and float(conf) < self.min_confidence:
+                    break
+                tok = int(tok)
+                q = None
+            else:
+                q = target_probs(logits, self.sampling)
+                tok = int(torch.multinomial(q, 1, generator=self.generator))
+            out.append(tok)
+            qs.append(q)
+            if i + 1 < self.tree.k:
+                logits = dec(torch.tensor([[tok]], device=dec.device), self.cache).logits[0, -1]
+                self.seen.append(tok)
+        return DraftTree.chain(out, None if self.sampling.greedy else qs)
+
+    def _propose_tree(self, tokens: list[int]) -> DraftTree:
+        dec = self.model.decoder
+        root_logits = self._feed(tokens)
+        base = self.cache.length  # the context; tree nodes are appended after it
+        row_of: dict[int, int] = {}  # tree node -> row in the cache block after `base`
+
+        def expand(frontier, tree_tokens, parents):
+            new = [n for n in frontier if n >= 0 and n not in row_of]
+            rows, node_logits = [], {}
+            if new:
+                start = self.cache.length
+                for n in new:
+                    row_of[n] = start - base + len(rows)
+                    rows.append(n)
+                T = len(new)
+                mask = torch.zeros(T, start + T, dtype=torch.bool)
+                mask[:, :base] = True
+                pos = []
+                for i, n in enumerate(new):
+                    a, d = n, 0
+                    while a >= 0:
+                        mask[i, base + row_of[a]] = True
+                        a, d = parents[a], d + 1
+                    pos.append(base + d - 1)
+                out = dec(torch.tensor([[tree_tokens[n] for n in new]], device=dec.device), self.cache,
+                          positions=torch.tensor([pos], device=dec.device), tree_mask=mask.to(dec.device))
+                node_logits = dict(zip(new, out.logits[0]))
+            result = []
+            for n in frontier:
+                lg = root_logits if n < 0 else node_logits[n]
+                result.append(lg.float().softmax(-1))
+            return torch.stack(result)
+
+        tree = dynamic_tree(expand, self.tree.depth, self.tree.top_k, self.tree.budget)
+        self.cache.truncate(base)  # drop the speculative branches; the accepted ones are re-fed
+        self.seen = self.seen[:base]
+        return tree

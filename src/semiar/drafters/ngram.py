@@ -1,0 +1,96 @@
+"""Adaptive n-gram drafting (in the spirit of ADED): a store of n-gram continuation counts, seeded
+from the prompt (and an optional corpus), updated with every emitted token, proposing a small
+tree of the most frequent continuations. Backs off from the longest context with data.
+
+Example:
+    >>> from semiar.drafters.ngram import NgramDrafter
+    >>> d = NgramDrafter(n=2, depth=3, top_k=2, budget=6)
+    >>> d.start([1, 2, 3, 1, 2, 4, 1, 2, 3], None)
+    >>> sorted(d.propose([1, 2, 3, 1, 2]).tokens[:2])   # after "1 2": 3 (twice) or 4 (once)
+    [3, 4]
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import InvalidArgumentError
+from ..tree import DraftTree, dynamic_tree
+from .base import Drafter
+
+
+class NgramStore:
+    """Counts of the next token after every context of length 1..n."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.counts: dict[tuple, Counter] = defaultdict(Counter)
+
+    def add(self, tokens: Sequence[int], start: int = 0) -> None:
+        """Count the continuations of tokens[i] for i >= start."""
+        for i in range(max(start, 1), len(tokens)):
+            nxt = tokens[i]
+            for m in range(1, self.n + 1):
+                if i - m < 0:
+                    break
+                self.counts[tuple(tokens[i - m:i])][nxt] += 1
+
+    def next_counts(self, context: Sequence[int]) -> Optional[Counter]:
+        for m in range(min(self.n, len(context)), 0, -1):
+            c = self.counts.get(tuple(context[-m:]))
+            if c:
+                return c
+        return None
+
+
+class NgramDrafter(Drafter):
+    name = "ngram"
+
+    def __init__(self, n: int = 3, depth: int = 5, top_k: int = 2, budget: int = 12,
+                 corpus_ids: Optional[Sequence[Sequence[int]]] = None):
+        if min(n, depth, top_k, budget) <= 0:
+            raise InvalidArgumentError("ngram drafter: n, depth, top-k and budget must be > 0")
+        self.n, self.depth, self.top_k, self.budget = n, depth, top_k, budget
+        self.corpus_ids = [list(c) for c in (corpus_ids or [])]
+        self.store = NgramStore(n)
+        self.seen = 0
+        self.vocab_hint = 0
+
+    @property
+    def max_nodes(self) -> int:
+        return self.budget
+
+    def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
+        self.store = NgramStore(self.n)
+        for doc in self.corpus_ids:
+            self.store.add(doc)
+        self.store.add(prompt_ids)
+        self.seen = len(prompt_ids)
+
+    def propose(self, tokens: list[int]) -> DraftTree:
+        if len(tokens) > self.seen:  # emitted since the last step: learn from them first
+            self.store.add(tokens, start=self.seen)
+            self.seen = len(tokens)
+
+        def expand(frontier, tree_tokens, parents):
+            rows = []
+            for node in frontier:
+                path = []
+                while node >= 0:
+                    path.append(tree_tokens[node])
+                    node = parents[node]
+                counts = self.store.next_counts(tokens + path[::-1])
+                rows.append(counts)
+            width = max([max(c) for c in rows if c] + [0]) + 1
+            probs = torch.zeros(len(rows), max(width, self.top_k))
+            for r, c in enumerate(rows):
+                if c:
+                    total = sum(c.values())
+                    for t, v in c.items():
+                        probs[r, t] = v / total
+            return probs
+
+        return dynamic_tree(expand, self.depth, self.top_k, self.budget)

@@ -1,0 +1,253 @@
+"""The one decode loop every method shares: prefill -> draft -> verify -> accept -> cache.
+
+The target's cache always holds the context except its last token (the *root*). Each step the
+drafter proposes a tree below the root; one target forward over root + tree gives the logits of
+every node; the verifier picks the accepted path and the target's next token; the cache keeps
+only root + accepted path. Autoregressive decoding is the same loop with an empty tree, so the
+baseline and every method share stop rules, sampling and timing.
+
+Example:
+    >>> from semiar.engine import Engine                                        # doctest: +SKIP
+    >>> from semiar.models import load_model                                   # doctest: +SKIP
+    >>> target = load_model("smollm2-135m-instruct")                           # doctest: +SKIP
+    >>> gen = Engine(target).generate(target.encode("Hi", chat=True), max_new_tokens=16)  # doctest: +SKIP
+    >>> for chunk in gen: print(chunk.text, end="")                             # doctest: +SKIP
+    >>> gen.stats.tau                                                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .drafters.base import Drafter
+from .errors import InvalidArgumentError
+from .sampling import SamplingParams
+from .tree import DraftTree
+from .verify import verify
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_forwards: int = 0  # decode forwards (the prefill is not counted)
+    draft_tokens: int = 0  # draft nodes sent to the target
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole request, prefill included
+    attempted_at_depth: list = field(default_factory=list)
+    accepted_at_depth: list = field(default_factory=list)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per target forward (1.0 for autoregressive decoding)."""
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def accept_by_depth(self) -> list[float]:
+        """Fraction of steps whose tree reached depth d where the path was accepted to depth d."""
+        return [a / t if t else 0.0 for a, t in zip(self.accepted_at_depth, self.attempted_at_depth)]
+
+    def to_dict(self) -> dict:
+        other = self.seconds - self.prefill_seconds - self.draft_seconds - self.verify_seconds
+        return {
+            "new_tokens": self.new_tokens, "prompt_tokens": self.prompt_tokens,
+            "seconds": round(self.seconds, 4), "tokens_per_s": round(self.tokens_per_s, 3),
+            "tau": round(self.tau, 4), "target_forwards": self.target_forwards,
+            "draft_tokens": self.draft_tokens,
+            "accept_by_depth": [round(x, 4) for x in self.accept_by_depth],
+            "time_split": {"prefill": round(self.prefill_seconds, 4), "draft": round(self.draft_seconds, 4),
+                           "verify": round(self.verify_seconds, 4), "other": round(max(other, 0.0), 4)},
+        }
+
+
+@dataclass
+class Chunk:
+    """What one step adds: token ids and the text they complete (may be empty mid-character)."""
+
+    token_ids: list[int]
+    text: str
+
+
+class _Detokenizer:
+    """Incremental text with stop strings: the text is decoded from all generated ids (so merges
+    across tokens are right) and held back while it ends in an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tok = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # text released so far
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        if self.tok is None:
+            return ""
+        full = self.tok.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            lo = max(0, len(self.text) - max(len(s) for s in self.stop))
+            hits = [i for i in (full.find(s, lo) for s in self.stop) if i >= 0]
+            if hits:
+                full = full[:min(hits)]
+                self.stopped = True
+        if full.endswith("\ufffd") and not self.stopped:
+            return ""
+        delta = full[len(self.text):] if full.startswith(self.text) else full
+        self.text = full
+        return delta
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Generation:
+    """One request in flight. Iterate for streaming `Chunk`s; afterwards `token_ids`, `text`,
+    `stats` and `stop_reason` ('eos', 'stop', 'length') hold the result."""
+
+    def __init__(self, engine: "Engine", prompt_ids: list[int], max_new_tokens: int,
+                 sampling: SamplingParams, stop: Sequence[str]):
+        self.engine = engine
+        self.prompt_ids = list(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
+        self.stop = list(stop)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.stats = Stats(prompt_tokens=len(prompt_ids))
+        self.stop_reason: Optional[str] = None
+        self._iter = self._run()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self._iter
+
+    def __next__(self) -> Chunk:
+        return next(self._iter)
+
+    def run(self) -> "Generation":
+        """Consume the whole generation; returns self."""
+        for _ in self._iter:
+            pass
+        return self
+
+    def _run(self) -> Iterator[Chunk]:
+        eng = self.engine
+        target, drafter, stats = eng.target, eng.drafter, self.stats
+        dec = target.decoder
+        device = dec.device
+        prompt = self.prompt_ids
+        target.check_prompt(len(prompt))
+        budget = min(self.max_new_tokens, target.context_length - len(prompt))
+        max_nodes = drafter.max_nodes if drafter else 0
+        cache = dec.new_cache(len(prompt) + budget + max_nodes + 1)
+        generator = self.sampling.generator(device)
+        detok = _Detokenizer(target.tokenizer, self.stop)
+        needs_hidden = bool(drafter and drafter.needs_hidden)
+
+        t0 = time.perf_counter()
+        prompt_hidden = None
+        if len(prompt) > 1:
+            out = dec(torch.tensor([prompt[:-1]], device=device), cache, logits_at=slice(0, 0),
+                      return_hidden=needs_hidden)
+            prompt_hidden = out.hidden[0] if needs_hidden else None
+        _sync(device)
+        stats.prefill_seconds = time.perf_counter() - t0
+        if drafter:
+            td = time.perf_counter()
+            drafter.start(prompt, self.sampling, generator, prompt_hidden)
+            stats.draft_seconds += time.perf_counter() - td
+
+        tokens = list(prompt)  # the whole context; tokens[-1] is the root, not yet in the cache
+        while len(self.token_ids) < budget and self.stop_reason is None:
+            remaining = budget - len(self.token_ids)
+            td = time.perf_counter()
+            tree = drafter.propose(tokens) if drafter else DraftTree.empty()
+            if len(tree) and tree.depth > remaining - 1:
+                tree = prune_depth(tree, remaining - 1)
+            _sync(device)
+            tv = time.perf_counter()
+            stats.draft_seconds += tv - td
+
+            start = cache.length
+            ids = torch.tensor([[tokens[-1]] + tree.tokens], device=device)
+            if len(tree):
+                out = dec(ids, cache, positions=tree.positions(start, device).unsqueeze(0),
+                          tree_mask=tree.attention_mask(device), return_hidden=needs_hidden)
+            else:
+                out = dec(ids, cache, return_hidden=needs_hidden)
+            verdict = verify(tree, out.logits[0], self.sampling, generator)
+            keep = [0] + [i + 1 for i in verdict.path]
+            cache.keep(start, keep)
+            stats.verify_seconds += time.perf_counter() - tv
+            stats.target_forwards += 1
+            stats.draft_tokens += len(tree)
+            self._count_depths(tree, len(verdict.path))
+
+            emitted, step_text = [], ""
+            for t in verdict.tokens[:remaining]:
+                emitted.append(t)
+                self.token_ids.append(t)
+                step_text += detok.add(t)
+                if t in target.eos_ids:
+                    self.stop_reason = "eos"
+                elif detok.stopped:
+                    self.stop_reason = "stop"
+                if self.stop_reason:
+                    break
+            tokens.extend(emitted)
+            stats.new_tokens = len(self.token_ids)
+            if drafter and self.stop_reason is None:
+                td = time.perf_counter()
+                hidden = out.hidden[0, keep] if needs_hidden else None
+                drafter.observe(emitted, len(verdict.path), hidden)
+                stats.draft_seconds += time.perf_counter() - td
+            self.text = detok.text
+            yield Chunk(emitted, step_text)
+        if self.stop_reason is None:
+            self.stop_reason = "length"
+        _sync(device)
+        stats.seconds = time.perf_counter() - t0
+
+    def _count_depths(self, tree: DraftTree, accepted: int) -> None:
+        s = self.stats
+        while len(s.attempted_at_depth) < tree.depth:
+            s.attempted_at_depth.append(0)
+            s.accepted_at_depth.append(0)
+        for d in range(tree.depth):
+            s.attempted_at_depth[d] += 1
+            if d < accepted:
+                s.accepted_at_depth[d] += 1
+
+
+def prune_depth(tree: DraftTree, max_depth: int) -> DraftTree:
+    """The tree without nodes deeper than max_depth (no use drafting past the token budget)."""
+    keep = [i for i, d in enumerate(tree.depths) if d <= max_depth]
+    remap = {old: new for new, old in enumerate(keep)}
+    return DraftTree([tree.tokens[i] for i in keep],
+                     [remap[tree.parents[i]] if tree.parents[i] >= 0 else -1 for i in keep],
+                     None if tree.q is None else [tree.q[i] for i in keep])
+
+
+class Engine:
+    """A target model plus an optional drafter. Without a drafter it decodes autoregressively."""
+
+    def __init__(self, target, drafter: Optional[Drafter] = None):
+        self.target = target
+        self.drafter = drafter
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 128,
+                 sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = ()) -> Generation:
+        if max_new_tokens <= 0:
+            raise InvalidArgumentError(f"max-new-tokens must be > 0, got {max_new_tokens}")
+        return Generation(self, prompt_ids, max_new_tokens, sampling, stop)

@@ -1,0 +1,70 @@
+"""Method names -> drafters. `ar` is the engine with no drafter.
+
+Example:
+    >>> from semiar.methods import METHODS
+    >>> sorted(METHODS)
+    ['ar', 'draft', 'ngram', 'pld']
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .drafters.base import Drafter
+from .errors import InvalidArgumentError
+from .tree import TreeSpec, parse_tree_spec
+
+METHODS = {
+    "ar": "autoregressive baseline (one target forward per token)",
+    "draft": "speculative sampling with a small draft model (--draft-model)",
+    "pld": "prompt lookup: copy the continuation of a matching n-gram from the context",
+    "ngram": "adaptive n-gram store (prompt + output so far + optional corpus), small tree",
+}
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | TreeSpec] = None,
+                 k: Optional[int] = None, ngram: Optional[int] = None, device: str = "cpu",
+                 dtype=None, corpus_ids=None) -> Optional[Drafter]:
+    """Build the drafter for `method` (None for `ar`). draft_model: a name/path or a LoadedModel."""
+    check_method(method)
+    if k is not None and k <= 0:
+        raise InvalidArgumentError(f"k must be > 0, got {k}")
+    spec = parse_tree_spec(tree) if isinstance(tree, str) else tree
+    if method == "ar":
+        return None
+    if method == "pld":
+        if spec is not None and spec.kind != "chain":
+            raise InvalidArgumentError("pld drafts a chain; use --tree chain:K or -k")
+        kk = k or (spec.k if spec else 8)
+        return _pld(kk, ngram or 3)
+    if method == "ngram":
+        from .drafters.ngram import NgramDrafter
+
+        if spec is not None and spec.kind != "dynamic":
+            raise InvalidArgumentError("ngram builds a dynamic tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
+        s = spec or TreeSpec("dynamic", depth=k or 5, top_k=2, budget=12)
+        return NgramDrafter(n=ngram or 3, depth=s.depth, top_k=s.top_k, budget=s.budget, corpus_ids=corpus_ids)
+    if method == "draft":
+        from .drafters.draft_model import DraftModelDrafter
+        from .models.loading import LoadedModel, load_model
+
+        if draft_model is None:
+            raise InvalidArgumentError("method 'draft' needs --draft-model NAME")
+        if not isinstance(draft_model, LoadedModel):
+            draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype)
+        s = spec or TreeSpec("chain", k=k or 6)
+        if k is not None and s.kind == "chain":
+            s = TreeSpec("chain", k=k)
+        return DraftModelDrafter(draft_model, target=target, tree=s)
+    raise AssertionError(method)
+
+
+def _pld(k: int, n: int) -> Drafter:
+    from .drafters.lookup import PromptLookupDrafter
+
+    return PromptLookupDrafter(k=k, max_ngram=n)

@@ -1,0 +1,335 @@
+"""Native decoder for the Llama / Qwen2 / SmolLM2 family, in plain PyTorch.
+
+One forward serves every decoding method: it appends a block of T new tokens to a preallocated
+KV cache, with explicit position ids and an optional attention mask among the new tokens (a token
+tree for verification), and returns logits for the positions asked for. The engine then keeps
+only the accepted positions with `KVCache.keep`.
+
+Example:
+    >>> import torch
+    >>> from semiar.models.decoder import Decoder, DecoderConfig
+    >>> cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+    ...                     num_heads=4, num_kv_heads=2)
+    >>> model = Decoder(cfg).eval()
+    >>> cache = model.new_cache(capacity=16)
+    >>> out = model(torch.tensor([[1, 2, 3]]), cache)
+    >>> out.logits.shape, cache.length
+    (torch.Size([1, 3, 64]), 3)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    attention_bias: bool = False  # bias on q, k, v (Qwen2 has it)
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 4096
+    model_type: str = "llama"
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "DecoderConfig":
+        """Build from a Hugging Face `config.json` dict (llama, qwen2, smollm families)."""
+        model_type = hf.get("model_type", "llama")
+        eos = hf.get("eos_token_id")
+        eos_ids = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+        rope_theta = hf.get("rope_theta")
+        rope_scaling = hf.get("rope_scaling")
+        rope_params = hf.get("rope_parameters")  # transformers 5 moves rope settings here
+        if rope_params:
+            rope_theta = rope_params.get("rope_theta", rope_theta)
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = rope_params
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+            rope_scaling = None
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta or 10000.0,
+            rope_scaling=rope_scaling,
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class KVCache:
+    """Preallocated key/value cache: `[layers, batch, kv_heads, capacity, head_dim]`.
+
+    `length` positions are valid. A forward appends its block at `[length, length + T)`;
+    `keep(start, idx)` then compacts the block so only the selected positions remain
+    (the accepted path of a token tree), and `truncate(n)` drops everything after n.
+    """
+
+    def __init__(self, num_layers, num_kv_heads, head_dim, capacity, dtype, device, batch=1):
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0
+
+    def keep(self, start: int, keep_idx: list[int]) -> None:
+        """Keep the positions `start + i` for i in keep_idx (ascending), packed at `start`."""
+        n = len(keep_idx)
+        if list(keep_idx) != list(range(n)):
+            idx = torch.tensor(keep_idx, device=self.k.device) + start
+            self.k[:, :, :, start:start + n] = self.k.index_select(3, idx)
+            self.v[:, :, :, start:start + n] = self.v.index_select(3, idx)
+        self.length = start + n
+
+    def truncate(self, n: int) -> None:
+        self.length = min(self.length, n)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
+    """Inverse frequencies, with the scaling types the family uses (none, linear, llama3)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = torch.where(is_mid, mid, scaled)
+    elif kind not in (None, "default"):
+        raise NotImplementedError(f"rope scaling type {kind!r} is not supported by the native decoder")
+    return inv
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # q, k, v in one matmul: one weight read per step instead of three launches
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
+        # x: [B, T, hidden]; cos/sin: [B, T, d]; k_cache/v_cache: [B, kvh, capacity, d]
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
+        q = q.view(B, T, self.h, self.d).transpose(1, 2)
+        k = k.view(B, T, self.kvh, self.d).transpose(1, 2)
+        v = v.view(B, T, self.kvh, self.d).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        end = start + T
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+        # GQA without copying K/V: fold the query group into the row dimension.
+        g = self.h // self.kvh
+        q = q.reshape(B, self.kvh, g * T, self.d)  # [B, kvh, g*T, d]
+        if mask is not None and g > 1:
+            mask = mask.repeat(g, 1)  # [g*T, end]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.reshape(B, self.h, T, self.d).transpose(1, 2).reshape(B, T, self.h * self.d)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class DecoderOutput:
+    logits: Optional[torch.Tensor]  # [B, n, vocab] for the positions asked for
+    hidden: Optional[torch.Tensor] = None  # [B, T, hidden], final-norm features of every new token
+
+
+class Decoder(nn.Module):
+    """Llama/Qwen2-family decoder with a tree-capable preallocated KV cache."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # kept in fp32 and off the module's buffers so .to(bf16) cannot round the frequencies
+        self.inv_freq = rope_inv_freq(cfg)
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity, self.dtype, self.device, batch)
+
+    def _rope(self, positions):
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [B, T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        positions: Optional[torch.Tensor] = None,
+        tree_mask: Optional[torch.Tensor] = None,
+        logits_at: Optional[torch.Tensor | slice] = None,
+        return_hidden: bool = False,
+    ) -> DecoderOutput:
+        """Append `input_ids` [B, T] to `cache` and return logits.
+
+        positions: [B, T] position ids (default: cache.length + arange(T)).
+        tree_mask: [T, T] bool, True where new token i may attend to new token j (default causal);
+            every new token also sees the whole cached prefix. Or [T, length + T]: a full mask,
+            for drafters that grow a tree level by level inside their own cache.
+        logits_at: indices/slice into the T new tokens to compute logits for (default all);
+            the LM head is the single largest matmul, so callers ask only for what they use.
+        """
+        B, T = input_ids.shape
+        start = cache.length
+        end = start + T
+        if end > cache.capacity:
+            raise ValueError(f"KV cache overflow: {end} > capacity {cache.capacity}")
+        if positions is None:
+            positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0).expand(B, T)
+        mask = None
+        if tree_mask is not None and tree_mask.shape[1] == end:
+            mask = tree_mask  # a full mask over prefix + block (trees grown inside a cache)
+        elif tree_mask is not None:
+            mask = torch.ones(T, end, dtype=torch.bool, device=input_ids.device)
+            mask[:, start:] = tree_mask
+        elif T > 1:
+            mask = torch.ones(T, end, dtype=torch.bool, device=input_ids.device)
+            mask[:, start:] = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        cos, sin = self._rope(positions)
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
+        cache.length = end
+        x = self.norm(x)
+        hidden = x if return_hidden else None
+        logits = self.lm_head(x if logits_at is None else x[:, logits_at])
+        return DecoderOutput(logits=logits.float(), hidden=hidden)
+
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face-named weights (model.layers.N.self_attn.q_proj.weight, ...),
+        fusing q/k/v and gate/up into our single projections."""
+        own: dict[str, torch.Tensor] = {}
+        get = lambda k: sd.pop(k)  # noqa: E731 - pop so peak memory stays ~1x the weights
+        prefix = "model."
+        own["embed_tokens.weight"] = get(prefix + "embed_tokens.weight")
+        own["norm.weight"] = get(prefix + "norm.weight")
+        for i in range(self.config.num_layers):
+            p = f"{prefix}layers.{i}."
+            a = p + "self_attn."
+            own[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
+                [get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")])
+            if self.config.attention_bias:
+                own[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
+                    [get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")])
+            own[f"layers.{i}.self_attn.o_proj.weight"] = get(a + "o_proj.weight")
+            m = p + "mlp."
+            own[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")])
+            own[f"layers.{i}.mlp.down_proj.weight"] = get(m + "down_proj.weight")
+            own[f"layers.{i}.input_layernorm.weight"] = get(p + "input_layernorm.weight")
+            own[f"layers.{i}.post_attention_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
+        if not self.config.tie_word_embeddings:
+            own["lm_head.weight"] = get("lm_head.weight")
+        else:
+            sd.pop("lm_head.weight", None)
+        dtype = self.dtype
+        own = {k: v.to(dtype) for k, v in own.items()}
+        missing, unexpected = self.load_state_dict(own, strict=False, assign=True)
+        missing = [k for k in missing if not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
+        if missing or unexpected or sd:
+            raise ValueError(f"weights do not match the config: missing {missing[:5]}, unexpected {list(sd)[:5]}")
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight

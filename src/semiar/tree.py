@@ -1,0 +1,262 @@
+"""Token trees: what a drafter proposes and the target verifies in one forward.
+
+A tree hangs below a *root*: the last emitted token, which is not yet in the target's cache.
+Draft nodes are numbered 0..n-1 in topological order; `parents[i]` is the parent node, or -1 for
+a child of the root. In the target forward the root is row 0 and node i is row i + 1.
+
+Example:
+    >>> from semiar.tree import DraftTree
+    >>> t = DraftTree(tokens=[11, 12, 13], parents=[-1, 0, -1])
+    >>> t.depths, t.paths()
+    ([1, 2, 1], [[0, 1], [2]])
+    >>> t.attention_mask().int().tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .errors import InvalidArgumentError
+
+
+@dataclass
+class DraftTree:
+    """Draft tokens as parent indices + tokens (+ the distribution each token was sampled from).
+
+    q[i] is the draft distribution node i's token was *sampled* from, or None when the token was
+    chosen deterministically (lookup, argmax, top-k): verification then treats it as q = one-hot,
+    which keeps sampling lossless whatever the drafter did.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    q: Optional[list[Optional[torch.Tensor]]] = None
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.parents):
+            raise ValueError("tokens and parents must have the same length")
+        for i, p in enumerate(self.parents):
+            if not -1 <= p < i:
+                raise ValueError(f"node {i} has parent {p}: nodes must come after their parents")
+        if self.q is not None and len(self.q) != len(self.tokens):
+            raise ValueError("q must have one entry per node")
+        depths = []
+        for p in self.parents:
+            depths.append(1 if p < 0 else depths[p] + 1)
+        self.depths = depths
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def empty(cls) -> "DraftTree":
+        return cls([], [])
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int], q: Optional[list] = None) -> "DraftTree":
+        """A tree of width 1 (plain speculative decoding)."""
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), q)
+
+    @property
+    def depth(self) -> int:
+        return max(self.depths, default=0)
+
+    def children(self) -> list[list[int]]:
+        """children()[p + 1] lists the children of node p (index 0: children of the root)."""
+        kids: list[list[int]] = [[] for _ in range(len(self) + 1)]
+        for i, p in enumerate(self.parents):
+            kids[p + 1].append(i)
+        return kids
+
+    def attention_mask(self, device=None) -> torch.Tensor:
+        """[n+1, n+1] bool: row r may attend to column c (root + nodes; ancestors and itself)."""
+        n = len(self) + 1
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask[:, 0] = True
+        for i, p in enumerate(self.parents):
+            r = i + 1
+            mask[r] = mask[p + 1]
+            mask[r, r] = True
+        return mask.to(device) if device is not None else mask
+
+    def positions(self, start: int, device=None) -> torch.Tensor:
+        """Position ids of root + nodes: prefix length + depth."""
+        return torch.tensor([start] + [start + d for d in self.depths], device=device)
+
+    def paths(self) -> list[list[int]]:
+        """Root-to-leaf paths as lists of node indices."""
+        kids = self.children()
+        out = []
+
+        def walk(node, path):
+            ch = kids[node + 1]
+            if not ch and path:
+                out.append(path)
+            for c in ch:
+                walk(c, path + [c])
+
+        walk(-1, [])
+        return out
+
+    def path_tokens(self, path: list[int]) -> list[int]:
+        return [self.tokens[i] for i in path]
+
+
+# --- static shapes ------------------------------------------------------------------------------
+
+def parse_choices(choices: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Medusa-style static shape: each choice is a path of candidate ranks, e.g. [0, 1] = the
+    top-2 candidate at depth 2 below the top-1 candidate at depth 1. Returned sorted so that every
+    node comes after its parent; every prefix of a choice must be a choice too."""
+    paths = sorted({tuple(int(r) for r in c) for c in choices}, key=lambda c: (len(c), c))
+    known = set(paths)
+    for c in paths:
+        if not c or any(r < 0 for r in c):
+            raise InvalidArgumentError(f"tree choice {list(c)} is empty or has a negative rank")
+        if len(c) > 1 and c[:-1] not in known:
+            raise InvalidArgumentError(f"tree choice {list(c)} has no parent {list(c[:-1])} in the tree")
+    return paths
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """How a drafter should shape its proposal.
+
+    kind: "chain" (k tokens), "static" (Medusa-style choices) or "dynamic" (EAGLE-2: expand the
+    `top_k` most probable nodes per level for `depth` levels, keep the `budget` best by path
+    probability).
+    """
+
+    kind: str = "chain"
+    k: int = 4
+    choices: tuple = ()
+    depth: int = 4
+    top_k: int = 4
+    budget: int = 16
+
+    @property
+    def max_nodes(self) -> int:
+        if self.kind == "chain":
+            return self.k
+        if self.kind == "static":
+            return len(self.choices)
+        return self.budget
+
+    @property
+    def max_depth(self) -> int:
+        if self.kind == "chain":
+            return self.k
+        if self.kind == "static":
+            return max(len(c) for c in self.choices)
+        return self.depth
+
+
+MAX_TREE_NODES = 256
+
+
+def parse_tree_spec(spec: str) -> TreeSpec:
+    """Parse `--tree`: `chain:K`, `dynamic:DEPTH,TOPK,BUDGET`, or a JSON list of choices
+    (`[[0],[1],[0,0]]`) or `@file.json` holding one."""
+    s = spec.strip()
+    try:
+        if s.startswith("chain:"):
+            k = int(s[6:])
+            if k <= 0:
+                raise InvalidArgumentError(f"tree spec {spec!r}: k must be > 0")
+            ts = TreeSpec("chain", k=k)
+        elif s.startswith("dynamic:"):
+            depth, top_k, budget = (int(x) for x in s[8:].split(","))
+            if min(depth, top_k, budget) <= 0:
+                raise InvalidArgumentError(f"tree spec {spec!r}: depth, top-k and budget must be > 0")
+            ts = TreeSpec("dynamic", depth=depth, top_k=top_k, budget=budget)
+        else:
+            if s.startswith("@"):
+                with open(s[1:]) as f:
+                    s = f.read()
+            choices = json.loads(s)
+            if not isinstance(choices, list) or not choices or not all(isinstance(c, list) for c in choices):
+                raise InvalidArgumentError(f"tree spec {spec!r}: expected a non-empty JSON list of lists")
+            ts = TreeSpec("static", choices=tuple(parse_choices(choices)))
+    except InvalidArgumentError:
+        raise
+    except (ValueError, OSError, TypeError) as e:
+        raise InvalidArgumentError(
+            f"malformed tree spec {spec!r} ({e}); use chain:K, dynamic:DEPTH,TOPK,BUDGET or a JSON list of "
+            "paths like [[0],[1],[0,0]]") from None
+    if ts.max_nodes > MAX_TREE_NODES:
+        raise InvalidArgumentError(f"tree spec {spec!r} has {ts.max_nodes} nodes; the limit is {MAX_TREE_NODES}")
+    return ts
+
+
+# --- building trees from a drafter's distributions ---------------------------------------------
+
+def tree_from_choices(choices: Sequence[tuple[int, ...]], candidates: Callable[[tuple[int, ...], int], Optional[list[int]]]) -> DraftTree:
+    """Fill a static shape. candidates(prefix_ranks, n) returns the top-n token ids below the node
+    reached by `prefix_ranks`, or None when the drafter has nothing there (the branch is dropped)."""
+    index: dict[tuple[int, ...], int] = {}
+    tokens, parents = [], []
+    for c in choices:
+        parent = c[:-1]
+        if parent and parent not in index:
+            continue
+        cand = candidates(parent, c[-1] + 1)
+        if cand is None or len(cand) <= c[-1]:
+            continue
+        index[c] = len(tokens)
+        tokens.append(int(cand[c[-1]]))
+        parents.append(index[parent] if parent else -1)
+    return DraftTree(tokens, parents)
+
+
+def dynamic_tree(expand: Callable[[list[int], list[int], list[int]], torch.Tensor], depth: int, top_k: int,
+                 budget: int) -> DraftTree:
+    """EAGLE-2-style dynamic tree.
+
+    expand(nodes, tokens, parents) -> [len(nodes), vocab] draft probabilities for the next token
+    below each given node (-1 = root), given the tree built so far (tokens, parents). Each level expands the `top_k` frontier nodes with the highest path score
+    (product of draft probabilities), each proposing its `top_k` best tokens; at the end the
+    `budget` best-scoring nodes are kept (a kept node's ancestors always score higher, so the
+    result is a valid tree).
+    """
+    tokens: list[int] = []
+    parents: list[int] = []
+    scores: list[float] = []
+    frontier = [-1]
+    frontier_scores = [1.0]
+    for _ in range(depth):
+        probs = expand(frontier, tokens, parents)  # [len(frontier), vocab]
+        top_p, top_t = probs.topk(top_k, dim=-1)
+        cand = []
+        for fi, node in enumerate(frontier):
+            for p, t in zip(top_p[fi].tolist(), top_t[fi].tolist()):
+                if p <= 0:  # the drafter has nothing here (e.g. an unseen n-gram context)
+                    break
+                cand.append((frontier_scores[fi] * p, node, t))
+        new_nodes = []
+        for score, parent, tok in cand:
+            new_nodes.append(len(tokens))
+            tokens.append(tok)
+            parents.append(parent)
+            scores.append(score)
+        if not new_nodes:
+            break
+        best = heapq.nlargest(top_k, new_nodes, key=lambda i: scores[i])
+        frontier = sorted(best)
+        frontier_scores = [scores[i] for i in frontier]
+    keep = sorted(heapq.nlargest(budget, range(len(tokens)), key=lambda i: scores[i]))
+    # ties can keep a child without its parent: add the missing ancestors back
+    keep_set = set(keep)
+    for i in list(keep):
+        p = parents[i]
+        while p >= 0 and p not in keep_set:
+            keep_set.add(p)
+            p = parents[p]
+    keep = sorted(keep_set)
+    remap = {old: new for new, old in enumerate(keep)}
+    return DraftTree([tokens[i] for i in keep], [remap[parents[i]] if parents[i] >= 0 else -1 for i in keep])

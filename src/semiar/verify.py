@@ -1,0 +1,100 @@
+"""Acceptance rules: given the target's logits over a whole token tree (one forward), decide which
+draft path to keep and which token the target adds after it.
+
+- `verify_greedy`: the longest path whose every token is the target's argmax, plus the bonus token.
+- `verify_sampling`: recursive rejection sampling over siblings (SpecInfer / EAGLE; for a chain it
+  is Leviathan et al. / Chen et al.). The emitted tokens follow exactly the target's distribution
+  after `target_probs` (temperature, top-k, top-p), the same function the AR sampler uses.
+
+Example:
+    >>> import torch
+    >>> from semiar.tree import DraftTree
+    >>> from semiar.verify import verify_greedy
+    >>> logits = torch.eye(4)[[1, 2, 0]] * 5  # root -> argmax 1, node0 -> 2, node1 -> 0
+    >>> verify_greedy(DraftTree.chain([1, 3]), logits)
+    Verdict(path=[0], tokens=[1, 2])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import SamplingParams, target_probs
+from .tree import DraftTree
+
+
+@dataclass
+class Verdict:
+    path: list[int]  # accepted draft nodes, root downwards
+    tokens: list[int]  # emitted: accepted draft tokens, then the target's own next token
+
+
+def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:
+    """logits: [n+1, vocab] for root + nodes (row i+1 = node i)."""
+    best = logits.argmax(-1).tolist()  # one device->host copy for the whole tree
+    if not len(tree):
+        return Verdict([], [best[0]])
+    kids = tree.children()
+    node, path, out = -1, [], []
+    while True:
+        want = best[node + 1]
+        nxt = next((c for c in kids[node + 1] if tree.tokens[c] == want), None)
+        out.append(want)
+        if nxt is None:
+            return Verdict(path, out)
+        path.append(nxt)
+        node = nxt
+
+
+def verify_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
+                    generator: torch.Generator) -> Verdict:
+    """Lossless speculative sampling over a tree.
+
+    At a node with target distribution p, children x_1..x_m are tried in order: child i (drawn
+    from q_i, one-hot when the drafter gave no distribution) is accepted with probability
+    min(1, p(x_i)/q_i(x_i)); on rejection p <- norm(max(0, p - q_i)). If all are rejected the
+    target's token is drawn from what remains of p. By induction the emitted token is distributed
+    exactly as p, and the subtree below an accepted child continues the same way.
+    """
+    kids = tree.children()
+    node, path, out = -1, [], []
+    gen_device = generator.device
+    while True:
+        p = target_probs(logits[node + 1], params)
+        accepted = None
+        for c in kids[node + 1]:
+            x = tree.tokens[c]
+            q = tree.q[c] if tree.q is not None else None
+            px = float(p[x])
+            qx = 1.0 if q is None else float(q[x])
+            u = float(torch.rand((), generator=generator, device=gen_device))
+            if qx > 0 and u * qx < px:  # u < min(1, px / qx) without dividing
+                accepted = c
+                break
+            if q is None:
+                p = p.clone()
+                p[x] = 0.0
+            else:
+                p = (p - q.to(p.device, p.dtype)).clamp_min(0.0)
+            total = float(p.sum())
+            if total <= 0.0:
+                # only reachable through rounding when q covered p entirely; p is then spent
+                # on tokens q over-proposed, and the original p is the exact fallback.
+                p = target_probs(logits[node + 1], params)
+            else:
+                p = p / total
+        if accepted is None:
+            out.append(int(torch.multinomial(p, 1, generator=generator)))
+            return Verdict(path, out)
+        path.append(accepted)
+        out.append(tree.tokens[accepted])
+        node = accepted
+
+
+def verify(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> Verdict:
+    """Greedy when temperature is 0, lossless speculative sampling otherwise."""
+    if params.greedy:
+        return verify_greedy(tree, logits)
+    return verify_sampling(tree, logits, params, generator)

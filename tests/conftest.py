@@ -1,0 +1,17 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """No test writes to the user's model cache unless it asks for the real one."""
+    if "SEMIAR_REAL_HOME" not in os.environ:
+        monkeypatch.setenv("SEMIAR_HOME", str(tmp_path / "semiar-home"))

@@ -1,0 +1,34 @@
+import torch
+
+from semiar.engine import Engine
+from semiar.sampling import SamplingParams
+from tiny import tiny_target
+
+
+def test_ar_greedy_matches_transformers_generate():
+    target, hf = tiny_target("qwen2")
+    prompt = [5, 17, 33, 8, 60]
+    gen = Engine(target).generate(prompt, max_new_tokens=24).run()
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    assert gen.token_ids == ref
+    assert gen.stats.target_forwards == 24 and gen.stats.tau == 1.0
+    assert gen.stop_reason == "length"
+
+
+def test_ar_stops_on_eos_and_budget():
+    target, _ = tiny_target("llama")
+    prompt = [3, 4, 5]
+    free = Engine(target).generate(prompt, max_new_tokens=12).run().token_ids
+    target.eos_ids = {free[5]}
+    gen = Engine(target).generate(prompt, max_new_tokens=12).run()
+    first = free.index(free[5])
+    assert gen.token_ids == free[:first + 1] and gen.stop_reason == "eos"
+
+
+def test_ar_sampling_seeded_is_reproducible():
+    target, _ = tiny_target("qwen2")
+    s = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+    a = Engine(target).generate([1, 2, 3], 16, s).run().token_ids
+    b = Engine(target).generate([1, 2, 3], 16, s).run().token_ids
+    assert a == b

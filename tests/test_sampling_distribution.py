@@ -1,0 +1,78 @@
+"""End to end through the engine: under sampling, the first tokens a speculative method emits
+follow the target's own distribution (chi-square against exact probabilities)."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from semiar.drafters.draft_model import DraftModelDrafter
+from semiar.drafters.ngram import NgramDrafter
+from semiar.engine import Engine
+from semiar.sampling import SamplingParams, target_probs
+from semiar.tree import TreeSpec
+from stats import chi_square_pvalue
+from tiny import tiny_target
+
+V = 8
+PROMPT = [1, 2, 3, 1, 2]
+PARAMS = SamplingParams(temperature=0.9, top_p=0.95, seed=11)
+
+
+def exact_joint(target):
+    """P(first two tokens) under the target with PARAMS, computed from its logits."""
+    dec = target.decoder
+    c = dec.new_cache(16)
+    p1 = target_probs(dec(torch.tensor([PROMPT]), c).logits[0, -1], PARAMS)
+    joint = torch.zeros(V, V)
+    for a in range(V):
+        c = dec.new_cache(16)
+        p2 = target_probs(dec(torch.tensor([PROMPT + [a]]), c).logits[0, -1], PARAMS)
+        joint[a] = p1[a] * p2
+    return joint.flatten().tolist()
+
+
+def run_counts(target, drafter, n):
+    counts = Counter()
+    engine = Engine(target, drafter)
+    gen_params = PARAMS
+    for i in range(n):
+        params = SamplingParams(temperature=gen_params.temperature, top_p=gen_params.top_p, seed=1000 + i)
+        ids = engine.generate(PROMPT, max_new_tokens=2, sampling=params).run().token_ids
+        counts[ids[0] * V + ids[1]] += 1
+    return [counts[i] for i in range(V * V)]
+
+
+@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram"])
+def test_first_two_tokens_follow_target(method):
+    target, _ = tiny_target("qwen2", vocab=V)
+    draft, _ = tiny_target("qwen2", seed=5, vocab=V)
+    drafter = {
+        "ar": None,
+        "draft-chain": lambda: DraftModelDrafter(draft, target=target, tree=TreeSpec("chain", k=2)),
+        "draft-tree": lambda: DraftModelDrafter(draft, target=target, tree=TreeSpec("dynamic", depth=2, top_k=2, budget=4)),
+        "ngram": lambda: NgramDrafter(n=2, depth=2, top_k=2, budget=4),
+    }[method]
+    counts = run_counts(target, drafter() if drafter else None, 2500)
+    _, _, pval = chi_square_pvalue(counts, exact_joint(target))
+    assert pval > 1e-3
+
+
+def test_distribution_test_catches_a_lossy_sampler(monkeypatch):
+    """Make verification keep every draft token: the same test must fail."""
+    import semiar.engine as engine_mod
+    from semiar.verify import Verdict
+
+    def lossy(tree, logits, params, generator):
+        if len(tree):
+            kids = tree.children()[0]
+            path = [kids[0]]
+            return Verdict(path, [tree.tokens[kids[0]], int(torch.multinomial(target_probs(logits[1], params), 1, generator=generator))])
+        return Verdict([], [int(torch.multinomial(target_probs(logits[0], params), 1, generator=generator))])
+
+    monkeypatch.setattr(engine_mod, "verify", lossy)
+    target, _ = tiny_target("qwen2", vocab=V)
+    draft, _ = tiny_target("qwen2", seed=5, vocab=V)
+    counts = run_counts(target, DraftModelDrafter(draft, target=target, tree=TreeSpec("chain", k=2)), 1500)
+    _, _, pval = chi_square_pvalue(counts, exact_joint(target))
+    assert pval < 1e-6

@@ -1,0 +1,42 @@
+"""Tiny random models made in the test process: HF reference models and HF-format dirs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+VOCAB = 96
+
+
+def tiny_hf_model(family: str = "qwen2", seed: int = 0, vocab: int = VOCAB, layers: int = 2, tie: bool = True):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    if family == "qwen2":
+        cfg = Qwen2Config(rope_theta=10000.0, **common)
+        model = Qwen2ForCausalLM(cfg)
+    else:
+        cfg = LlamaConfig(rope_theta=10000.0, **common)
+        model = LlamaForCausalLM(cfg)
+    # random init is tiny by default; widen it so logits have real structure (fewer near-ties)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif "bias" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def tiny_target(family: str = "qwen2", seed: int = 0, **kw):
+    """A LoadedModel around our native decoder with tiny random weights (no tokenizer)."""
+    from semiar.models.decoder import Decoder, DecoderConfig
+    from semiar.models.loading import LoadedModel
+
+    hf = tiny_hf_model(family, seed=seed, **kw)
+    cfg = DecoderConfig.from_hf(hf.config.to_dict())
+    dec = Decoder(cfg)
+    dec.load_hf_state_dict({k: v.clone() for k, v in hf.state_dict().items()})
+    return LoadedModel(name=f"tiny-{family}-{seed}", path=None, decoder=dec.eval(), tokenizer=None,
+                       config=cfg, eos_ids=set()), hf
