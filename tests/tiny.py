@@ -40,3 +40,40 @@ def tiny_target(family: str = "qwen2", seed: int = 0, **kw):
     dec.load_hf_state_dict({k: v.clone() for k, v in hf.state_dict().items()})
     return LoadedModel(name=f"tiny-{family}-{seed}", path=None, decoder=dec.eval(), tokenizer=None,
                        config=cfg, eos_ids=set()), hf
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII + newline + specials), ~100 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": specials[3:]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model_dir(path, family="qwen2", seed=0, layers=2):
+    """Write a tiny HF-format model directory (config, safetensors, tokenizer) and return it."""
+    from pathlib import Path
+
+    tok = char_tokenizer()
+    model = tiny_hf_model(family, seed=seed, vocab=128, layers=layers)
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.bos_token_id = tok.bos_token_id
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

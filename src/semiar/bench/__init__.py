@@ -1,0 +1,1 @@
+"""Offline benchmarking for `semiar bench`: built-in prompt sets and loaders."""

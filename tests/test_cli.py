@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from semiar.cli import main
+from tiny import tiny_model_dir
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_generate_json_from_model_dir(tmp_path, capsys):
+    d = tiny_model_dir(tmp_path / "m")
+    code, out, err = run_cli(["generate", "--model", str(d), "--prompt", "hello hello", "-n", "12", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    for key in ("text", "token_ids", "new_tokens", "seconds", "tokens_per_s", "method", "model", "tau",
+                "target_forwards", "accept_by_depth"):
+        assert key in res
+    assert res["new_tokens"] == len(res["token_ids"]) <= 12
+    code2, out2, _ = run_cli(["generate", "--model", str(d), "--prompt", "hello hello", "-n", "12", "--json",
+                              "--method", "pld"], capsys)
+    assert json.loads(out2)["token_ids"] == res["token_ids"]
+
+
+def test_generate_chat_sampling_streams(tmp_path, capsys):
+    d = tiny_model_dir(tmp_path / "m")
+    code, out, err = run_cli(["generate", "--model", str(d), "--prompt", "Hi", "--chat", "-n", "8",
+                              "--temperature", "0.7", "--seed", "1"], capsys)
+    assert code == 0 and "tok/s" in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "no-such-model"], "unknown model"),
+    (["-n", "0"], "max-new-tokens"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "1.5"], "top-p"),
+    (["--top-p", "0"], "top-p"),
+    (["--method", "magic"], "unknown method"),
+    (["--method", "pld", "-k", "0"], "k must be"),
+    (["--method", "ngram", "--tree", "dynamic:3,x"], "malformed tree"),
+    (["--method", "ngram", "--tree", "[[0],[0,0,0]]"], "tree"),
+    (["--method", "draft"], "--draft-model"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
+    d = tiny_model_dir(tmp_path / "m")
+    base = ["generate", "--prompt", "hi", "--model", str(d)]
+    code, out, err = run_cli(base + args, capsys)
+    assert code == 2
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_prompt_longer_than_context(tmp_path, capsys):
+    d = tiny_model_dir(tmp_path / "m")  # context 512
+    code, _, err = run_cli(["generate", "--model", str(d), "--prompt", "x" * 600], capsys)
+    assert code == 2 and "context" in err
+
+
+def test_draft_model_tokenizer_mismatch(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    d = tiny_model_dir(tmp_path / "t")
+    other = tiny_model_dir(tmp_path / "d", seed=1)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    code, _, err = run_cli(["generate", "--model", str(d), "--prompt", "hi", "--method", "draft",
+                            "--draft-model", str(other)], capsys)
+    assert code == 2 and "tokenizer" in err
+
+
+def test_corrupt_weights(tmp_path, capsys):
+    d = tiny_model_dir(tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    code, _, err = run_cli(["generate", "--model", str(d), "--prompt", "hi"], capsys)
+    assert code == 2 and "corrupt" in err
