@@ -216,6 +216,9 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
             decoder.load_hf_state_dict(sd)
         except (KeyError, ValueError, RuntimeError) as e:
             raise ModelFileError(f"weights in {path} do not match its config.json: {e}") from None
+        from .decoder import rope_inv_freq
+
+        decoder.inv_freq = rope_inv_freq(cfg)  # was built on the meta device with the modules
         decoder = decoder.to(device).eval()
     else:
         raise SemiarError(f"unknown backend {backend!r}; use native or hf")
