@@ -7,6 +7,7 @@ from tiny import tiny_model_dir
 
 
 def run_cli(args, capsys):
+    capsys.readouterr()  # drop what test setup printed
     with pytest.raises(SystemExit) as e:
         main(args)
     out = capsys.readouterr()
