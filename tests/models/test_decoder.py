@@ -72,3 +72,17 @@ def test_cache_keep_compacts_accepted_path():
     assert cache.length == ref.length == 6
     assert torch.allclose(cache.k[:, :, :, :6], ref.k[:, :, :, :6], atol=1e-5)
     assert torch.allclose(cache.v[:, :, :, :6], ref.v[:, :, :, :6], atol=1e-5)
+
+
+def test_packed_cpu_linears_match_dense():
+    from semiar.models.decoder import cpu_packing_available
+
+    if not cpu_packing_available():
+        pytest.skip("oneDNN weight packing not available on this CPU/torch")
+    hf = tiny_hf_model("qwen2")
+    dense, packed = native_from_hf(hf), native_from_hf(hf)
+    assert packed.pack_for_cpu()
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    a = dense(ids, dense.new_cache(16)).logits
+    b = packed(ids, packed.new_cache(16)).logits
+    assert (a - b).abs().max().item() < 1e-4

@@ -184,11 +184,12 @@ def eos_ids_of(path: Path, hf_config: dict, tokenizer) -> set[int]:
 
 
 def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype] = None,
-               backend: str = "native", progress: bool = True) -> LoadedModel:
+               backend: str = "native", progress: bool = True, pack: bool = True) -> LoadedModel:
     """Load a model by name, GGUF path, HF directory or hub id.
 
     backend="native" uses semiar's own decoder (static KV cache, tree masks);
     backend="hf" wraps transformers' AutoModelForCausalLM behind the same interface (slower).
+    pack: on CPU, prepack linear weights for oneDNN (see `Decoder.pack_for_cpu`); inference only.
     """
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise SemiarError("--device cuda was asked for but CUDA is not available on this machine")
@@ -220,6 +221,8 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
 
         decoder.inv_freq = rope_inv_freq(cfg)  # was built on the meta device with the modules
         decoder = decoder.to(device).eval()
+        if pack:
+            decoder.pack_for_cpu()
     else:
         raise SemiarError(f"unknown backend {backend!r}; use native or hf")
     return LoadedModel(name=name, path=path, decoder=decoder, tokenizer=tokenizer, config=cfg,
