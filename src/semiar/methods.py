@@ -40,14 +40,14 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
     if method == "pld":
         if spec is not None and spec.kind != "chain":
             raise InvalidArgumentError("pld drafts a chain; use --tree chain:K or -k")
-        kk = k or (spec.k if spec else 8)
+        kk = k or (spec.k if spec else 10)
         return _pld(kk, ngram or 3)
     if method == "ngram":
         from .drafters.ngram import NgramDrafter
 
         if spec is not None and spec.kind != "dynamic":
             raise InvalidArgumentError("ngram builds a dynamic tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
-        s = spec or TreeSpec("dynamic", depth=k or 5, top_k=2, budget=12)
+        s = spec or TreeSpec("dynamic", depth=k or 6, top_k=2, budget=10)
         return NgramDrafter(n=ngram or 3, depth=s.depth, top_k=s.top_k, budget=s.budget, corpus_ids=corpus_ids)
     if method == "draft":
         from .drafters.draft_model import DraftModelDrafter
@@ -57,7 +57,7 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
             raise InvalidArgumentError("method 'draft' needs --draft-model NAME")
         if not isinstance(draft_model, LoadedModel):
             draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype)
-        s = spec or TreeSpec("chain", k=k or 6)
+        s = spec or TreeSpec("chain", k=k or 12)
         if k is not None and s.kind == "chain":
             s = TreeSpec("chain", k=k)
         return DraftModelDrafter(draft_model, target=target, tree=s)

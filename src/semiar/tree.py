@@ -215,14 +215,14 @@ def tree_from_choices(choices: Sequence[tuple[int, ...]], candidates: Callable[[
 
 
 def dynamic_tree(expand: Callable[[list[int], list[int], list[int]], torch.Tensor], depth: int, top_k: int,
-                 budget: int) -> DraftTree:
+                 budget: int, min_score: float = 0.0) -> DraftTree:
     """EAGLE-2-style dynamic tree.
 
     expand(nodes, tokens, parents) -> [len(nodes), vocab] draft probabilities for the next token
     below each given node (-1 = root), given the tree built so far (tokens, parents). Each level expands the `top_k` frontier nodes with the highest path score
     (product of draft probabilities), each proposing its `top_k` best tokens; at the end the
     `budget` best-scoring nodes are kept (a kept node's ancestors always score higher, so the
-    result is a valid tree).
+    result is a valid tree). Nodes scoring below `min_score` are not worth a verification slot.
     """
     tokens: list[int] = []
     parents: list[int] = []
@@ -235,7 +235,7 @@ def dynamic_tree(expand: Callable[[list[int], list[int], list[int]], torch.Tenso
         cand = []
         for fi, node in enumerate(frontier):
             for p, t in zip(top_p[fi].tolist(), top_t[fi].tolist()):
-                if p <= 0:  # the drafter has nothing here (e.g. an unseen n-gram context)
+                if p <= 0 or frontier_scores[fi] * p < min_score:  # nothing (worth verifying) here
                     break
                 cand.append((frontier_scores[fi] * p, node, t))
         new_nodes = []

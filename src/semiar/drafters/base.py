@@ -21,6 +21,28 @@ import torch
 from ..tree import DraftTree
 
 
+class DraftLength:
+    """Adaptive draft length for chain drafters: +2 after a step whose drafts were all accepted,
+    back to (accepted + 1) after a rejection, within [1, k_max]. A drafter that is often right
+    drafts long; one that is often wrong costs the target little more than an AR step.
+    (transformers' assisted generation uses a similar +2/-1 rule.)"""
+
+    def __init__(self, k_start: int, k_max: int):
+        self.k_max = k_max
+        self.k = self.k_start = min(k_start, k_max)
+
+    def reset(self) -> None:
+        self.k = self.k_start
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed == 0:
+            return
+        if accepted >= proposed:
+            self.k = min(self.k + 2, self.k_max)
+        else:
+            self.k = max(1, accepted + 1)
+
+
 class Drafter:
     name = "base"
     #: set when the drafter wants the target's final-layer features of accepted tokens

@@ -20,7 +20,7 @@ import torch
 from ..errors import InvalidArgumentError, TokenizerMismatchError
 from ..sampling import SamplingParams, target_probs
 from ..tree import DraftTree, TreeSpec, dynamic_tree
-from .base import Drafter
+from .base import DraftLength, Drafter
 
 
 def check_same_tokenizer(target, draft) -> None:
@@ -50,6 +50,9 @@ class DraftModelDrafter(Drafter):
         self.model = draft
         self.tree = tree
         self.min_confidence = min_confidence
+        # chain:K is the longest chain; the length actually drafted adapts to acceptance
+        self.length = DraftLength(min(tree.k, 6), tree.k) if tree.kind == "chain" else None
+        self.last_proposed = 0
         self.cache = None
         self.seen: list[int] = []  # tokens whose K/V are in self.cache, in order
         self.sampling = SamplingParams()
@@ -65,6 +68,8 @@ class DraftModelDrafter(Drafter):
         self.seen = []
         self.sampling = sampling
         self.generator = generator
+        if self.length:
+            self.length.reset()
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
         """Bring the cache to `tokens` (common prefix reused) and return next-token logits [vocab]."""
@@ -92,7 +97,8 @@ class DraftModelDrafter(Drafter):
         logits = self._feed(tokens)
         dec = self.model.decoder
         out, qs = [], []
-        for i in range(self.tree.k):
+        k = self.length.k
+        for i in range(k):
             if self.sampling.greedy:
                 probs = logits.softmax(-1)
                 conf, tok = probs.max(-1)
@@ -105,10 +111,15 @@ class DraftModelDrafter(Drafter):
                 tok = int(torch.multinomial(q, 1, generator=self.generator))
             out.append(tok)
             qs.append(q)
-            if i + 1 < self.tree.k:
+            if i + 1 < k:
                 logits = dec(torch.tensor([[tok]], device=dec.device), self.cache).logits[0, -1]
                 self.seen.append(tok)
+        self.last_proposed = len(out)
         return DraftTree.chain(out, None if self.sampling.greedy else qs)
+
+    def observe(self, accepted, n_draft_accepted, hidden=None):
+        if self.length:
+            self.length.update(self.last_proposed, n_draft_accepted)
 
     def _propose_tree(self, tokens: list[int]) -> DraftTree:
         dec = self.model.decoder

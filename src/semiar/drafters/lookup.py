@@ -7,13 +7,15 @@ Example:
     >>> d = PromptLookupDrafter(k=3, max_ngram=2)
     >>> d.propose([1, 2, 3, 4, 5, 9, 2, 3]).tokens   # "2 3" was followed by "4 5 9"
     [4, 5, 9]
+
+The draft length adapts (`DraftLength`): up to k while drafts are accepted, short after misses.
 """
 
 from __future__ import annotations
 
 from ..errors import InvalidArgumentError
 from ..tree import DraftTree
-from .base import Drafter
+from .base import DraftLength, Drafter
 
 
 class NgramIndex:
@@ -68,6 +70,8 @@ class PromptLookupDrafter(Drafter):
             raise InvalidArgumentError(f"need 1 <= min n-gram <= max n-gram, got {min_ngram}..{max_ngram}")
         self.k, self.max_ngram, self.min_ngram = k, max_ngram, min_ngram
         self.index = NgramIndex(min_ngram, max_ngram)
+        self.length = DraftLength(min(4, k), k)
+        self.last_proposed = 0
 
     @property
     def max_nodes(self) -> int:
@@ -75,13 +79,19 @@ class PromptLookupDrafter(Drafter):
 
     def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
         self.index = NgramIndex(self.min_ngram, self.max_ngram)
+        self.length.reset()
 
     def propose(self, tokens: list[int]) -> DraftTree:
         self.index.sync(tokens)
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             end = self.index.earlier_match(n)
             if end is not None:
-                cont = tokens[end:end + self.k]
+                cont = tokens[end:end + self.length.k]
                 if cont:
+                    self.last_proposed = len(cont)
                     return DraftTree.chain(cont)
+        self.last_proposed = 0
         return DraftTree.empty()
+
+    def observe(self, accepted, n_draft_accepted, hidden=None):
+        self.length.update(self.last_proposed, n_draft_accepted)

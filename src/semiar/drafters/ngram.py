@@ -19,7 +19,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..tree import DraftTree, dynamic_tree
-from .base import Drafter
+from .base import DraftLength, Drafter
 
 
 class NgramStore:
@@ -49,15 +49,17 @@ class NgramStore:
 class NgramDrafter(Drafter):
     name = "ngram"
 
-    def __init__(self, n: int = 3, depth: int = 5, top_k: int = 2, budget: int = 12,
-                 corpus_ids: Optional[Sequence[Sequence[int]]] = None):
+    def __init__(self, n: int = 3, depth: int = 6, top_k: int = 2, budget: int = 10,
+                 corpus_ids: Optional[Sequence[Sequence[int]]] = None, min_score: float = 0.15):
         if min(n, depth, top_k, budget) <= 0:
             raise InvalidArgumentError("ngram drafter: n, depth, top-k and budget must be > 0")
         self.n, self.depth, self.top_k, self.budget = n, depth, top_k, budget
         self.corpus_ids = [list(c) for c in (corpus_ids or [])]
         self.store = NgramStore(n)
         self.seen = 0
-        self.vocab_hint = 0
+        self.min_score = min_score
+        self.length = DraftLength(min(3, depth), depth)  # tree depth adapts to acceptance
+        self.last_depth = 0
 
     @property
     def max_nodes(self) -> int:
@@ -69,6 +71,7 @@ class NgramDrafter(Drafter):
             self.store.add(doc)
         self.store.add(prompt_ids)
         self.seen = len(prompt_ids)
+        self.length.reset()
 
     def propose(self, tokens: list[int]) -> DraftTree:
         if len(tokens) > self.seen:  # emitted since the last step: learn from them first
@@ -93,4 +96,9 @@ class NgramDrafter(Drafter):
                         probs[r, t] = v / total
             return probs
 
-        return dynamic_tree(expand, self.depth, self.top_k, self.budget)
+        tree = dynamic_tree(expand, self.length.k, self.top_k, self.budget, self.min_score)
+        self.last_depth = tree.depth
+        return tree
+
+    def observe(self, accepted, n_draft_accepted, hidden=None):
+        self.length.update(self.last_depth, n_draft_accepted)

@@ -1,0 +1,101 @@
+"""A tiny `semiar bench` end to end: files, fields, the identity check, and its failure mode."""
+
+import json
+
+import pytest
+
+from semiar.bench.run import BenchConfig, run_bench
+from semiar.errors import InvalidArgumentError, SemiarError
+from tiny import tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return tiny_model_dir(root / "target"), tiny_model_dir(root / "draft", seed=1)
+
+
+def prompts_file(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "copy: abc abc abc"}\n{"prompt": "hello world", "system": "be brief"}\n')
+    return p
+
+
+def config(tmp_path, dirs, **kw):
+    base = dict(target=str(dirs[0]), draft_model=str(dirs[1]), methods=["ar", "draft", "pld", "ngram", "hf-ar", "hf-pld"],
+                tasks=["custom"], prompts_file=str(prompts_file(tmp_path)), n_prompts=2, max_new_tokens=12,
+                out=str(tmp_path / "out"), repeats=2)
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def test_bench_end_to_end(tmp_path, model_dirs):
+    res = run_bench(config(tmp_path, model_dirs), progress=False)
+    out = tmp_path / "out"
+    for f in ("results.json", "report.md", "speedup.png", "acceptance.png"):
+        assert (out / f).exists(), f
+    data = json.loads((out / "results.json").read_text())
+    assert data["machine"]["cores"] and data["machine"]["torch_threads"]
+    for m in ("ar", "draft", "pld", "ngram", "hf-ar", "hf-pld"):
+        runs = data["runs"][m]
+        assert len(runs) == 2
+        for r in runs:
+            for key in ("new_tokens", "seconds", "tokens_per_s", "tau", "target_forwards", "accept_by_depth",
+                        "token_ids", "task", "prompt_id", "seconds_all"):
+                assert key in r
+            assert len(r["seconds_all"]) == 2
+    assert data["identity"]["checked"] and data["identity"]["mismatches"] == []
+    assert "speedup vs ar" in (out / "report.md").read_text()
+    assert res["summary"]["all"]["ar"]["speedup"] == 1.0
+
+
+def test_bench_flags_a_lossy_method(tmp_path, model_dirs, monkeypatch):
+    """Make pld lossy (replace its first emitted token): the identity check must catch it."""
+    import semiar.bench.run as run_mod
+
+    real_run = run_mod.Runner.run
+
+    def lossy(self, method, ids, max_new, seed):
+        rec = real_run(self, method, ids, max_new, seed)
+        if method == "pld":
+            rec["token_ids"] = [(rec["token_ids"][0] + 1) % 100] + rec["token_ids"][1:]
+        return rec
+
+    monkeypatch.setattr(run_mod.Runner, "run", lossy)
+    res = run_bench(config(tmp_path, model_dirs, methods=["ar", "pld"], repeats=1), progress=False)
+    mm = res["identity"]["mismatches"]
+    assert mm and all(x["method"] == "pld" for x in mm)
+    assert "mismatch" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_bench_cli_exit_codes(tmp_path, model_dirs, capsys):
+    from semiar.cli import main
+
+    def cli(args):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        return e.value.code, capsys.readouterr().err
+
+    base = ["bench", "--target", str(model_dirs[0]), "--tasks", "custom", "--prompts", str(prompts_file(tmp_path)),
+            "-n", "6", "--out", str(tmp_path / "o")]
+    assert cli(base + ["--methods", "ar,pld"])[0] == 0
+    code, err = cli(base + ["--methods", "ar,warp"])
+    assert code == 2 and "unknown method" in err
+    code, err = cli(base[:3] + ["--tasks", "poetry"])
+    assert code == 2 and "unknown task" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    code, err = cli(base[:5] + ["--prompts", str(bad)])
+    assert code == 2 and "line 2" in err
+    ro = tmp_path / "ro"
+    ro.write_text("a file, not a directory")
+    code, err = cli(base[:-2] + ["--out", str(ro / "sub")])
+    assert code == 2 and "not writable" in err
+
+
+def test_bench_config_validation():
+    with pytest.raises(InvalidArgumentError):
+        BenchConfig(methods=["ar", "ar"]).validate()
+    with pytest.raises(SemiarError):
+        BenchConfig(repeats=0).validate()
