@@ -43,7 +43,16 @@ def run_counts(target, drafter, n):
     return [counts[i] for i in range(V * V)]
 
 
-@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram"])
+def falcon_drafter(target, k=2):
+    from semiar.drafters.falcon import FalconConfig, FalconDrafter, FalconNet
+
+    torch.manual_seed(3)
+    net = FalconNet(FalconConfig.for_target(target.config, k=k))
+    net.reset_parameters(std=0.2)  # a confident, often-wrong drafter: both accept and reject paths run
+    return FalconDrafter(net, target, TreeSpec("dynamic", depth=2, top_k=2, budget=5))
+
+
+@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram", "falcon"])
 def test_first_two_tokens_follow_target(method):
     target, _ = tiny_target("qwen2", vocab=V)
     draft, _ = tiny_target("qwen2", seed=5, vocab=V)
@@ -52,6 +61,7 @@ def test_first_two_tokens_follow_target(method):
         "draft-chain": lambda: DraftModelDrafter(draft, target=target, tree=TreeSpec("chain", k=2)),
         "draft-tree": lambda: DraftModelDrafter(draft, target=target, tree=TreeSpec("dynamic", depth=2, top_k=2, budget=4)),
         "ngram": lambda: NgramDrafter(n=2, depth=2, top_k=2, budget=4),
+        "falcon": lambda: falcon_drafter(target),
     }[method]
     counts = run_counts(target, drafter() if drafter else None, 2500)
     _, _, pval = chi_square_pvalue(counts, exact_joint(target))

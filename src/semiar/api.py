@@ -42,14 +42,16 @@ def stream(prompt: str, model: str | LoadedModel = "qwen2.5-coder-1.5b-instruct"
            draft_model: Optional[str | LoadedModel] = None, tree: Optional[str] = None, k: Optional[int] = None,
            max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            seed: Optional[int] = None, stop: Sequence[str] = (), chat: bool = False,
-           system: Optional[str] = None, device: str = "cpu", dtype: Optional[str] = None) -> Generation:
+           system: Optional[str] = None, device: str = "cpu", dtype: Optional[str] = None,
+           drafter=None) -> Generation:
     """Start a generation and return the `Generation` to iterate (streaming chunks)."""
     check_method(method)
     if max_new_tokens <= 0:
         raise InvalidArgumentError(f"max-new-tokens must be > 0, got {max_new_tokens}")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     target = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
-    drafter = make_drafter(method, target, draft_model=draft_model, tree=tree, k=k, device=device, dtype=dtype)
+    drafter = make_drafter(method, target, draft_model=draft_model, tree=tree, k=k, device=device, dtype=dtype,
+                           drafter=drafter)
     ids = target.encode(prompt, chat=chat, system=system)
     target.check_prompt(len(ids))
     gen = Engine(target, drafter).generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)

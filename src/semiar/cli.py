@@ -74,8 +74,9 @@ def methods():
 def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' reads stdin)."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Known name, .gguf file, HF directory or hub id."),
-    method: str = typer.Option("ar", "--method", help="ar, draft, pld, ngram (see `semiar methods`)."),
+    method: str = typer.Option("ar", "--method", help="ar, draft, pld, ngram, falcon (see `semiar methods`)."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for --method draft."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", help="Trained drafter directory (--method falcon)."),
     tree: Optional[str] = typer.Option(None, "--tree", help="chain:K | dynamic:DEPTH,TOPK,BUDGET | JSON choices."),
     k: Optional[int] = typer.Option(None, "-k", help="Draft length (tokens per step) for chain drafters."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
@@ -101,7 +102,7 @@ def generate(
     _set_threads(threads)
     gen = api.stream(prompt, model, method=method, draft_model=draft_model, tree=tree, k=k,
                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     seed=seed, stop=stop, chat=chat, system=system, device=device, dtype=dtype)
+                     seed=seed, stop=stop, chat=chat, system=system, device=device, dtype=dtype, drafter=drafter)
     if as_json:
         gen.run()
         res = api.Result(gen.text, gen.token_ids, gen.stop_reason, gen.method, gen.model_name, gen.stats)
@@ -121,6 +122,7 @@ def generate(
 def bench(
     target: str = typer.Option(DEFAULT_MODEL, "--target", help="Target model."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model (draft, hf-assisted)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", help="Trained drafter directory (falcon)."),
     methods: str = typer.Option("ar,pld,ngram", "--methods", help="Comma list of methods and peers (hf-ar, hf-assisted, hf-pld, llamacpp, llamacpp-pld)."),
     tasks: str = typer.Option("code,edit", "--tasks", help="Comma list: code, chat, edit, math, custom."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL file for the custom task."),
@@ -131,7 +133,7 @@ def bench(
     top_p: float = typer.Option(1.0, "--top-p"),
     repeats: int = typer.Option(1, "--repeats", help="Runs per method x prompt; the median is reported."),
     seed: int = typer.Option(0, "--seed"),
-    tree: Optional[str] = typer.Option(None, "--tree", help="Tree spec for the engine methods."),
+    tree: Optional[str] = typer.Option(None, "--tree", help="Tree spec for every engine method, or per method: 'falcon=dynamic:8,4,32;pld=chain:8'."),
     k: Optional[int] = typer.Option(None, "-k", help="Draft length for chain drafters."),
     out: str = typer.Option("runs/bench", "--out", help="Output directory."),
     device: str = typer.Option("cpu", "--device"),
@@ -146,7 +148,7 @@ def bench(
 
     if "custom" in tasks.split(",") and not prompts:
         _err("task 'custom' needs --prompts FILE")
-    cfg = BenchConfig(target=target, draft_model=draft_model, methods=[m for m in methods.split(",") if m],
+    cfg = BenchConfig(target=target, draft_model=draft_model, drafter=drafter, methods=[m for m in methods.split(",") if m],
                       tasks=[t for t in tasks.split(",") if t], n_prompts=n_prompts, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed, out=out,
                       device=device, dtype=dtype, threads=threads, prompts_file=prompts, tree=tree, k=k,
@@ -170,6 +172,45 @@ def bench(
         _err(f"{len(mism)} lossless output mismatch(es); see {out}/report.md", code=1)
     if results.get("interrupted"):
         raise typer.Exit(130)
+
+
+@app.command("train-drafter")
+def train_drafter(
+    method: str = typer.Option("falcon", "--method", help="Drafter to train: falcon."),
+    target: str = typer.Option(DEFAULT_MODEL, "--target", help="Target model the drafter serves."),
+    out: str = typer.Option(..., "--out", help="Output directory (drafter, data cache, checkpoint)."),
+    prompts: str = typer.Option("builtin", "--prompts", help="builtin, a JSONL file, or builtin+FILE."),
+    n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Use the first N prompts (default: all)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Answer length the target generates per prompt."),
+    gen_temperature: float = typer.Option(0.0, "--gen-temperature", help="Sampling temperature of the target's answers (0 = greedy)."),
+    gen_batch: int = typer.Option(16, "--gen-batch", help="Prompts answered at once."),
+    k: int = typer.Option(2, "-k", help="Tokens per drafter forward (Falcon's block size)."),
+    num_layers: int = typer.Option(2, "--num-layers", help="Decoder layers in the drafter."),
+    init: str = typer.Option("target", "--init", help="target (start from the target's last layers) or random."),
+    epochs: float = typer.Option(2.0, "--epochs"),
+    lr: float = typer.Option(3e-4, "--lr"),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Tokens per optimizer step (padded)."),
+    max_len: int = typer.Option(1024, "--max-len", help="Longest training sequence."),
+    no_glance: bool = typer.Option(False, "--no-glance", help="Plain distillation without CSGD's glancing (ablation)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    save_every: int = typer.Option(200, "--save-every", help="Checkpoint every N steps (resumable)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (bf16 autocast on cuda)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Target dtype (fp32 CPU default, bf16 CUDA default)."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """Train a drafter for TARGET on the target's own answers (self-distillation); resumable.
+    Several GPUs: torchrun --nproc-per-node N -m semiar.cli train-drafter ... --device cuda"""
+    from .train.trainer import TrainConfig, train_drafter as run
+
+    _set_threads(threads)
+    cfg = TrainConfig(target=target, out=out, method=method, prompts=prompts, n_prompts=n_prompts,
+                      max_new_tokens=max_new_tokens, gen_temperature=gen_temperature, gen_batch=gen_batch, k=k,
+                      num_layers=num_layers, init=init, epochs=epochs, lr=lr, batch_tokens=batch_tokens,
+                      max_len=max_len, glance=not no_glance, max_steps=max_steps, save_every=save_every, seed=seed,
+                      device=device, dtype=dtype)
+    summary = run(cfg)
+    typer.echo(json.dumps({k_: summary[k_] for k_ in ("steps", "sequences", "tokens", "train_seconds", "val")}))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

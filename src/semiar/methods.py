@@ -3,7 +3,7 @@
 Example:
     >>> from semiar.methods import METHODS
     >>> sorted(METHODS)
-    ['ar', 'draft', 'ngram', 'pld']
+    ['ar', 'draft', 'falcon', 'ngram', 'pld']
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ METHODS = {
     "draft": "speculative sampling with a small draft model (--draft-model)",
     "pld": "prompt lookup: copy the continuation of a matching n-gram from the context",
     "ngram": "adaptive n-gram store (prompt + output so far + optional corpus), small tree",
+    "falcon": "Falcon semi-autoregressive drafter, k tokens per pass, block tree (--drafter DIR)",
 }
 
 
@@ -29,8 +30,9 @@ def check_method(method: str) -> None:
 
 def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | TreeSpec] = None,
                  k: Optional[int] = None, ngram: Optional[int] = None, device: str = "cpu",
-                 dtype=None, corpus_ids=None) -> Optional[Drafter]:
-    """Build the drafter for `method` (None for `ar`). draft_model: a name/path or a LoadedModel."""
+                 dtype=None, corpus_ids=None, drafter=None) -> Optional[Drafter]:
+    """Build the drafter for `method` (None for `ar`). draft_model: a name/path or a LoadedModel;
+    drafter: a trained drafter directory (or a loaded FalconNet) for the learned methods."""
     check_method(method)
     if k is not None and k <= 0:
         raise InvalidArgumentError(f"k must be > 0, got {k}")
@@ -49,6 +51,21 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
             raise InvalidArgumentError("ngram builds a dynamic tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
         s = spec or TreeSpec("dynamic", depth=k or 6, top_k=2, budget=10)
         return NgramDrafter(n=ngram or 3, depth=s.depth, top_k=s.top_k, budget=s.budget, corpus_ids=corpus_ids)
+    if method == "falcon":
+        from .drafters.falcon import FalconDrafter, FalconNet, find_shipped_drafter, load_falcon
+
+        if drafter is None:
+            drafter = find_shipped_drafter(target)
+        if drafter is None:
+            raise InvalidArgumentError(
+                f"method 'falcon' needs --drafter DIR for {target.name} (semiar ships one for smollm2-135m-instruct; "
+                f"train one with `semiar train-drafter --target {target.name} --out DIR`)")
+        if k is not None:
+            raise InvalidArgumentError("falcon's k is fixed by training; shape its tree with --tree dynamic:DEPTH,TOPK,BUDGET")
+        net = drafter if isinstance(drafter, FalconNet) else load_falcon(drafter, target)
+        if spec is not None and spec.kind != "dynamic":
+            raise InvalidArgumentError("falcon builds a block tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
+        return FalconDrafter(net, target, spec)
     if method == "draft":
         from .drafters.draft_model import DraftModelDrafter
         from .models.loading import LoadedModel, load_model

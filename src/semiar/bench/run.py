@@ -35,6 +35,7 @@ BASELINE_OF = {"hf-assisted": "hf-ar", "hf-pld": "hf-ar", "llamacpp-pld": "llama
 class BenchConfig:
     target: str = "qwen2.5-coder-1.5b-instruct"
     draft_model: Optional[str] = None
+    drafter: Optional[str] = None  # trained drafter directory (falcon)
     methods: list = field(default_factory=lambda: ["ar", "pld", "ngram"])
     tasks: list = field(default_factory=lambda: ["code", "edit"])
     n_prompts: int = 5
@@ -68,6 +69,25 @@ class BenchConfig:
         if self.repeats <= 0:
             raise InvalidArgumentError(f"repeats must be > 0, got {self.repeats}")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
+
+
+def tree_per_method(tree: Optional[str], methods: list) -> dict:
+    """`--tree SPEC` applies to every engine method; `--tree 'falcon=dynamic:8,4,32;pld=chain:8'` gives
+    each method its own shape (methods not named keep their default)."""
+    if not tree:
+        return {}
+    if "=" not in tree.split(":", 1)[0]:
+        return {m: tree for m in methods if m in METHODS and m != "ar"}
+    out = {}
+    for part in tree.split(";"):
+        if not part.strip():
+            continue
+        name, _, spec = part.partition("=")
+        name = name.strip()
+        if name not in METHODS or not spec.strip():
+            raise InvalidArgumentError(f"bad --tree entry {part!r}: use METHOD=SPEC with METHOD in {', '.join(METHODS)}")
+        out[name] = spec.strip()
+    return out
 
 
 def machine_info(device: str) -> dict:
@@ -113,10 +133,11 @@ class Runner:
             self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype)
         self.engines = {}
         self.peers = {}
+        trees = tree_per_method(cfg.tree, cfg.methods)
         for m in cfg.methods:
             if m in METHODS:
-                drafter = make_drafter(m, self.target, draft_model=self.draft, tree=cfg.tree, k=cfg.k,
-                                       device=cfg.device)
+                drafter = make_drafter(m, self.target, draft_model=self.draft, tree=trees.get(m), k=cfg.k,
+                                       device=cfg.device, drafter=cfg.drafter)
                 self.engines[m] = Engine(self.target, drafter)
             elif m.startswith("hf-"):
                 self.peers[m] = HFPeer(m, self.target.path, cfg.device, self.target.dtype, self.target.eos_ids,

@@ -152,6 +152,13 @@ def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
     return inv
 
 
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, T, head_dim] for position ids [B, T] (computed in fp32)."""
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, T, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def cpu_packing_available() -> bool:
     """oneDNN weight prepacking (x86 CPUs): a linear layer then costs about the same for 1 token
     as for 16, which is what cheap tree verification needs; plain MKL sgemm for 2-16 rows was
@@ -200,14 +207,18 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         end = start + T
-        k_cache[:, :, start:end] = k
-        v_cache[:, :, start:end] = v
-        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+        if k_cache is None:  # training: the whole sequence at once, nothing cached
+            keys, values = k, v
+        else:
+            k_cache[:, :, start:end] = k
+            v_cache[:, :, start:end] = v
+            keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
         # GQA without copying K/V: fold the query group into the row dimension.
         g = self.h // self.kvh
         q = q.reshape(B, self.kvh, g * T, self.d)  # [B, kvh, g*T, d]
         if mask is not None and g > 1:
-            mask = mask.repeat(g, 1)  # [g*T, end]
+            # [T, end] -> [g*T, end]; per-row masks [B, 1, T, end] -> [B, 1, g*T, end]
+            mask = mask.repeat(g, 1) if mask.dim() == 2 else mask.repeat(1, 1, g, 1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.reshape(B, self.h, T, self.d).transpose(1, 2).reshape(B, T, self.h * self.d)
         return self.o_proj(out)
@@ -274,9 +285,7 @@ class Decoder(nn.Module):
     def _rope(self, positions):
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [B, T, d/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        return rope_cos_sin(self.inv_freq, positions, self.dtype)
 
     @torch.no_grad()
     def forward(
@@ -287,6 +296,7 @@ class Decoder(nn.Module):
         tree_mask: Optional[torch.Tensor] = None,
         logits_at: Optional[torch.Tensor | slice] = None,
         return_hidden: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> DecoderOutput:
         """Append `input_ids` [B, T] to `cache` and return logits.
 
@@ -296,6 +306,8 @@ class Decoder(nn.Module):
             for drafters that grow a tree level by level inside their own cache.
         logits_at: indices/slice into the T new tokens to compute logits for (default all);
             the LM head is the single largest matmul, so callers ask only for what they use.
+        attn_mask: [B, T, length + T] bool, a mask per batch row (left-padded batches); overrides
+            tree_mask.
         """
         B, T = input_ids.shape
         start = cache.length
@@ -305,7 +317,9 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0).expand(B, T)
         mask = None
-        if tree_mask is not None and tree_mask.shape[1] == end:
+        if attn_mask is not None:
+            mask = attn_mask.unsqueeze(1)  # [B, 1, T, end], broadcast over kv heads
+        elif tree_mask is not None and tree_mask.shape[1] == end:
             mask = tree_mask  # a full mask over prefix + block (trees grown inside a cache)
         elif tree_mask is not None:
             mask = torch.ones(T, end, dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,382 @@
+"""Falcon: a semi-autoregressive drafter on the target's own features, with a block decoding tree.
+
+Paper: Gao et al., "Falcon: Faster and Parallel Inference of Large Language Models through Enhanced
+Semi-Autoregressive Drafting and Custom-Designed Decoding Tree" (AAAI 2025). What semiar builds:
+
+- **Inputs.** Drafter position t sees the pair (h_t, x_{t+1}): the target's final-layer feature
+  (after the final norm, the LM head's input) and the embedding of the token that followed.
+  `fc` fuses [emb; h] (2H) down to H, then `num_layers` (2) Llama-style decoder layers; the first
+  has no input norm and there is no final norm, as in EAGLE/Falcon.
+- **k tokens per forward.** Output t regresses h_{t+k}, so the LM head on it gives x_{t+k+1}.
+  The last k outputs over the context are the next k tokens, drafted in one pass; their outputs
+  are also the predicted features the next pass takes as its block of k inputs.
+- **Relaxed causal mask.** Inside a block of k positions attention is bidirectional, between blocks
+  causal, so the k positions of a block plan their k tokens together.
+- **The decoding tree.** One forward over the context gives k distributions; the best k-token
+  continuations (products of top tokens, scored by the product of probabilities) become the first
+  block of branches. Each further forward feeds the `top_k` best blocks as inputs, all at once under
+  a tree mask (a block sees its own k rows, its ancestor blocks and the context), and adds k more
+  levels below each. The `budget` best nodes go to the target, which verifies them in one pass.
+  Shapes: ``dynamic:DEPTH,TOPK,BUDGET`` (DEPTH in tokens; DEPTH/k drafter forwards).
+
+Choices where the paper leaves room (see docs/methods.md): a linear fusion instead of the paper's
+two LSTM layers (parallel over positions and trivially cached; the released code's LSTM path does
+not run as written); block boundaries aligned to the end of the context at inference; a dynamic
+block tree instead of a hand-made static one; the root is one token (the engine's), not k.
+
+The target's embedding and LM head are shared and frozen: they are never stored in the checkpoint.
+
+Example:
+    >>> from semiar.drafters.falcon import FalconConfig, FalconNet
+    >>> net = FalconNet(FalconConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4,
+    ...                              num_kv_heads=2, k=2))
+    >>> import torch
+    >>> out = net(torch.zeros(1, 6, 32), torch.zeros(1, 6, 32), torch.arange(6)[None], net.relaxed_mask(6))
+    >>> out.shape
+    torch.Size([1, 6, 32])
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import InvalidArgumentError, ModelFileError
+from ..models.decoder import DecoderConfig, KVCache, Layer, rope_cos_sin, rope_inv_freq
+from ..tree import DraftTree, TreeSpec
+from .base import Drafter
+from .checkpoint import check_identity, read_drafter_dir, write_drafter_dir
+
+METHOD = "falcon"
+
+
+@dataclass
+class FalconConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    k: int = 2  # tokens per drafter forward (the block size)
+    num_layers: int = 2
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    attention_bias: bool = False
+
+    @classmethod
+    def for_target(cls, target_cfg: DecoderConfig, k: int = 2, num_layers: int = 2) -> "FalconConfig":
+        """A drafter shaped like one of the target's layers (so it can start from them)."""
+        return cls(vocab_size=target_cfg.vocab_size, hidden_size=target_cfg.hidden_size,
+                   intermediate_size=target_cfg.intermediate_size, num_heads=target_cfg.num_heads,
+                   num_kv_heads=target_cfg.num_kv_heads, k=k, num_layers=num_layers, head_dim=target_cfg.head_dim,
+                   rms_norm_eps=target_cfg.rms_norm_eps, rope_theta=target_cfg.rope_theta,
+                   rope_scaling=target_cfg.rope_scaling, attention_bias=target_cfg.attention_bias)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FalconConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ModelFileError(f"falcon config has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def decoder_config(self) -> DecoderConfig:
+        return DecoderConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                             intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+                             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                             rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+                             rope_scaling=self.rope_scaling, attention_bias=self.attention_bias)
+
+
+class FalconNet(nn.Module):
+    """The trainable part: fusion + decoder layers. Embedding and LM head come from the target."""
+
+    def __init__(self, cfg: FalconConfig):
+        super().__init__()
+        if cfg.k < 1:
+            raise InvalidArgumentError(f"falcon block size k must be >= 1, got {cfg.k}")
+        self.config = cfg
+        dcfg = cfg.decoder_config()
+        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=True)
+        self.layers = nn.ModuleList(Layer(dcfg) for _ in range(cfg.num_layers))
+        self.layers[0].input_layernorm = nn.Identity()  # fc output goes straight in (EAGLE/Falcon)
+        self.inv_freq = rope_inv_freq(dcfg)
+        self._dcfg = dcfg
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def init_from_target(self, target_decoder) -> None:
+        """Start the layers from the target's last layers and the fusion from 'keep the feature':
+        the drafter then begins near 'the target's top layers applied once more' instead of noise,
+        which shortens training a lot when there are only minutes for it."""
+        n = len(self.layers)
+        src = list(target_decoder.layers)[-n:]
+        with torch.no_grad():
+            for dst, s in zip(self.layers, src):
+                sd = {k: v for k, v in s.state_dict().items() if not k.startswith("input_layernorm") or
+                      not isinstance(dst.input_layernorm, nn.Identity)}
+                dst.load_state_dict({k: v.to(dst.mlp.down_proj.weight.dtype) for k, v in sd.items()}, strict=False)
+            H = self.config.hidden_size
+            self.fc.weight.zero_()
+            self.fc.weight[:, H:] = torch.eye(H)
+            self.fc.bias.zero_()
+
+    @property
+    def device(self):
+        return self.fc.weight.device
+
+    @property
+    def dtype(self):
+        return self.fc.weight.dtype
+
+    def new_cache(self, capacity: int) -> KVCache:
+        c = self._dcfg
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity, self.dtype, self.device)
+
+    def relaxed_mask(self, T: int, offset: int = 0, device=None) -> torch.Tensor:
+        """[T, T] bool: block-bidirectional, causal between blocks. Blocks of k start at -offset
+        (offset in [0, k)), so training sees every alignment of block boundaries."""
+        k = self.config.k
+        block = (torch.arange(T, device=device) + offset) // k
+        return block.unsqueeze(1) >= block.unsqueeze(0)
+
+    def forward(self, feats: torch.Tensor, tok_emb: torch.Tensor, positions: torch.Tensor,
+                mask: Optional[torch.Tensor], cache: Optional[KVCache] = None) -> torch.Tensor:
+        """feats, tok_emb: [B, T, H]; positions: [B, T]; mask: [T, T] (no cache) or [T, cache + T].
+        Returns the predicted features [B, T, H] (output t ~ h_{t+k})."""
+        x = self.fc(torch.cat([tok_emb, feats.to(tok_emb.dtype)], -1))
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        start = cache.length if cache is not None else 0
+        for i, layer in enumerate(self.layers):
+            kc = cache.k[i] if cache is not None else None
+            vc = cache.v[i] if cache is not None else None
+            x = layer(x, cos, sin, kc, vc, start, mask)
+        if cache is not None:
+            cache.length = start + x.shape[1]
+        return x
+
+
+def load_falcon(path: str | Path, target, device=None, dtype=None) -> FalconNet:
+    """Load a drafter directory for `target`, refusing one trained for another model."""
+    meta, sd = read_drafter_dir(path, METHOD)
+    check_identity(meta, target, str(path))
+    cfg = FalconConfig.from_dict(meta["config"])
+    net = FalconNet(cfg)
+    try:
+        net.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ModelFileError(f"{path}/model.safetensors does not match its config ({str(e).splitlines()[0]})") from None
+    return net.to(device=device or target.device, dtype=dtype or target.dtype).eval()
+
+
+def shipped_drafters_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "data" / "drafters"
+
+
+def find_shipped_drafter(target) -> Optional[Path]:
+    """A Falcon drafter shipped with semiar for this exact target (matched by its identity hash,
+    so it is found however the target was named), or None."""
+    import json
+
+    from .checkpoint import embedding_hash
+
+    root = shipped_drafters_dir()
+    if not root.is_dir():
+        return None
+    want = None
+    for d in sorted(root.iterdir()):
+        try:
+            meta = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("method") != METHOD:
+            continue
+        if want is None:
+            want = embedding_hash(target.decoder)
+        if meta.get("target", {}).get("embedding_sha256") == want:
+            return d
+    return None
+
+
+def save_falcon(path: str | Path, net: FalconNet, target, training: Optional[dict] = None) -> Path:
+    return write_drafter_dir(path, METHOD, asdict(net.config), net.state_dict(), target, training)
+
+
+class FalconDrafter(Drafter):
+    """Drafts a block tree with a trained FalconNet (see the module docstring)."""
+
+    name = METHOD
+    needs_hidden = True
+
+    def __init__(self, net: FalconNet, target, tree: Optional[TreeSpec] = None, min_score: float = 0.0):
+        self.net = net.eval()
+        self.target = target
+        self.k = net.config.k
+        self.tree = tree or TreeSpec("dynamic", depth=3 * self.k, top_k=4, budget=16)
+        if self.tree.kind != "dynamic":
+            raise InvalidArgumentError("falcon builds a dynamic block tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
+        if self.tree.depth < self.k:
+            raise InvalidArgumentError(f"falcon tree depth must be >= k={self.k}")
+        self.min_score = min_score
+        self.embed = target.decoder.embed_tokens
+        self.lm_head = target.decoder.lm_head
+        self.cache: Optional[KVCache] = None
+        self.hidden: list[torch.Tensor] = []  # target features h_0.. of the context, in chunks
+        self.n_hidden = 0
+        self.fed = 0  # context pairs whose K/V in self.cache were computed from true features
+
+    @property
+    def forwards(self) -> int:
+        return -(-self.tree.depth // self.k)
+
+    @property
+    def max_nodes(self) -> int:
+        return self.tree.budget
+
+    def _tree_rows(self) -> int:
+        return (self.forwards - 1) * self.tree.top_k * self.k
+
+    def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
+        self.sampling = sampling
+        self.hidden = [] if prompt_hidden is None else [prompt_hidden]
+        self.n_hidden = 0 if prompt_hidden is None else prompt_hidden.shape[0]
+        self.cache = self.net.new_cache(len(prompt_ids) + 1024 + self._tree_rows() + self.k + 8)
+        self.fed = 0
+
+    def observe(self, accepted, n_draft_accepted, hidden=None):
+        if hidden is not None:
+            self.hidden.append(hidden)
+            self.n_hidden += hidden.shape[0]
+
+    def _features(self) -> torch.Tensor:
+        if len(self.hidden) > 1:
+            self.hidden = [torch.cat(self.hidden, 0)]
+        return self.hidden[0]
+
+    def _ensure_capacity(self, need: int) -> None:
+        if need <= self.cache.capacity:
+            return
+        old = self.cache
+        self.cache = self.net.new_cache(need + 1024)
+        n = old.length
+        self.cache.k[:, :, :, :n] = old.k[:, :, :, :n]
+        self.cache.v[:, :, :, :n] = old.v[:, :, :, :n]
+        self.cache.length = n
+
+    def _dists(self, out: torch.Tensor) -> torch.Tensor:
+        """[rows, H] predicted features -> [rows, vocab] draft probabilities (fp32)."""
+        return self.lm_head(out).float().softmax(-1)
+
+    @torch.no_grad()
+    def propose(self, tokens: list[int]) -> DraftTree:
+        k, spec = self.k, self.tree
+        P = len(tokens) - 1  # context pairs (h_t, x_{t+1}), t = 0..P-1
+        if P < k or self.n_hidden < P:
+            return DraftTree.empty()
+        dev = self.net.device
+        feats = self._features()
+        # the drafter cache keeps true-feature pairs up to P - k; the last k are fed as one block
+        c = min(self.fed, P - k)
+        self.cache.truncate(c)
+        self._ensure_capacity(P + self._tree_rows() + 1)
+        T = P - c
+        mask = torch.ones(T, P, dtype=torch.bool)  # masks are built on the host, sent once
+        mask[:, c:] = self.net.relaxed_mask(T, offset=(k - T % k) % k)
+        ids = torch.tensor(tokens[c + 1:P + 1], device=dev)
+        out = self.net(feats[c:P].unsqueeze(0), self.embed(ids).unsqueeze(0),
+                       torch.arange(c, P, device=dev).unsqueeze(0), mask.to(dev), self.cache)[0, -k:]  # [k, H]
+        self.fed = P
+        base = self.cache.length  # == P: tree rows go after the context
+
+        tokens_, parents, scores, depth = [], [], [], []
+        node_feat: list[int] = []  # row in `feat_rows` of the feature that predicted the node
+        feat_rows = [out]  # list of [k, H] chunks; node feature = feat_rows[chunk][i]
+        feat_index: list[tuple[int, int]] = []
+
+        def add_block(parent: int, parent_score: float, probs: torch.Tensor, chunk: int) -> list[tuple[float, int]]:
+            """Cartesian top-k continuations of one block (k distributions), beam of top_k."""
+            top_p, top_t = probs.topk(spec.top_k, dim=-1)
+            top_p, top_t = top_p.tolist(), top_t.tolist()
+            beams = [(parent_score, parent)]
+            d0 = 0 if parent < 0 else depth[parent]
+            for i in range(min(k, spec.depth - d0)):
+                cand = [(s * p, node, t) for s, node in beams for p, t in zip(top_p[i], top_t[i])
+                        if s * p > self.min_score]
+                best = heapq.nlargest(spec.top_k, cand, key=lambda x: x[0])
+                beams = []
+                for s, node, t in best:
+                    tokens_.append(t)
+                    parents.append(node)
+                    scores.append(s)
+                    depth.append(d0 + i + 1)
+                    feat_index.append((chunk, i))
+                    beams.append((s, len(tokens_) - 1))
+            return beams if len(beams) and depth[beams[0][1]] == d0 + k else []
+
+        blocks = add_block(-1, 1.0, self._dists(out), 0)  # (score, last node) of complete blocks
+        block_rows: dict[int, list[int]] = {}  # last node of a fed block -> its rows in the cache
+        for _ in range(self.forwards - 1):
+            blocks = heapq.nlargest(spec.top_k, blocks, key=lambda x: x[0])
+            if not blocks:
+                break
+            rows_feats, rows_ids, rows_pos, row_nodes = [], [], [], []
+            for _, last in blocks:
+                path = [last]
+                while len(path) < k:
+                    path.append(parents[path[-1]])
+                path.reverse()  # the block's k nodes, top down
+                row_nodes.append(path)
+                for n in path:
+                    ch, i = feat_index[n]
+                    rows_feats.append(feat_rows[ch][i])
+                    rows_ids.append(tokens_[n])
+                    rows_pos.append(P - 1 + depth[n])  # a node at depth d is the pair (h_{P+d-1}, x_{P+d})
+            R = len(rows_ids)
+            start = self.cache.length
+            mask = torch.zeros(R, start + R, dtype=torch.bool)
+            mask[:, :base] = True
+            for b, path in enumerate(row_nodes):
+                r0 = start - base + b * k
+                mask[b * k:(b + 1) * k, start + b * k:start + (b + 1) * k] = True
+                anc = parents[path[0]]
+                while anc >= 0:  # ancestor blocks: each fed block is keyed by its last node
+                    if anc in block_rows:
+                        mask[b * k:(b + 1) * k, [base + r for r in block_rows[anc]]] = True
+                    anc = parents[anc]
+                block_rows[path[-1]] = list(range(r0, r0 + k))
+            pos = torch.tensor(rows_pos, device=dev)
+            out = self.net(torch.stack(rows_feats).unsqueeze(0), self.embed(torch.tensor(rows_ids, device=dev)).unsqueeze(0),
+                           pos.unsqueeze(0), mask.to(dev), self.cache)[0]  # [R, H]
+            probs = self._dists(out)
+            new_blocks = []
+            for b, (s, last) in enumerate(blocks):
+                feat_rows.append(out[b * k:(b + 1) * k])
+                new_blocks += add_block(last, s, probs[b * k:(b + 1) * k], len(feat_rows) - 1)
+            blocks = new_blocks
+        self.cache.truncate(base)
+
+        keep = sorted(heapq.nlargest(spec.budget, range(len(tokens_)), key=lambda i: scores[i]))
+        keep_set = set(keep)
+        for i in list(keep):  # ties can drop a parent: put ancestors back
+            p = parents[i]
+            while p >= 0 and p not in keep_set:
+                keep_set.add(p)
+                p = parents[p]
+        keep = sorted(keep_set)
+        remap = {old: new for new, old in enumerate(keep)}
+        return DraftTree([tokens_[i] for i in keep], [remap[parents[i]] if parents[i] >= 0 else -1 for i in keep])

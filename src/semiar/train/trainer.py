@@ -1,0 +1,308 @@
+"""`semiar train-drafter`: self-distilled data from the target, then CSGD training of a Falcon
+drafter, with progress, resumable checkpoints, CPU/GPU, bf16 on GPU, and several GPUs through
+PyTorch's own launcher (`torchrun --nproc-per-node N -m semiar.cli train-drafter ...`: each rank
+answers its share of the prompts and trains on it, gradients are averaged by DDP).
+
+Files in the output directory:
+- ``config.json`` + ``model.safetensors``: the drafter (what `--drafter DIR` loads);
+- ``data.pt`` (``data-rankN.pt`` with several ranks): the self-distilled sequences and features,
+  reused when the run is repeated with the same data settings;
+- ``checkpoint.pt``: weights, optimizer and step, written every `save_every` steps; a run with the
+  same settings resumes from it.
+
+Example:
+    >>> from semiar.train.trainer import TrainConfig, train_drafter        # doctest: +SKIP
+    >>> train_drafter(TrainConfig(target="smollm2-135m-instruct", out="runs/falcon-smol"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import InvalidArgumentError, SemiarError
+
+TRAINABLE = ("falcon",)
+
+
+@dataclass
+class TrainConfig:
+    target: str
+    out: str
+    method: str = "falcon"
+    prompts: str = "builtin"  # builtin, a JSONL file, or both joined with '+'
+    n_prompts: Optional[int] = None
+    max_new_tokens: int = 256
+    gen_temperature: float = 0.0
+    gen_batch: int = 16
+    chat: bool = True
+    k: int = 2
+    num_layers: int = 2
+    init: str = "target"  # target: start from the target's last layers; random
+    epochs: float = 2.0
+    lr: float = 3e-4
+    batch_tokens: int = 4096
+    max_len: int = 1024
+    warmup: float = 0.05
+    noise: float = 0.1
+    glance: bool = True
+    val_fraction: float = 0.05
+    save_every: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Optional[str] = None
+    max_steps: Optional[int] = None  # stop early (tests, quick looks)
+
+    def validate(self) -> None:
+        if self.method not in TRAINABLE:
+            raise InvalidArgumentError(f"unknown drafter method {self.method!r}; trainable: {', '.join(TRAINABLE)}")
+        checks = [(self.k >= 1, "k must be >= 1"), (self.num_layers >= 1, "num-layers must be >= 1"),
+                  (self.epochs > 0, "epochs must be > 0"), (self.lr > 0, "lr must be > 0"),
+                  (self.batch_tokens > 0, "batch-tokens must be > 0"), (self.max_len > self.k + 1, "max-len too small"),
+                  (self.max_new_tokens > 0, "max-new-tokens must be > 0"), (self.gen_batch > 0, "gen-batch must be > 0"),
+                  (0 <= self.val_fraction < 1, "val-fraction must be in [0, 1)"), (0 <= self.noise < 1, "noise in [0, 1)"),
+                  (self.init in ("target", "random"), "init must be 'target' or 'random'"),
+                  (self.gen_temperature >= 0, "gen-temperature must be >= 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise InvalidArgumentError(msg)
+
+    def data_key(self) -> dict:
+        """Settings that decide the self-distilled data (a cache with other settings is rebuilt)."""
+        return {"target": self.target, "prompts": self.prompts, "n_prompts": self.n_prompts,
+                "max_new_tokens": self.max_new_tokens, "gen_temperature": self.gen_temperature,
+                "chat": self.chat, "seed": self.seed, "max_len": self.max_len}
+
+    def run_key(self) -> dict:
+        """Settings a checkpoint must share to be resumed."""
+        d = asdict(self)
+        for f in ("out", "device", "save_every", "max_steps", "gen_batch"):
+            d.pop(f)
+        return d
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world) under torchrun, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _batches(lengths: list[int], order: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group sequences (in the given order) so that batch size * longest length <= batch_tokens."""
+    out, cur, longest = [], [], 0
+    for i in order:
+        L = lengths[i]
+        if cur and max(longest, L) * (len(cur) + 1) > batch_tokens:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, L)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Generate (or reuse) the self-distilled data, train, write the drafter; returns a summary."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..drafters.falcon import FalconConfig, FalconNet, save_falcon
+    from ..models.loading import load_model, parse_dtype
+    from .csgd import Batch, argmax_tokens, csgd_step, make_batch
+    from .data import DistillData, generate_distill_data
+    from .prompts import training_prompts
+
+    cfg.validate()
+    rank, world = _dist()
+    main = rank == 0
+    console = Console(stderr=True, quiet=not main)
+    device = cfg.device
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SemiarError("--device cuda asked for, but this machine has no CUDA GPU; use --device cpu")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + rank)
+    t_start = time.perf_counter()
+
+    target = load_model(cfg.target, device=device, dtype=parse_dtype(cfg.dtype, device), pack=False)
+    for p in target.decoder.parameters():
+        p.requires_grad_(False)
+
+    # 1. data: the target answers the prompts (each rank its share), features on the way
+    data_path = out / (f"data-rank{rank}.pt" if world > 1 else "data.pt")
+    data = None
+    if data_path.exists():
+        data = DistillData.load(data_path)
+        if data.meta.get("key") != cfg.data_key():
+            console.print(f"[yellow]{data_path} was made with other settings: regenerating[/]")
+            data = None
+    t_data = time.perf_counter()
+    if data is None:
+        prompts = training_prompts(cfg.prompts, cfg.n_prompts, seed=cfg.seed)[rank::world]
+        data = generate_distill_data(target, prompts, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_batch,
+                                     cfg.chat, seed=cfg.seed + rank, max_len=cfg.max_len, progress=progress and main)
+        data.meta["key"] = cfg.data_key()
+        data.save(data_path)
+    data_seconds = time.perf_counter() - t_data
+    n_val = int(round(data.n_sequences * cfg.val_fraction)) if data.n_sequences > 1 else 0
+    train_ids = list(range(data.n_sequences - n_val))
+    val_ids = list(range(data.n_sequences - n_val, data.n_sequences))
+    console.print(f"data: {data.n_sequences} sequences, {data.n_tokens} tokens "
+                  f"({int(data.response.sum())} generated by the target), {len(val_ids)} held out")
+
+    # 2. the drafter
+    fcfg = FalconConfig.for_target(target.config, k=cfg.k, num_layers=cfg.num_layers)
+    net = FalconNet(fcfg).to(device=device, dtype=torch.float32)
+    if cfg.init == "target":
+        net.init_from_target(target.decoder)
+    model = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    embed = target.decoder.embed_tokens
+    lm_w = target.decoder.lm_head.weight
+    autocast = torch.bfloat16 if device.startswith("cuda") else None
+    feat_dtype = target.dtype
+
+    def seq(i: int):
+        ids, hid, resp = data.sequence(i)
+        return ids[:cfg.max_len], hid[:cfg.max_len], resp[:cfg.max_len]
+
+    lengths = [min(cfg.max_len, data.offsets[i + 1] - data.offsets[i]) for i in range(data.n_sequences)]
+    rng = random.Random(cfg.seed)
+    epochs_int = math.ceil(cfg.epochs)
+    plan: list[list[int]] = []
+    for e in range(epochs_int):
+        order = list(train_ids)
+        rng.shuffle(order)
+        bs = _batches(lengths, order, cfg.batch_tokens)
+        if e == epochs_int - 1 and cfg.epochs < epochs_int:
+            bs = bs[:max(1, int(len(bs) * (cfg.epochs - e)))]
+        plan += bs
+    total = len(plan)
+    if world > 1:  # every rank must take the same number of optimizer steps
+        t = torch.tensor([total], device=device if device.startswith("cuda") else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        total = int(t)
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    warmup = max(1, int(cfg.warmup * total))
+
+    # 3. resume
+    ckpt_path = out / "checkpoint.pt"
+    step = 0
+    if ckpt_path.exists():
+        try:
+            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise SemiarError(f"{ckpt_path} is unreadable ({e}); delete it to start over") from None
+        if ck.get("run_key") == cfg.run_key() and ck.get("world") == world:
+            net.load_state_dict(ck["net"])
+            opt.load_state_dict(ck["opt"])
+            step = int(ck["step"])
+            console.print(f"resuming from {ckpt_path} at step {step}/{total}")
+        else:
+            console.print(f"[yellow]{ckpt_path} belongs to other settings: starting over[/]")
+
+    def save_ckpt(s: int) -> None:
+        if main:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"run_key": cfg.run_key(), "world": world, "step": s, "net": net.state_dict(),
+                        "opt": opt.state_dict()}, tmp)
+            tmp.replace(ckpt_path)
+
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + step)
+    t_train = time.perf_counter()
+    last = {}
+    net.train()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not (progress and main),
+                  console=console) as bar:
+        task = bar.add_task(f"training {cfg.method} (CSGD)", total=total, completed=step, info="")
+        while step < total:
+            batch = make_batch([seq(i) for i in plan[step]], cfg.k, device, feat_dtype)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, warmup, cfg.lr)
+            parts, n_glanced = csgd_step(model, batch, embed, lm_w, step / total, gen, noise=cfg.noise,
+                                         glance=cfg.glance, autocast=autocast)
+            opt.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            torch.nn.utils.clip_grad_value_(net.parameters(), 0.5)
+            opt.step()
+            step += 1
+            last = {"loss": float(parts.loss), "reg": parts.reg, "kl": parts.soft, "acc": parts.acc}
+            bar.update(task, advance=1, info=f"loss {last['loss']:.3f} acc {parts.acc:.3f} glanced {n_glanced}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save_ckpt(step)
+    train_seconds = time.perf_counter() - t_train
+    save_ckpt(step)
+
+    # 4. held-out accuracy: how often each block offset's draft token is the target's (no glancing)
+    net.eval()
+    val = evaluate(net, [seq(i) for i in val_ids], embed, lm_w, device, feat_dtype, autocast) if val_ids else {}
+    summary = {"method": cfg.method, "target": target.name, "steps": step, "sequences": data.n_sequences,
+               "tokens": data.n_tokens, "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
+               "total_seconds": round(time.perf_counter() - t_start, 1), "world_size": world, "device": device,
+               "params": sum(p.numel() for p in net.parameters()), "final": last, "val": val,
+               "settings": asdict(cfg)}
+    if main:
+        save_falcon(out, net.to(target.dtype), target, training=summary)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        console.print(f"drafter written to {out} ({summary['params'] / 1e6:.1f}M parameters, "
+                      f"{train_seconds:.0f}s training); held-out top-1 by block offset: {val.get('acc_by_offset')}")
+    if world > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(net, seqs, embed, lm_w, device, feat_dtype, autocast=None, batch_tokens: int = 8192) -> dict:
+    """Top-1 agreement between the drafter's tokens and the target's, per offset inside a block
+    (offset i predicts i+1 tokens past the block's last input), with blocks aligned to 0."""
+    from .csgd import argmax_tokens, make_batch
+
+    k = net.config.k
+    hits = [0] * k
+    counts = [0] * k
+    order = list(range(len(seqs)))
+    for group in _batches([len(s[0]) for s in seqs], order, batch_tokens):
+        b = make_batch([seqs[i] for i in group], k, device, feat_dtype)
+        T = b.mask.shape[1]
+        pos = torch.arange(T, device=device).unsqueeze(0).expand(len(group), T)
+        ctx = torch.autocast(torch.device(device).type, dtype=autocast) if autocast else torch.autocast(
+            torch.device(device).type, enabled=False)
+        with ctx:
+            pred = net(b.feats, embed(b.next_ids), pos, net.relaxed_mask(T, device=device))
+        guess = argmax_tokens(pred, lm_w)
+        truth = argmax_tokens(b.target_feats, lm_w)
+        ok = (guess == truth) & b.mask
+        off = torch.arange(T, device=device) % k
+        for i in range(k):
+            sel = b.mask[:, off == i]
+            hits[i] += int(ok[:, off == i].sum())
+            counts[i] += int(sel.sum())
+    acc = [round(h / c, 4) if c else None for h, c in zip(hits, counts)]
+    total = sum(counts)
+    return {"acc_by_offset": acc, "acc": round(sum(hits) / total, 4) if total else None, "positions": total}

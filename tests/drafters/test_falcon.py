@@ -1,0 +1,146 @@
+"""Falcon drafter: relaxed mask, cache consistency, greedy identity, checkpoints and identity checks."""
+
+import json
+
+import pytest
+import torch
+
+from semiar.drafters.falcon import FalconConfig, FalconDrafter, FalconNet, load_falcon, save_falcon
+from semiar.engine import Engine
+from semiar.errors import DrafterMismatchError, InvalidArgumentError, ModelFileError, SemiarError
+from semiar.methods import make_drafter
+from semiar.tree import TreeSpec
+from tiny import tiny_target
+
+
+def make_net(target, k=2, std=0.08, seed=0):
+    torch.manual_seed(seed)
+    net = FalconNet(FalconConfig.for_target(target.config, k=k))
+    net.reset_parameters(std=std)
+    return net.eval()
+
+
+def test_relaxed_mask_is_block_bidirectional():
+    target, _ = tiny_target()
+    net = make_net(target, k=2)
+    m = net.relaxed_mask(5).int().tolist()
+    assert m == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    shifted = net.relaxed_mask(4, offset=1).int().tolist()  # blocks [0], [1, 2], [3]
+    assert shifted == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert make_net(target, k=1).relaxed_mask(3).int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+
+
+def test_cached_chunks_equal_one_pass():
+    """Feeding a sequence block by block through the cache gives what one pass under the
+    relaxed mask gives: inference sees what training saw."""
+    target, _ = tiny_target()
+    net = make_net(target, k=2)
+    T, H = 8, target.config.hidden_size
+    torch.manual_seed(1)
+    feats, emb = torch.randn(1, T, H), torch.randn(1, T, H)
+    pos = torch.arange(T)[None]
+    with torch.no_grad():
+        full = net(feats, emb, pos, net.relaxed_mask(T))
+        cache = net.new_cache(16)
+        parts = []
+        for a in range(0, T, 2):
+            mask = torch.ones(2, a + 2, dtype=torch.bool)
+            parts.append(net(feats[:, a:a + 2], emb[:, a:a + 2], pos[:, a:a + 2], mask, cache))
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-5)
+
+
+PROMPTS = [[5, 17, 33, 8, 60], [1, 2, 3, 1, 2, 3, 1, 2], list(range(10, 40)), [7, 9]]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("k,tree", [(1, (3, 2, 6)), (2, (6, 3, 12)), (2, (5, 4, 30)), (3, (6, 2, 9))])
+def test_greedy_identity(family, k, tree):
+    target, _ = tiny_target(family)
+    drafter = FalconDrafter(make_net(target, k=k, std=0.3), target, TreeSpec("dynamic", depth=tree[0],
+                                                                             top_k=tree[1], budget=tree[2]))
+    for prompt in PROMPTS:
+        ref = Engine(target).generate(prompt, max_new_tokens=40).run().token_ids
+        gen = Engine(target, drafter).generate(prompt, max_new_tokens=40).run()
+        assert gen.token_ids == ref
+        assert gen.stats.target_forwards <= len(ref)
+
+
+def test_a_drafter_that_learned_the_target_is_accepted():
+    """Train briefly on the target's own greedy text: acceptance must rise well above chance."""
+    from semiar.train.csgd import csgd_step, make_batch
+
+    target, _ = tiny_target()
+    dec = target.decoder
+    seqs = []
+    for s in range(6):
+        prompt = [3 + s, 11, 40 + s]
+        ids = prompt + Engine(target).generate(prompt, max_new_tokens=60).run().token_ids
+        out = dec(torch.tensor([ids]), dec.new_cache(len(ids)), return_hidden=True)
+        resp = torch.zeros(len(ids), dtype=torch.bool)
+        resp[len(prompt):] = True
+        seqs.append((torch.tensor(ids), out.hidden[0], resp))
+    net = FalconNet(FalconConfig.for_target(target.config, k=2))
+    net.init_from_target(dec)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    batch = make_batch(seqs, 2, "cpu", torch.float32)
+    for step in range(150):
+        parts, _ = csgd_step(net, batch, dec.embed_tokens, dec.lm_head.weight, step / 150, gen)
+        opt.zero_grad()
+        parts.loss.backward()
+        opt.step()
+    net.eval()
+    prompt = [3, 11, 40]
+    ref = Engine(target).generate(prompt, max_new_tokens=60).run()
+    got = Engine(target, FalconDrafter(net, target)).generate(prompt, max_new_tokens=60).run()
+    assert got.token_ids == ref.token_ids
+    assert got.stats.tau > 2.0
+
+
+def test_checkpoint_roundtrip_and_wrong_target(tmp_path):
+    target, _ = tiny_target(seed=0)
+    other, _ = tiny_target(seed=1)
+    net = make_net(target)
+    save_falcon(tmp_path / "d", net, target, training={"steps": 0})
+    meta = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert meta["method"] == "falcon" and meta["target"]["hidden_size"] == target.config.hidden_size
+    assert not any("embed" in k or "lm_head" in k for k in
+                   __import__("safetensors.torch", fromlist=["load_file"]).load_file(tmp_path / "d" / "model.safetensors"))
+    loaded = load_falcon(tmp_path / "d", target)
+    for a, b in zip(loaded.state_dict().values(), net.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(DrafterMismatchError, match="trained for target"):
+        load_falcon(tmp_path / "d", other)
+
+
+def test_bad_drafter_dirs(tmp_path):
+    target, _ = tiny_target()
+    with pytest.raises(SemiarError, match="does not exist"):
+        load_falcon(tmp_path / "missing", target)
+    save_falcon(tmp_path / "d", make_net(target), target)
+    w = tmp_path / "d" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ModelFileError, match="truncated or corrupt"):
+        load_falcon(tmp_path / "d", target)
+    (tmp_path / "d" / "config.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        load_falcon(tmp_path / "d", target)
+    save_falcon(tmp_path / "e", make_net(target), target)
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    cfg["method"] = "medusa"
+    (tmp_path / "e" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SemiarError, match="'medusa' drafter"):
+        load_falcon(tmp_path / "e", target)
+
+
+def test_make_drafter_arguments(tmp_path):
+    target, _ = tiny_target()
+    with pytest.raises(InvalidArgumentError, match="--drafter"):
+        make_drafter("falcon", target)
+    net = make_net(target)
+    with pytest.raises(InvalidArgumentError, match="dynamic"):
+        make_drafter("falcon", target, drafter=net, tree="chain:4")
+    with pytest.raises(InvalidArgumentError, match="fixed by training"):
+        make_drafter("falcon", target, drafter=net, k=3)
+    d = make_drafter("falcon", target, drafter=net, tree="dynamic:4,2,8")
+    assert d.tree.budget == 8 and d.forwards == 2

@@ -1,0 +1,91 @@
+"""train-drafter end to end on a tiny model directory: files, resume, CLI, and use by the engine."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from semiar.train.trainer import TrainConfig, train_drafter
+from semiar.errors import InvalidArgumentError
+from tiny import tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def cfg(model_dir, out, **kw):
+    base = dict(target=str(model_dir), out=str(out), n_prompts=12, max_new_tokens=16, gen_batch=6, epochs=2,
+                batch_tokens=400, max_len=240, lr=1e-3, save_every=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_train_writes_a_drafter_and_resumes(model_dir, tmp_path):
+    out = tmp_path / "d"
+    s = train_drafter(cfg(model_dir, out, max_steps=4), progress=False)
+    assert s["steps"] == 4
+    for f in ("config.json", "model.safetensors", "data.pt", "checkpoint.pt", "train_summary.json"):
+        assert (out / f).is_file()
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["method"] == "falcon" and meta["training"]["steps"] == 4
+    # same settings, more steps: resumes from the checkpoint and reuses the data
+    s2 = train_drafter(cfg(model_dir, out, max_steps=6), progress=False)
+    assert s2["steps"] == 6 and s2["data_seconds"] < 1.0
+
+
+def test_trained_drafter_is_lossless_through_the_api(model_dir, tmp_path):
+    import semiar
+
+    out = tmp_path / "d"
+    train_drafter(cfg(model_dir, out, max_steps=5), progress=False)
+    kw = dict(model=str(model_dir), chat=True, max_new_tokens=30)
+    ref = semiar.generate("make a list", **kw)
+    got = semiar.generate("make a list", method="falcon", drafter=str(out), **kw)
+    assert got.token_ids == ref.token_ids
+
+
+def test_bad_settings():
+    with pytest.raises(InvalidArgumentError, match="unknown drafter method"):
+        TrainConfig(target="x", out="y", method="medusa2").validate()
+    with pytest.raises(InvalidArgumentError, match="epochs"):
+        TrainConfig(target="x", out="y", epochs=0).validate()
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "semiar.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_cli_train_then_generate(model_dir, tmp_path):
+    out = tmp_path / "cli"
+    r = run_cli("train-drafter", "--target", str(model_dir), "--out", str(out), "--n-prompts", "8", "-n", "12",
+                "--max-steps", "3", "--batch-tokens", "512", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 3
+    g = run_cli("generate", "--model", str(model_dir), "--prompt", "hi", "--chat", "-n", "10", "--method", "falcon",
+                "--drafter", str(out), "--json", "--threads", "1")
+    assert g.returncode == 0, g.stderr
+    assert "tau" in json.loads(g.stdout)
+    bad = run_cli("generate", "--model", str(model_dir), "--prompt", "hi", "--method", "falcon",
+                  "--drafter", str(tmp_path / "nope"))
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    other = tiny_model_dir(tmp_path / "other", seed=3)
+    wrong = run_cli("generate", "--model", str(other), "--prompt", "hi", "--method", "falcon", "--drafter", str(out))
+    assert wrong.returncode == 2 and "trained for target" in wrong.stderr
+
+
+def test_torchrun_two_processes(model_dir, tmp_path):
+    """Data-parallel training through PyTorch's own launcher (gloo on CPU)."""
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "semiar.cli",
+                        "train-drafter", "--target", str(model_dir), "--out", str(out), "--n-prompts", "8", "-n", "12",
+                        "--max-steps", "3", "--batch-tokens", "512", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "data-rank0.pt").is_file() and (out / "data-rank1.pt").is_file()
+    assert json.loads((out / "config.json").read_text())["training"]["world_size"] == 2
