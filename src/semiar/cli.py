@@ -184,11 +184,11 @@ def train_drafter(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Answer length the target generates per prompt."),
     gen_temperature: float = typer.Option(0.0, "--gen-temperature", help="Sampling temperature of the target's answers (0 = greedy)."),
     gen_batch: int = typer.Option(16, "--gen-batch", help="Prompts answered at once."),
+    samples: int = typer.Option(1, "--samples", help="Answers per prompt: the first greedy, the others sampled (--gen-temperature, default 0.8)."),
     k: int = typer.Option(2, "-k", help="Tokens per drafter forward (Falcon's block size)."),
     num_layers: int = typer.Option(2, "--num-layers", help="Decoder layers in the drafter."),
-    init: str = typer.Option("target", "--init", help="target (start from the target's last layers) or random."),
     epochs: float = typer.Option(2.0, "--epochs"),
-    lr: float = typer.Option(3e-4, "--lr"),
+    lr: float = typer.Option(6e-4, "--lr"),
     batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Tokens per optimizer step (padded)."),
     max_len: int = typer.Option(1024, "--max-len", help="Longest training sequence."),
     no_glance: bool = typer.Option(False, "--no-glance", help="Plain distillation without CSGD's glancing (ablation)."),
@@ -205,8 +205,8 @@ def train_drafter(
 
     _set_threads(threads)
     cfg = TrainConfig(target=target, out=out, method=method, prompts=prompts, n_prompts=n_prompts,
-                      max_new_tokens=max_new_tokens, gen_temperature=gen_temperature, gen_batch=gen_batch, k=k,
-                      num_layers=num_layers, init=init, epochs=epochs, lr=lr, batch_tokens=batch_tokens,
+                      max_new_tokens=max_new_tokens, gen_temperature=gen_temperature, gen_batch=gen_batch, samples=samples, k=k,
+                      num_layers=num_layers, epochs=epochs, lr=lr, batch_tokens=batch_tokens,
                       max_len=max_len, glance=not no_glance, max_steps=max_steps, save_every=save_every, seed=seed,
                       device=device, dtype=dtype)
     summary = run(cfg)

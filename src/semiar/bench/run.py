@@ -71,6 +71,26 @@ class BenchConfig:
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
 
 
+def _on_sigterm_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(old) -> None:
+    import signal
+
+    if old is not None:
+        signal.signal(signal.SIGTERM, old)
+
+
 def tree_per_method(tree: Optional[str], methods: list) -> dict:
     """`--tree SPEC` applies to every engine method; `--tree 'falcon=dynamic:8,4,32;pld=chain:8'` gives
     each method its own shape (methods not named keep their default)."""
@@ -213,6 +233,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         runner.run(m, encoded[0], min(8, cfg.max_new_tokens), cfg.seed)
 
     total = len(prompts) * cfg.repeats * len(cfg.methods)
+    # `timeout` and job schedulers stop with SIGTERM: treat it like Ctrl-C and keep what finished
+    old_term = _on_sigterm_interrupt()
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, disable=not progress) as bar:
@@ -234,6 +256,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     except KeyboardInterrupt:
         results["interrupted"] = True
         console.print("[yellow]interrupted: writing the prompts that finished[/]")
+    finally:
+        _restore_sigterm(old_term)
     results["identity"] = identity_check(results, cfg)
     classify_mismatches(results["identity"], results["runs"], runner.target, encoded, prompts)
     results["summary"] = summarize(results)

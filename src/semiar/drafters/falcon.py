@@ -118,22 +118,6 @@ class FalconNet(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def init_from_target(self, target_decoder) -> None:
-        """Start the layers from the target's last layers and the fusion from 'keep the feature':
-        the drafter then begins near 'the target's top layers applied once more' instead of noise,
-        which shortens training a lot when there are only minutes for it."""
-        n = len(self.layers)
-        src = list(target_decoder.layers)[-n:]
-        with torch.no_grad():
-            for dst, s in zip(self.layers, src):
-                sd = {k: v for k, v in s.state_dict().items() if not k.startswith("input_layernorm") or
-                      not isinstance(dst.input_layernorm, nn.Identity)}
-                dst.load_state_dict({k: v.to(dst.mlp.down_proj.weight.dtype) for k, v in sd.items()}, strict=False)
-            H = self.config.hidden_size
-            self.fc.weight.zero_()
-            self.fc.weight[:, H:] = torch.eye(H)
-            self.fc.bias.zero_()
-
     @property
     def device(self):
         return self.fc.weight.device

@@ -63,11 +63,11 @@ class DistillData:
 
 
 @torch.no_grad()
-def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, temperature=0.0,
                    generator: Optional[torch.Generator] = None) -> list[tuple[list[int], torch.Tensor]]:
     """Generate for several prompts at once (left-padded) and return, per prompt, the full token
     list (prompt + response, stopping at EOS) and the features [len - 1, hidden] of every token
-    but the last."""
+    but the last. temperature: one value, or one per prompt (0 = greedy)."""
     dec = target.decoder
     dev = dec.device
     B = len(prompts)
@@ -93,12 +93,15 @@ def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, temper
     done = [False] * B
     next_pos = torch.tensor([len(p) for p in prompts], device=dev)
     eos = target.eos_ids
+    temps = [float(temperature)] * B if isinstance(temperature, (int, float)) else [float(x) for x in temperature]
+    temp_t = torch.tensor([x if x > 0 else 1.0 for x in temps], device=dev).unsqueeze(1)
+    sampled = torch.tensor([x > 0 for x in temps], device=dev)
     for t in range(max_new_tokens):
-        if temperature > 0:
-            probs = (logits / temperature).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            nxt = logits.argmax(-1)
+        nxt = logits.argmax(-1)
+        if bool(sampled.any()):
+            probs = (logits / temp_t).softmax(-1)
+            draw = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = torch.where(sampled, draw, nxt)
         nxt_list = nxt.tolist()
         for i in range(B):
             if not done[i]:
@@ -127,23 +130,32 @@ def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, temper
 
 def generate_distill_data(target, prompts, max_new_tokens: int = 256, temperature: float = 0.0,
                           batch_size: int = 16, chat: bool = True, seed: int = 0, max_len: Optional[int] = None,
-                          progress: bool = True) -> DistillData:
+                          progress: bool = True, samples: int = 1) -> DistillData:
     """Encode `prompts` (bench `Prompt`s), let the target answer them in batches, and collect the
-    ids, features and response mask. Prompts longer than `max_len` tokens are dropped."""
+    ids, features and response mask. Prompts longer than `max_len` tokens are dropped.
+    samples > 1: each prompt is answered `samples` times, the first greedily (what greedy serving
+    sees), the others sampled at `temperature` (default 0.8): more, and more varied, data."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     encoded = [target.encode(p.prompt, chat=chat, system=p.system) for p in prompts]
     limit = min(max_len or target.context_length, target.context_length) - max_new_tokens
     encoded = [e for e in encoded if len(e) <= limit]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # little padding per batch
+    if samples > 1:
+        temp = temperature if temperature > 0 else 0.8
+        rows = [(i, 0.0 if j == 0 else temp) for i in range(len(encoded)) for j in range(samples)]
+    else:
+        rows = [(i, temperature) for i in range(len(encoded))]
+    order = sorted(range(len(rows)), key=lambda r: len(encoded[rows[r][0]]))  # little padding per batch
     gen = torch.Generator(device=target.device).manual_seed(seed)
     ids, hidden, response, offsets = [], [], [], [0]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress) as bar:
         task = bar.add_task("self-distillation: target answers", total=len(order))
         for b in range(0, len(order), batch_size):
-            batch = [encoded[i] for i in order[b:b + batch_size]]
-            for prompt, (toks, feats) in zip(batch, generate_batch(target, batch, max_new_tokens, temperature, gen)):
+            chunk = [rows[r] for r in order[b:b + batch_size]]
+            batch = [encoded[i] for i, _ in chunk]
+            temps = [t for _, t in chunk]
+            for prompt, (toks, feats) in zip(batch, generate_batch(target, batch, max_new_tokens, temps, gen)):
                 toks = toks[:-1]  # the last token has no feature (nothing after it to predict)
                 if len(toks) <= len(prompt):
                     continue
@@ -157,5 +169,5 @@ def generate_distill_data(target, prompts, max_new_tokens: int = 256, temperatur
     if not ids:
         raise ValueError("the target produced no training sequences (all prompts too long?)")
     meta = {"target": target.name, "n_prompts": len(encoded), "max_new_tokens": max_new_tokens,
-            "temperature": temperature, "chat": chat, "seed": seed}
+            "temperature": temperature, "chat": chat, "seed": seed, "samples": samples}
     return DistillData(torch.cat(ids), torch.cat(hidden), torch.cat(response), offsets, meta)
