@@ -28,7 +28,7 @@ case "${1:-}" in
   train)
     python3 -m semiar.cli train-drafter --method falcon --target "$TARGET" --out "$DRAFTER" --device cuda \
       --gen-batch ${GEN_BATCH:-820} --samples ${SAMPLES:-3} -n ${GEN_TOKENS:-384} --epochs ${EPOCHS:-8} --batch-tokens ${BATCH_TOKENS:-16384} \
-      --lr ${LR:-6e-4} 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -40 | tee "$OUT/train.log"
+      --lr ${LR:-3e-4} 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -40 | tee "$OUT/train.log"
     cp "$DRAFTER/train_summary.json" "$OUT/"
     ;;
   bench)

@@ -188,7 +188,7 @@ def train_drafter(
     k: int = typer.Option(2, "-k", help="Tokens per drafter forward (Falcon's block size)."),
     num_layers: int = typer.Option(2, "--num-layers", help="Decoder layers in the drafter."),
     epochs: float = typer.Option(2.0, "--epochs"),
-    lr: float = typer.Option(6e-4, "--lr"),
+    lr: float = typer.Option(3e-4, "--lr"),
     batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Tokens per optimizer step (padded)."),
     max_len: int = typer.Option(1024, "--max-len", help="Longest training sequence."),
     no_glance: bool = typer.Option(False, "--no-glance", help="Plain distillation without CSGD's glancing (ablation)."),

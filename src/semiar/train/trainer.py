@@ -48,7 +48,7 @@ class TrainConfig:
     k: int = 2
     num_layers: int = 2
     epochs: float = 2.0
-    lr: float = 6e-4
+    lr: float = 3e-4
     batch_tokens: int = 4096
     max_len: int = 1024
     warmup: float = 0.05
@@ -167,8 +167,11 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
         data.meta["key"] = cfg.data_key()
         data.save(data_path)
     data_seconds = time.perf_counter() - t_data
+    bad = _nonfinite_sequences(data)
+    if bad:
+        console.print(f"[yellow]{len(bad)} sequences have non-finite target features and are left out[/]")
     n_val = int(round(data.n_sequences * cfg.val_fraction)) if data.n_sequences > 1 else 0
-    shuffled = list(range(data.n_sequences))
+    shuffled = [i for i in range(data.n_sequences) if i not in bad]
     random.Random(cfg.seed + 7).shuffle(shuffled)  # data is stored by prompt length: split at random
     val_ids, train_ids = sorted(shuffled[:n_val]), sorted(shuffled[n_val:])
     console.print(f"data: {data.n_sequences} sequences, {data.n_tokens} tokens "
@@ -234,6 +237,8 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
             tmp.replace(ckpt_path)
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + step)
+    skipped = 0
+    log_every = max(1, total // 10) if not (progress and main and console.is_terminal) else 0
     t_train = time.perf_counter()
     last = {}
     net.train()
@@ -249,11 +254,18 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
                                          glance=cfg.glance, autocast=autocast)
             opt.zero_grad(set_to_none=True)
             parts.loss.backward()
-            torch.nn.utils.clip_grad_value_(net.parameters(), 0.5)
-            opt.step()
+            # a bf16 overflow must not poison the weights: skip the step, count it, go on
+            gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            if torch.isfinite(parts.loss.detach()) and torch.isfinite(gnorm):
+                opt.step()
+            else:
+                skipped += 1
             step += 1
             last = {"loss": float(parts.loss.detach()), "reg": parts.reg, "kl": parts.soft, "acc": parts.acc}
             bar.update(task, advance=1, info=f"loss {last['loss']:.3f} acc {parts.acc:.3f} glanced {n_glanced}")
+            if log_every and step % log_every == 0:
+                console.log(f"step {step}/{total} loss {last['loss']:.4f} reg {parts.reg:.4f} kl {parts.soft:.4f} "
+                            f"acc {parts.acc:.3f} skipped {skipped}")
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save_ckpt(step)
     train_seconds = time.perf_counter() - t_train
@@ -266,6 +278,7 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
                "tokens": data.n_tokens, "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
                "total_seconds": round(time.perf_counter() - t_start, 1), "world_size": world, "device": device,
                "params": sum(p.numel() for p in net.parameters()), "final": last, "val": val,
+               "skipped_steps": skipped,
                "settings": asdict(cfg)}
     if main:
         save_falcon(out, net.to(target.dtype), target, training=summary)
@@ -275,6 +288,18 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
     if world > 1:
         torch.distributed.barrier()
     return summary
+
+
+def _nonfinite_sequences(data) -> set:
+    bad = set()
+    finite = torch.isfinite(data.hidden).all(-1)
+    if bool(finite.all()):
+        return bad
+    for s in range(data.n_sequences):
+        a, b = data.offsets[s], data.offsets[s + 1]
+        if not bool(finite[a:b].all()):
+            bad.add(s)
+    return bad
 
 
 @torch.no_grad()
