@@ -52,14 +52,12 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
         s = spec or TreeSpec("dynamic", depth=k or 6, top_k=2, budget=10)
         return NgramDrafter(n=ngram or 3, depth=s.depth, top_k=s.top_k, budget=s.budget, corpus_ids=corpus_ids)
     if method == "falcon":
-        from .drafters.falcon import FalconDrafter, FalconNet, find_shipped_drafter, load_falcon
+        from .drafters.falcon import FalconDrafter, FalconNet, load_falcon
 
         if drafter is None:
-            drafter = find_shipped_drafter(target)
-        if drafter is None:
             raise InvalidArgumentError(
-                f"method 'falcon' needs --drafter DIR for {target.name} (semiar ships one for smollm2-135m-instruct; "
-                f"train one with `semiar train-drafter --target {target.name} --out DIR`)")
+                f"method 'falcon' needs --drafter DIR: train one with "
+                f"`semiar train-drafter --method falcon --target {target.name} --out DIR`")
         if k is not None:
             raise InvalidArgumentError("falcon's k is fixed by training; shape its tree with --tree dynamic:DEPTH,TOPK,BUDGET")
         net = drafter if isinstance(drafter, FalconNet) else load_falcon(drafter, target)

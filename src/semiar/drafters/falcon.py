@@ -168,35 +168,6 @@ def load_falcon(path: str | Path, target, device=None, dtype=None) -> FalconNet:
     return net.to(device=device or target.device, dtype=dtype or target.dtype).eval()
 
 
-def shipped_drafters_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "data" / "drafters"
-
-
-def find_shipped_drafter(target) -> Optional[Path]:
-    """A Falcon drafter shipped with semiar for this exact target (matched by its identity hash,
-    so it is found however the target was named), or None."""
-    import json
-
-    from .checkpoint import embedding_hash
-
-    root = shipped_drafters_dir()
-    if not root.is_dir():
-        return None
-    want = None
-    for d in sorted(root.iterdir()):
-        try:
-            meta = json.loads((d / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if meta.get("method") != METHOD:
-            continue
-        if want is None:
-            want = embedding_hash(target.decoder)
-        if meta.get("target", {}).get("embedding_sha256") == want:
-            return d
-    return None
-
-
 def save_falcon(path: str | Path, net: FalconNet, target, training: Optional[dict] = None) -> Path:
     return write_drafter_dir(path, METHOD, asdict(net.config), net.state_dict(), target, training)
 
