@@ -249,8 +249,14 @@ def dynamic_tree(expand: Callable[[list[int], list[int], list[int]], torch.Tenso
         best = heapq.nlargest(top_k, new_nodes, key=lambda i: scores[i])
         frontier = sorted(best)
         frontier_scores = [scores[i] for i in frontier]
+    return best_nodes(tokens, parents, scores, budget)
+
+
+def best_nodes(tokens: list[int], parents: list[int], scores: list[float], budget: int) -> DraftTree:
+    """The `budget` highest-scoring nodes of a candidate tree (nodes in topological order), as a
+    DraftTree. Path scores are products of probabilities, so a kept node's ancestors score at
+    least as high; ties can still keep a child without its parent, so ancestors are added back."""
     keep = sorted(heapq.nlargest(budget, range(len(tokens)), key=lambda i: scores[i]))
-    # ties can keep a child without its parent: add the missing ancestors back
     keep_set = set(keep)
     for i in list(keep):
         p = parents[i]

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from semiar.train.trainer import TrainConfig, train_drafter
 from semiar.errors import InvalidArgumentError

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, ModelFileError
 from ..models.decoder import DecoderConfig, KVCache, Layer, rope_cos_sin, rope_inv_freq
-from ..tree import DraftTree, TreeSpec
+from ..tree import DraftTree, TreeSpec, best_nodes
 from .base import Drafter
 from .checkpoint import check_identity, read_drafter_dir, write_drafter_dir
 
@@ -259,7 +259,6 @@ class FalconDrafter(Drafter):
         base = self.cache.length  # == P: tree rows go after the context
 
         tokens_, parents, scores, depth = [], [], [], []
-        node_feat: list[int] = []  # row in `feat_rows` of the feature that predicted the node
         feat_rows = [out]  # list of [k, H] chunks; node feature = feat_rows[chunk][i]
         feat_index: list[tuple[int, int]] = []
 
@@ -325,13 +324,4 @@ class FalconDrafter(Drafter):
             blocks = new_blocks
         self.cache.truncate(base)
 
-        keep = sorted(heapq.nlargest(spec.budget, range(len(tokens_)), key=lambda i: scores[i]))
-        keep_set = set(keep)
-        for i in list(keep):  # ties can drop a parent: put ancestors back
-            p = parents[i]
-            while p >= 0 and p not in keep_set:
-                keep_set.add(p)
-                p = parents[p]
-        keep = sorted(keep_set)
-        remap = {old: new for new, old in enumerate(keep)}
-        return DraftTree([tokens_[i] for i in keep], [remap[parents[i]] if parents[i] >= 0 else -1 for i in keep])
+        return best_nodes(tokens_, parents, scores, spec.budget)

@@ -127,7 +127,7 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
 
     from ..drafters.falcon import FalconConfig, FalconNet, save_falcon
     from ..models.loading import load_model, parse_dtype
-    from .csgd import Batch, argmax_tokens, csgd_step, make_batch
+    from .csgd import csgd_step, make_batch
     from .data import DistillData, generate_distill_data
     from .prompts import training_prompts
 
