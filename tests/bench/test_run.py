@@ -119,3 +119,14 @@ def test_bench_interrupt_keeps_partial_results(tmp_path, model_dirs, monkeypatch
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["interrupted"] and len(data["runs"]["ar"]) == 1 and res["interrupted"]
     assert "Interrupted" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_tree_per_method():
+    from semiar.bench.run import tree_per_method
+
+    assert tree_per_method(None, ["ar", "pld"]) == {}
+    assert tree_per_method("chain:8", ["ar", "pld", "draft", "hf-ar"]) == {"pld": "chain:8", "draft": "chain:8"}
+    assert tree_per_method("falcon=dynamic:8,6,48;pld=chain:8", ["ar", "pld", "falcon"]) == {
+        "falcon": "dynamic:8,6,48", "pld": "chain:8"}
+    with pytest.raises(SemiarError, match="METHOD=SPEC"):
+        tree_per_method("nope=chain:4", ["ar"])
