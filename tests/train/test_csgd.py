@@ -88,3 +88,19 @@ def test_training_steps_reduce_the_loss():
         opt.step()
         losses.append(float(parts.loss.detach()))
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_gradients_reach_only_the_drafter():
+    target, _ = tiny_target()
+    dec = target.decoder
+    for p in dec.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(3, 90, (30,))
+    out = dec(ids[None], dec.new_cache(30), return_hidden=True)
+    batch = make_batch([(ids, out.hidden[0], torch.ones(30, dtype=torch.bool))], 2, "cpu", torch.float32)
+    net = FalconNet(FalconConfig.for_target(target.config, k=2))
+    parts, _ = csgd_step(net, batch, dec.embed_tokens, dec.lm_head.weight, 0.5, torch.Generator().manual_seed(0))
+    parts.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert all(p.grad is None for p in dec.parameters())
+    assert not any(k.startswith(("embed", "lm_head")) for k in net.state_dict())  # shared, never copied
