@@ -200,7 +200,7 @@ def train_drafter(
     threads: Optional[int] = typer.Option(None, "--threads"),
 ):
     """Train a drafter for TARGET on the target's own answers (self-distillation); resumable.
-    Several GPUs: torchrun --nproc-per-node N -m semiar.cli train-drafter ... --device cuda"""
+    Several GPUs: torchrun --standalone --nproc-per-node N -m semiar.cli train-drafter ... --device cuda"""
     from .train.trainer import TrainConfig, train_drafter as run
 
     _set_threads(threads)

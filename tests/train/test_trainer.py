@@ -81,7 +81,7 @@ def test_cli_train_then_generate(model_dir, tmp_path):
 def test_torchrun_two_processes(model_dir, tmp_path):
     """Data-parallel training through PyTorch's own launcher (gloo on CPU)."""
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "semiar.cli",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "semiar.cli",
                         "train-drafter", "--target", str(model_dir), "--out", str(out), "--n-prompts", "8", "-n", "12",
                         "--max-steps", "3", "--batch-tokens", "512", "--threads", "1"],
                        capture_output=True, text=True, timeout=600)

@@ -1,6 +1,6 @@
 """`semiar train-drafter`: self-distilled data from the target, then CSGD training of a Falcon
 drafter, with progress, resumable checkpoints, CPU/GPU, bf16 on GPU, and several GPUs through
-PyTorch's own launcher (`torchrun --nproc-per-node N -m semiar.cli train-drafter ...`: each rank
+PyTorch's own launcher (`torchrun --standalone --nproc-per-node N -m semiar.cli train-drafter ...`: each rank
 answers its share of the prompts and trains on it, gradients are averaged by DDP).
 
 Files in the output directory:
