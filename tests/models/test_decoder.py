@@ -86,3 +86,14 @@ def test_packed_cpu_linears_match_dense():
     a = dense(ids, dense.new_cache(16)).logits
     b = packed(ids, packed.new_cache(16)).logits
     assert (a - b).abs().max().item() < 1e-4
+
+
+def test_cache_ensure_grows_and_keeps_the_valid_part():
+    from semiar.models.decoder import KVCache
+
+    c = KVCache(2, 1, 4, 8, torch.float32, "cpu")
+    c.k[:, :, :, :5] = 1.0
+    c.length = 5
+    assert c.ensure(8) is c
+    g = c.ensure(20, slack=4)
+    assert g.capacity == 24 and g.length == 5 and torch.equal(g.k[:, :, :, :5], c.k[:, :, :, :5])

@@ -79,13 +79,7 @@ class DraftModelDrafter(Drafter):
         while m < limit and self.seen[m] == tokens[m]:
             m += 1
         self.cache.truncate(m)
-        need = len(tokens) + self.tree.max_nodes + 1
-        if need > self.cache.capacity:  # long generations: grow the draft cache
-            old = self.cache
-            self.cache = dec.new_cache(need + 1024)
-            self.cache.k[:, :, :, :m] = old.k[:, :, :, :m]
-            self.cache.v[:, :, :, :m] = old.v[:, :, :, :m]
-            self.cache.length = m
+        self.cache = self.cache.ensure(len(tokens) + self.tree.max_nodes + 1)  # long generations
         ids = torch.tensor([tokens[m:]], device=dec.device)
         logits = dec(ids, self.cache, logits_at=slice(-1, None)).logits[0, -1]
         self.seen = list(tokens)

@@ -223,16 +223,6 @@ class FalconDrafter(Drafter):
             self.hidden = [torch.cat(self.hidden, 0)]
         return self.hidden[0]
 
-    def _ensure_capacity(self, need: int) -> None:
-        if need <= self.cache.capacity:
-            return
-        old = self.cache
-        self.cache = self.net.new_cache(need + 1024)
-        n = old.length
-        self.cache.k[:, :, :, :n] = old.k[:, :, :, :n]
-        self.cache.v[:, :, :, :n] = old.v[:, :, :, :n]
-        self.cache.length = n
-
     def _dists(self, out: torch.Tensor) -> torch.Tensor:
         """[rows, H] predicted features -> [rows, vocab] draft probabilities (fp32)."""
         return self.lm_head(out).float().softmax(-1)
@@ -248,7 +238,7 @@ class FalconDrafter(Drafter):
         # the drafter cache keeps true-feature pairs up to P - k; the last k are fed as one block
         c = min(self.fed, P - k)
         self.cache.truncate(c)
-        self._ensure_capacity(P + self._tree_rows() + 1)
+        self.cache = self.cache.ensure(P + self._tree_rows() + 1)
         T = P - c
         mask = torch.ones(T, P, dtype=torch.bool)  # masks are built on the host, sent once
         mask[:, c:] = self.net.relaxed_mask(T, offset=(k - T % k) % k)

@@ -116,6 +116,17 @@ class KVCache:
     def truncate(self, n: int) -> None:
         self.length = min(self.length, n)
 
+    def ensure(self, capacity: int, slack: int = 1024) -> "KVCache":
+        """This cache if it holds `capacity` positions, else a larger copy (valid part kept)."""
+        if capacity <= self.capacity:
+            return self
+        L, B, H, _, D = self.k.shape
+        new = KVCache(L, H, D, capacity + slack, self.k.dtype, self.k.device, B)
+        new.k[:, :, :, :self.length] = self.k[:, :, :, :self.length]
+        new.v[:, :, :, :self.length] = self.v[:, :, :, :self.length]
+        new.length = self.length
+        return new
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

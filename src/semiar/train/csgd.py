@@ -163,6 +163,11 @@ def argmax_tokens(feats: torch.Tensor, lm_head_weight: torch.Tensor, chunk: int 
     return out.view(feats.shape[:-1])
 
 
+def autocast_ctx(device_type: str, dtype: Optional[torch.dtype]):
+    """bf16 autocast on GPUs, a no-op context elsewhere."""
+    return torch.autocast(device_type, dtype=dtype) if dtype else torch.autocast(device_type, enabled=False)
+
+
 def csgd_step(net, batch: Batch, embed: torch.nn.Embedding, lm_head_weight: torch.Tensor, progress: float,
               gen: torch.Generator, noise: float = 0.0, glance: bool = True,
               autocast: Optional[torch.dtype] = None, chunk: int = 2048) -> tuple[LossParts, int]:
@@ -175,7 +180,7 @@ def csgd_step(net, batch: Batch, embed: torch.nn.Embedding, lm_head_weight: torc
     mask_tt = core.relaxed_mask(T, offset=offset, device=batch.feats.device)
     positions = torch.arange(T, device=batch.feats.device).unsqueeze(0).expand(batch.feats.shape[0], T)
     dev_type = batch.feats.device.type
-    ac = torch.autocast(dev_type, dtype=autocast) if autocast else torch.autocast(dev_type, enabled=False)
+    ac = autocast_ctx(dev_type, autocast)
 
     def run(b: Batch) -> torch.Tensor:
         feats = b.feats

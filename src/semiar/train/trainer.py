@@ -306,7 +306,7 @@ def _nonfinite_sequences(data) -> set:
 def evaluate(net, seqs, embed, lm_w, device, feat_dtype, autocast=None, batch_tokens: int = 8192) -> dict:
     """Top-1 agreement between the drafter's tokens and the target's, per offset inside a block
     (offset i predicts i+1 tokens past the block's last input), with blocks aligned to 0."""
-    from .csgd import argmax_tokens, make_batch
+    from .csgd import argmax_tokens, autocast_ctx, make_batch
 
     k = net.config.k
     hits = [0] * k
@@ -316,9 +316,7 @@ def evaluate(net, seqs, embed, lm_w, device, feat_dtype, autocast=None, batch_to
         b = make_batch([seqs[i] for i in group], k, device, feat_dtype)
         T = b.mask.shape[1]
         pos = torch.arange(T, device=device).unsqueeze(0).expand(len(group), T)
-        ctx = torch.autocast(torch.device(device).type, dtype=autocast) if autocast else torch.autocast(
-            torch.device(device).type, enabled=False)
-        with ctx:
+        with autocast_ctx(torch.device(device).type, autocast):
             pred = net(b.feats, embed(b.next_ids), pos, net.relaxed_mask(T, device=device))
         guess = argmax_tokens(pred, lm_w)
         truth = argmax_tokens(b.target_feats, lm_w)
