@@ -53,6 +53,8 @@ class BenchConfig:
     k: Optional[int] = None
     chat: bool = True
     allow_near_ties: bool = False
+    cuda_graphs: bool = True  # on CUDA: replay forwards as CUDA graphs (models.graphs)
+    compile: bool = False  # on CUDA: torch.compile the forward before capturing it
 
     def validate(self) -> None:
         known = list(METHODS) + list(PEERS)
@@ -146,10 +148,11 @@ class Runner:
 
         self.cfg = cfg
         self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed)
-        self.target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype)
+        fast = dict(cuda_graphs=cfg.cuda_graphs, compile=cfg.compile)
+        self.target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype, **fast)
         self.draft = None
         if cfg.draft_model and any(m in ("draft", "hf-assisted") for m in cfg.methods):
-            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype)
+            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype, **fast)
         self.engines = {}
         self.peers = {}
         trees = tree_per_method(cfg.tree, cfg.methods)
