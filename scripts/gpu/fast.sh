@@ -2,6 +2,7 @@
 # The GPU fast path (CUDA graphs) on one GPU: the commands behind docs/benchmarks.md's GPU tables.
 #   scripts/gpu/fast.sh setup   install carried wheels, join the staged GGUF pieces
 #   scripts/gpu/fast.sh step    decode-step and tree-verification cost: eager vs CUDA graphs, kernel profile
+#   COMPILE=1 adds torch.compile (per layer) before the graphs are captured
 #   scripts/gpu/fast.sh bench   greedy bench on code and edit: ar, draft, pld, ngram vs hf-ar, hf-assisted, hf-pld
 # Stage the GGUFs first (../shared/gpu/stage-file FILE NAME, names q15.gguf and q05.gguf) and run the
 # calls back to back: an idle machine is given back after 30 s, and a fresh one starts bare.
@@ -29,7 +30,7 @@ case "${1:-}" in
   bench)
     python3 -m semiar.cli bench --device cuda --target "$T15" --draft-model "$T05" \
       --methods ${METHODS:-ar,draft,pld,ngram,hf-ar,hf-assisted,hf-pld} --tasks ${TASKS:-code,edit} \
-      --n-prompts ${N:-4} --max-new-tokens ${TOKENS:-256} --allow-near-ties --out "$OUT/bench" \
+      --n-prompts ${N:-2} --max-new-tokens ${TOKENS:-128} --allow-near-ties ${COMPILE:+--compile} --out "$OUT/bench" \
       2>&1 | tr '\r' '\n' | grep -v 'Loading weights' | tail -45
     ;;
   *) echo "usage: $0 setup|step|bench" >&2; exit 2 ;;

@@ -71,7 +71,9 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
         if draft_model is None:
             raise InvalidArgumentError("method 'draft' needs --draft-model NAME")
         if not isinstance(draft_model, LoadedModel):
-            draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype, cuda_graphs=cuda_graphs)
+            # dense weights only on the CPU: a draft model steps 1-2 tokens at a time (docs/models.md)
+            draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype, pack=False,
+                                     cuda_graphs=cuda_graphs)
         s = spec or TreeSpec("chain", k=k or 12)
         if k is not None and s.kind == "chain":
             s = TreeSpec("chain", k=k)

@@ -64,3 +64,24 @@ def test_one_live_lease_and_fallbacks():
     assert big.capacity >= 200
     out = g(torch.tensor([[1] * 20]), big)  # larger than the largest size: eager
     assert out.logits.shape == (1, 20, m.config.vocab_size)
+
+
+def test_compiled_layer_path_matches_and_compiles_once_per_size():
+    import shutil
+
+    import pytest
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    from torch._dynamo.utils import counters
+
+    m, _ = tiny_target("qwen2")
+    ref, _ = tiny_target("qwen2")
+    g = GraphedDecoder(m.decoder, capacity=64, sizes=(1, 4), compile=True, capture=False)
+    before = counters["stats"]["unique_graphs"]
+    a_cache, b_cache = ref.decoder.new_cache(40), g.new_cache(40)
+    for ids in ([[3, 9, 4, 1, 7, 2]], [[5]], [[1, 2, 3]], [[8]]):
+        x = torch.tensor(ids)
+        assert (ref.decoder(x, a_cache).logits - g(x, b_cache).logits).abs().max() < 1e-4
+    # both layers share one compiled graph per block size (sizes 1 and 4, prefill eager)
+    assert counters["stats"]["unique_graphs"] - before <= 2

@@ -290,6 +290,12 @@ class Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _call_layer(layer, x, cos, sin, k_cache, v_cache, start, mask):
+    """One decoder layer as a free function: compiled once (`torch.compile(_call_layer)`), it
+    serves every layer of the same shapes, since the module's weights are inputs, not constants."""
+    return layer(x, cos, sin, k_cache, v_cache, start, mask)
+
+
 @dataclass
 class DecoderOutput:
     logits: Optional[torch.Tensor]  # [B, n, vocab] for the positions asked for
@@ -310,6 +316,8 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # kept in fp32 and off the module's buffers so .to(bf16) cannot round the frequencies
         self.inv_freq = rope_inv_freq(cfg)
+        #: what `forward_static` runs each layer with (a compiled `_call_layer`, see models.graphs)
+        self.static_layer = None
 
     @property
     def device(self):
@@ -396,8 +404,9 @@ class Decoder(nn.Module):
         slots = start + torch.arange(S, device=input_ids.device)
         cos, sin = self._rope(positions)
         x = self.embed_tokens(input_ids)
+        run = self.static_layer or _call_layer
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask)
+            x = run(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
         x = self.norm(x)
         return self.lm_head(x).float(), x
 

@@ -88,7 +88,12 @@ class GraphedDecoder:
         dev = decoder.device
         fn = decoder.forward_static
         if compile:
-            fn = torch.compile(fn, fullgraph=True, dynamic=False)
+            # one layer is compiled, not the whole model: the code serves all layers of a size,
+            # so compiling takes one layer's time per size (the whole model took ~40 s per size)
+            from .decoder import _call_layer
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(sizes))
+            decoder.static_layer = torch.compile(_call_layer, fullgraph=True, dynamic=False)
         self.graphs: dict[int, _Captured | _Direct] = {}
         t0 = time.perf_counter()
         for S in self.sizes:
