@@ -155,6 +155,73 @@ class FalconNet(nn.Module):
         return x
 
 
+    @torch.no_grad()
+    def forward_static(self, feats, tok_emb, positions, slots, mask, k_cache, v_cache):
+        """Fixed-shape forward for CUDA-graph capture: S rows written to cache slots `slots` [S],
+        attending over the whole capacity under `mask` [S, capacity]. feats, tok_emb: [1, S, H]."""
+        x = self.fc(torch.cat([tok_emb, feats.to(tok_emb.dtype)], -1))
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask)
+        return x
+
+
+class FalconGraphs:
+    """The drafter's forwards (network + the target's LM head + softmax) as CUDA graphs over one
+    static drafter cache, one graph per row count; `capture=False` runs the same fixed-shape code
+    directly (CPU tests). Masks are full [rows, capacity] masks: tree passes attend to ancestor
+    blocks scattered through the cache, which a length alone cannot express."""
+
+    def __init__(self, net: FalconNet, embed, lm_head, capacity: int = 2048,
+                 sizes=(2, 4, 8, 16, 32, 64), capture: Optional[bool] = None):
+        from ..models.graphs import _Captured, _Direct
+
+        dev = net.device
+        capture = dev.type == "cuda" if capture is None else capture
+        self.capacity, self.sizes = capacity, sorted(sizes)
+        self.cache = net.new_cache(capacity)
+        H = net.config.hidden_size
+
+        def run(feats, ids, positions, slots, mask):
+            x = net.forward_static(feats, embed(ids), positions, slots, mask, self.cache.k, self.cache.v)
+            return x, lm_head(x).float().softmax(-1)
+
+        self.graphs = {}
+        if net.inv_freq.device != dev:
+            net.inv_freq = net.inv_freq.to(dev)
+        for S in self.sizes:
+            inputs = [torch.zeros(1, S, H, dtype=net.dtype, device=dev), torch.zeros(1, S, dtype=torch.long, device=dev),
+                      torch.zeros(1, S, dtype=torch.long, device=dev), torch.arange(S, device=dev),
+                      torch.eye(S, capacity, dtype=torch.bool, device=dev)]
+            self.graphs[S] = _Captured(run, inputs) if capture else _Direct(run, inputs)
+        self.cache.length = 0
+
+    def fits(self, cache: KVCache, rows: int) -> bool:
+        return cache.k is self.cache.k and rows <= self.sizes[-1] and cache.length + self.sizes[-1] <= self.capacity
+
+    def __call__(self, cache: KVCache, feats, ids, positions, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `rows` = len(ids) rows at cache.length. feats [rows, H]; ids, positions [rows];
+        mask [rows, cache.length + rows] (host or device). Returns (features, probs) [rows, ...]."""
+        R, start = len(ids), cache.length
+        S = next(s for s in self.sizes if s >= R)
+        f_buf, i_buf, p_buf, s_buf, m_buf = self.graphs[S].inputs
+        full = torch.zeros(S, self.capacity, dtype=torch.bool)
+        full[:R, :start + R] = mask.cpu()
+        full[torch.arange(R, S), torch.arange(start + R, start + S)] = True  # padding rows see themselves
+        m_buf.copy_(full, non_blocking=True)
+        f_buf[0, :R].copy_(feats)
+        i_buf[0, :R].copy_(ids)
+        p_buf[0, :R].copy_(positions)
+        s_buf.copy_(torch.arange(start, start + S))
+        if R < S:
+            f_buf[0, R:].zero_()
+            i_buf[0, R:].zero_()
+            p_buf[0, R:].fill_(max(start, 0))
+        x, probs = self.graphs[S].replay()
+        cache.length = start + R
+        return x[0, :R].clone(), probs[0, :R].clone()
+
+
 def load_falcon(path: str | Path, target, device=None, dtype=None) -> FalconNet:
     """Load a drafter directory for `target`, refusing one trained for another model."""
     meta, sd = read_drafter_dir(path, METHOD)
@@ -178,7 +245,8 @@ class FalconDrafter(Drafter):
     name = METHOD
     needs_hidden = True
 
-    def __init__(self, net: FalconNet, target, tree: Optional[TreeSpec] = None, min_score: float = 0.0):
+    def __init__(self, net: FalconNet, target, tree: Optional[TreeSpec] = None, min_score: float = 0.0,
+                 graphs: Optional[bool] = None):
         self.net = net.eval()
         self.target = target
         self.k = net.config.k
@@ -194,6 +262,9 @@ class FalconDrafter(Drafter):
         self.hidden: list[torch.Tensor] = []  # target features h_0.. of the context, in chunks
         self.n_hidden = 0
         self.fed = 0  # context pairs whose K/V in self.cache were computed from true features
+        # on CUDA the drafter's passes replay CUDA graphs (graphs=False: eager)
+        use = net.device.type == "cuda" if graphs is None else graphs
+        self.graphs = FalconGraphs(net, self.embed, self.lm_head, capture=net.device.type == "cuda") if use else None
 
     @property
     def forwards(self) -> int:
@@ -210,7 +281,13 @@ class FalconDrafter(Drafter):
         self.sampling = sampling
         self.hidden = [] if prompt_hidden is None else [prompt_hidden]
         self.n_hidden = 0 if prompt_hidden is None else prompt_hidden.shape[0]
-        self.cache = self.net.new_cache(len(prompt_ids) + 1024 + self._tree_rows() + self.k + 8)
+        need = len(prompt_ids) + 1024 + self._tree_rows() + self.k + 8
+        g = self.graphs
+        if g is not None and need + g.sizes[-1] <= g.capacity:
+            self.cache = g.cache
+            self.cache.length = 0
+        else:
+            self.cache = self.net.new_cache(need)
         self.fed = 0
 
     def observe(self, accepted, n_draft_accepted, hidden=None):
@@ -226,6 +303,16 @@ class FalconDrafter(Drafter):
     def _dists(self, out: torch.Tensor) -> torch.Tensor:
         """[rows, H] predicted features -> [rows, vocab] draft probabilities (fp32)."""
         return self.lm_head(out).float().softmax(-1)
+
+    def _pass(self, feats, ids, positions, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """One drafter pass appending len(ids) rows: (features [rows, H], probs [rows, vocab]).
+        mask: [rows, cache.length + rows] bool on the host."""
+        if self.graphs is not None and self.graphs.fits(self.cache, len(ids)):
+            return self.graphs(self.cache, feats, ids, positions, mask)
+        dev = self.net.device
+        out = self.net(feats.unsqueeze(0), self.embed(ids).unsqueeze(0), positions.unsqueeze(0),
+                       mask.to(dev), self.cache)[0]
+        return out, self._dists(out)
 
     @torch.no_grad()
     def propose(self, tokens: list[int]) -> DraftTree:
@@ -243,8 +330,8 @@ class FalconDrafter(Drafter):
         mask = torch.ones(T, P, dtype=torch.bool)  # masks are built on the host, sent once
         mask[:, c:] = self.net.relaxed_mask(T, offset=(k - T % k) % k)
         ids = torch.tensor(tokens[c + 1:P + 1], device=dev)
-        out = self.net(feats[c:P].unsqueeze(0), self.embed(ids).unsqueeze(0),
-                       torch.arange(c, P, device=dev).unsqueeze(0), mask.to(dev), self.cache)[0, -k:]  # [k, H]
+        out, probs = self._pass(feats[c:P], ids, torch.arange(c, P, device=dev), mask)
+        out, probs = out[-k:], probs[-k:]  # [k, H], [k, vocab]
         self.fed = P
         base = self.cache.length  # == P: tree rows go after the context
 
@@ -272,7 +359,7 @@ class FalconDrafter(Drafter):
                     beams.append((s, len(tokens_) - 1))
             return beams if len(beams) and depth[beams[0][1]] == d0 + k else []
 
-        blocks = add_block(-1, 1.0, self._dists(out), 0)  # (score, last node) of complete blocks
+        blocks = add_block(-1, 1.0, probs, 0)  # (score, last node) of complete blocks
         block_rows: dict[int, list[int]] = {}  # last node of a fed block -> its rows in the cache
         for _ in range(self.forwards - 1):
             blocks = heapq.nlargest(spec.top_k, blocks, key=lambda x: x[0])
@@ -303,10 +390,8 @@ class FalconDrafter(Drafter):
                         mask[b * k:(b + 1) * k, [base + r for r in block_rows[anc]]] = True
                     anc = parents[anc]
                 block_rows[path[-1]] = list(range(r0, r0 + k))
-            pos = torch.tensor(rows_pos, device=dev)
-            out = self.net(torch.stack(rows_feats).unsqueeze(0), self.embed(torch.tensor(rows_ids, device=dev)).unsqueeze(0),
-                           pos.unsqueeze(0), mask.to(dev), self.cache)[0]  # [R, H]
-            probs = self._dists(out)
+            out, probs = self._pass(torch.stack(rows_feats), torch.tensor(rows_ids, device=dev),
+                                    torch.tensor(rows_pos, device=dev), mask)  # [R, H], [R, vocab]
             new_blocks = []
             for b, (s, last) in enumerate(blocks):
                 feat_rows.append(out[b * k:(b + 1) * k])
