@@ -96,7 +96,7 @@ def tree_per_method(tree: Optional[str], methods: list) -> dict:
     if not tree:
         return {}
     if "=" not in tree.split(":", 1)[0]:
-        return {m: tree for m in methods if m in METHODS and m != "ar"}
+        return {m: tree for m in methods if m in METHODS and m not in ("ar", "auto")}
     out = {}
     for part in tree.split(";"):
         if not part.strip():
@@ -148,7 +148,7 @@ class Runner:
         self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed)
         self.target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype)
         self.draft = None
-        if cfg.draft_model and any(m in ("draft", "hf-assisted") for m in cfg.methods):
+        if cfg.draft_model and any(m in ("draft", "hf-assisted", "auto") for m in cfg.methods):
             self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype)
         self.engines = {}
         self.peers = {}
