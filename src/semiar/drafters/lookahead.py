@@ -94,7 +94,7 @@ class LookaheadDrafter(Drafter):
     name = "lookahead"
     needs_node_argmax = True
 
-    def __init__(self, window: int = 4, ngram: int = 4, candidates: int = 4, pool_from_context: bool = True,
+    def __init__(self, window: int = 3, ngram: int = 3, candidates: int = 3, pool_from_context: bool = True,
                  seed: int = 0):
         if window < 1 or ngram < 2 or candidates < 0:
             raise InvalidArgumentError(
