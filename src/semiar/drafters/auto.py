@@ -107,9 +107,9 @@ class AutoDrafter(Drafter):
     def _order(self) -> list[_Arm]:
         """Arms to ask, in order, this step; asking stops at the first non-empty tree or at `ar`."""
         ar = self.arms[-1]
-        first = []
         if self.reprobe_every and self.step % self.reprobe_every == 0:
-            first = [min(self.arms, key=lambda a: a.probed_at)]
+            measured = [a for a in self.arms if a.probed_at >= 0]  # unmeasured arms are asked anyway
+            first = [min(measured, key=lambda a: a.probed_at)] if measured else []
         else:
             first = [a for a in self.arms[:-1] if not a.tried]
             if ar.seconds is None:

@@ -130,7 +130,7 @@ class LookaheadDrafter(Drafter):
 
     def propose(self, tokens: list[int]) -> DraftTree:
         if self.pool_from_context and len(tokens) > self.seen:
-            self.context_pool.add_sequence(tokens, start=max(self.seen - self.N + 1, 0))
+            self.context_pool.add_sequence(tokens, start=self.seen)  # n-grams ending in new tokens
         self.seen = len(tokens)
         toks: list[int] = []
         parents: list[int] = []
