@@ -193,3 +193,30 @@ def test_auto_arms_follow_the_given_drafters():
     assert "draft" in [a.name for a in auto.arms]
     with pytest.raises(InvalidArgumentError):
         make_drafter("auto", target, tree="chain:4")
+
+
+def test_engine_gives_node_argmax_only_to_drafters_that_ask():
+    class Spy(Drafter):
+        needs_node_argmax = True
+
+        def __init__(self):
+            self.seen = []
+
+        @property
+        def max_nodes(self):
+            return 3
+
+        def propose(self, tokens):
+            return DraftTree([tokens[-1], 3, 4], [-1, 0, -1])
+
+        def observe(self, accepted, n_draft_accepted, hidden=None, node_argmax=None):
+            self.seen.append((list(accepted), node_argmax))
+
+    target, _ = tiny_target("qwen2")
+    spy = Spy()
+    gen = Engine(target, spy).generate([5, 6, 7], max_new_tokens=12).run()
+    assert spy.seen
+    assert len(spy.seen[0][1]) == 4  # root + 3 nodes (later trees may be cut at the token budget)
+    for accepted, argmax in spy.seen:
+        assert argmax[0] == accepted[0]  # greedy: the root's argmax is the first emitted token
+    assert gen.token_ids == Engine(target).generate([5, 6, 7], max_new_tokens=12).run().token_ids
