@@ -167,15 +167,15 @@ def test_auto_picks_the_drafter_that_is_always_right():
     auto, gen = auto_run(lambda truth, n0, clock: {"wrong": Oracle(truth, n0, right=False),
                                                     "right": Oracle(truth, n0, right=True)})
     steps = sum(auto.choices.values())
-    assert auto.choices["right"] >= steps - 3  # probes of `wrong` and `ar` only
+    assert auto.choices["right"] >= steps - 5  # three probes of `wrong`, one of `ar`, a re-probe
     assert gen.stats.tau > 4
 
 
 def test_auto_falls_back_to_ar_when_the_drafter_is_always_wrong():
     auto, gen = auto_run(lambda truth, n0, clock: {"wrong": Oracle(truth, n0, right=False)})
     steps = sum(auto.choices.values())
-    assert auto.choices["ar"] >= 0.9 * steps
-    assert auto.choices["wrong"] <= 4  # the first probe and rare re-probes
+    assert auto.choices["ar"] >= 0.85 * steps
+    assert auto.choices["wrong"] <= 6  # a few probes (optimism while unmeasured) and rare re-probes
 
 
 def test_auto_weighs_cost_against_acceptance():

@@ -1,25 +1,27 @@
 """`auto`: pick, step by step, the drafter that currently gives the most tokens per second.
 
 Each *arm* is a drafter (copy, pld, ngram, lookahead, and draft / falcon when a draft model or a
-trained drafter is given) or `ar` (an empty tree). For every arm the chooser keeps two running
-averages over the steps it drafted something: tokens emitted per step and seconds per step (its own
-drafting + the target forward + verification, timed from propose() to observe(), so the wider
-forward of a big tree is charged to the arm that built it). The estimated rate of an arm is
-tokens / seconds; `ar`'s is 1 / seconds of an empty step.
+trained drafter is given) or `ar` (an empty tree). For every arm the chooser keeps tokens emitted
+per step (averaged over its recent steps, each older step weighing 0.95 times the next) and seconds
+per step (a running average: its own drafting + the target forward + verification, timed from
+propose() to observe(), so the wider forward of a big tree is charged to the arm that built it),
+both over the steps where it drafted something. Its estimated rate is tokens / seconds; `ar`'s is
+1 / seconds of an empty step.
 
 Each step:
-1. arms not yet measured in this request are tried first (one probe step each; cheap lookup arms
-   often have nothing to propose and cost nothing then); every `reprobe_every` steps the arm
-   measured longest ago is tried again, so a method that starts to pay (an edit that reaches the
-   quoted code) is noticed;
+1. arms with too little evidence (fewer than about 3 recent measured steps) are asked first, so
+   one unlucky step (the start of an answer, lookahead's window still filling) does not rule an
+   arm out; a lookup arm with nothing to propose costs nothing and is not counted. Every
+   `reprobe_every` steps the arm measured longest ago (`ar` included) gets one step, so a method
+   that starts to pay (an edit reaching the quoted code) or a change of machine load is noticed;
 2. otherwise arms are tried in order of estimated rate, only while the rate beats `ar`'s by
    `margin`; the first arm that proposes a non-empty tree drafts this step (lookup arms with no
    match fall through to the next one at no cost);
 3. if no arm qualifies or all proposed nothing, the step is plain autoregressive.
 
-Cost averages carry over from request to request (they are properties of the machine and the
-model); acceptance is re-probed each request. Whatever the arm, verification is the engine's, so
-`auto` is exactly as lossless as each method.
+Costs carry over from request to request (they are properties of the machine and the model); the
+acceptance record keeps half its weight at each new request (it depends on the prompt). Whatever
+the arm, verification is the engine's, so `auto` is exactly as lossless as each method.
 
 Example (with a fake clock so that every step costs the same):
     >>> import itertools
@@ -31,10 +33,10 @@ Example (with a fake clock so that every step costs the same):
     ...     def propose(self, tokens): return DraftTree.chain([-1, -1])
     >>> auto = AutoDrafter({"wrong": Wrong()}, clock=itertools.count().__next__)
     >>> auto.start([1, 2], None)
-    >>> for step in range(6):
+    >>> for step in range(10):
     ...     tree = auto.propose([1, 2]); auto.observe([3], 0)
-    >>> auto.choices                       # one probe each, then autoregressive
-    Counter({'ar': 5, 'wrong': 1})
+    >>> auto.choices                       # three probe steps of `wrong`, then autoregressive
+    Counter({'ar': 7, 'wrong': 3})
 """
 
 from __future__ import annotations
@@ -48,30 +50,37 @@ from ..tree import DraftTree
 from .base import Drafter
 
 
+THIN = 2.5  # evidence (decayed step count: three recent steps make 2.85) before an arm is judged on its record
+
+
 class _Arm:
     def __init__(self, name: str, drafter: Optional[Drafter]):
         self.name, self.drafter = name, drafter
-        self.tokens: Optional[float] = None  # running average of tokens emitted per step
+        self.tok_sum = 0.0  # tokens emitted over its recent steps (decayed)
+        self.n = 0.0  # how many recent steps (decayed the same way)
         self.seconds: Optional[float] = None  # running average of seconds per step
         self.probed_at = -1  # global step of the last measurement
-        self.tried = False  # asked to draft in the current request
-        self.fresh = False  # measured in the current request
+
+    @property
+    def tokens(self) -> Optional[float]:
+        return self.tok_sum / self.n if self.n else None
 
     @property
     def rate(self) -> float:
-        """Estimated tokens/s; infinite while unmeasured (try it: optimism finds good arms)."""
-        if self.tokens is None or not self.seconds:
+        """Estimated tokens/s (infinite while unmeasured)."""
+        if not self.n or not self.seconds:
             return float("inf")
         return self.tokens / self.seconds
 
-    def update(self, tokens: int, seconds: float, step: int, alpha: float) -> None:
-        if self.tokens is None:
-            self.tokens = float(tokens)
-        else:  # the first step of a new request weighs more: acceptance depends on the prompt
-            self.tokens += (alpha if self.fresh else 0.5) * (tokens - self.tokens)
+    def update(self, tokens: int, seconds: float, step: int, alpha: float, memory: float) -> None:
+        self.tok_sum = self.tok_sum * memory + tokens
+        self.n = self.n * memory + 1.0
         self.seconds = float(seconds) if self.seconds is None else self.seconds + alpha * (seconds - self.seconds)
         self.probed_at = step
-        self.fresh = True
+
+    def new_request(self) -> None:
+        self.tok_sum *= 0.5  # acceptance depends on the prompt: keep the past, with half the weight
+        self.n *= 0.5
 
 
 class AutoDrafter(Drafter):
@@ -80,13 +89,15 @@ class AutoDrafter(Drafter):
     name = "auto"
 
     def __init__(self, arms: dict[str, Drafter], margin: float = 0.05, reprobe_every: int = 24,
-                 alpha: float = 0.25, clock: Callable[[], float] = time.perf_counter):
+                 alpha: float = 0.25, memory: float = 0.95,
+                 clock: Callable[[], float] = time.perf_counter):
         if not arms:
             raise InvalidArgumentError("auto needs at least one drafter to choose from")
         if "ar" in arms:
             raise InvalidArgumentError("'ar' is always an arm of auto; do not pass it")
         self.arms = [_Arm(n, d) for n, d in arms.items()] + [_Arm("ar", None)]
         self.margin, self.reprobe_every, self.alpha, self.clock = margin, reprobe_every, alpha, clock
+        self.memory = memory
         self.needs_hidden = any(d.needs_hidden for d in arms.values())
         self.needs_node_argmax = any(d.needs_node_argmax for d in arms.values())
         self.step = 0
@@ -100,7 +111,7 @@ class AutoDrafter(Drafter):
 
     def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
         for a in self.arms:
-            a.tried = a.fresh = False
+            a.new_request()
             if a.drafter is not None:
                 a.drafter.start(prompt_ids, sampling, generator, prompt_hidden)
 
@@ -111,12 +122,13 @@ class AutoDrafter(Drafter):
             measured = [a for a in self.arms if a.probed_at >= 0]  # unmeasured arms are asked anyway
             first = [min(measured, key=lambda a: a.probed_at)] if measured else []
         else:
-            first = [a for a in self.arms[:-1] if not a.tried]
+            first = [a for a in self.arms[:-1] if a.n < THIN]  # too little evidence yet: ask first
             if ar.seconds is None:
                 first.append(ar)
-        ar_rate = 0.0 if ar.seconds is None else ar.rate
-        ranked = sorted((a for a in self.arms[:-1] if a.rate > ar_rate * (1 + self.margin)),
-                        key=lambda a: a.rate, reverse=True)
+        ar_rate = 0.0 if ar.seconds is None else 1.0 / ar.seconds
+        rates = {a.name: a.rate for a in self.arms[:-1]}
+        ranked = sorted((a for a in self.arms[:-1] if rates[a.name] > ar_rate * (1 + self.margin)),
+                        key=lambda a: rates[a.name], reverse=True)
         return first + [a for a in ranked if a not in first]
 
     def propose(self, tokens: list[int]) -> DraftTree:
@@ -126,7 +138,6 @@ class AutoDrafter(Drafter):
         for a in self._order():
             if a is ar:
                 break
-            a.tried = True
             tree = a.drafter.propose(tokens)
             if len(tree):
                 self._chosen = a
@@ -138,7 +149,7 @@ class AutoDrafter(Drafter):
         arm = self._chosen
         if arm is None:
             return
-        arm.update(len(accepted), self.clock() - self._t0, self.step, self.alpha)
+        arm.update(len(accepted), self.clock() - self._t0, self.step, self.alpha, self.memory)
         self.choices[arm.name] += 1
         for a in self.arms:
             d = a.drafter
