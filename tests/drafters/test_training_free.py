@@ -168,7 +168,7 @@ def test_auto_picks_the_drafter_that_is_always_right():
                                                     "right": Oracle(truth, n0, right=True)})
     steps = sum(auto.choices.values())
     assert auto.choices["right"] >= steps - 5  # three probes of `wrong`, one of `ar`, a re-probe
-    assert gen.stats.tau > 4
+    assert gen.stats.tau > 3.5  # 5 tokens per step on the right arm, 1 on the probes
 
 
 def test_auto_falls_back_to_ar_when_the_drafter_is_always_wrong():
