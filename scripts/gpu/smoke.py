@@ -23,3 +23,20 @@ got = semiar.generate("make a list", method="falcon", drafter=str(tmp / "f"), **
 print("identity", got.token_ids == ref.token_ids, "tau", got.stats.tau)
 got = semiar.generate("make a list", method="falcon", drafter=str(tmp / "f"), temperature=1.0, seed=1, **kw)
 print("sampling ok", len(got.token_ids))
+
+# CUDA graphs: replayed forwards equal eager ones; greedy speculative output equals AR on graphs
+from semiar.engine import Engine  # noqa: E402
+from semiar.methods import make_drafter  # noqa: E402
+from semiar.models.loading import load_model  # noqa: E402
+
+eager = load_model(str(d), device="cuda", cuda_graphs=False)
+graphed = load_model(str(d), device="cuda")
+draft = load_model(str(d), device="cuda")  # its own runner and static cache
+assert type(graphed.runner).__name__ == "GraphedDecoder", type(graphed.runner)
+ids = graphed.encode("make a list", chat=True)
+a = Engine(eager).generate(ids, max_new_tokens=60).run().token_ids
+b = Engine(graphed).generate(ids, max_new_tokens=60).run().token_ids
+print("graphs == eager (AR):", a == b)
+for method, kw in [("pld", {}), ("ngram", {}), ("draft", {"draft_model": draft})]:
+    gen = Engine(graphed, make_drafter(method, graphed, device="cuda", **kw)).generate(ids, max_new_tokens=60).run()
+    print(f"graphs {method} == AR:", gen.token_ids == b, "tau", round(gen.stats.tau, 2))

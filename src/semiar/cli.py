@@ -91,6 +91,7 @@ def generate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default), fp16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
 ):
     """Generate text with any method; the output equals the model's own (greedy) output."""
     from . import api
@@ -102,7 +103,8 @@ def generate(
     _set_threads(threads)
     gen = api.stream(prompt, model, method=method, draft_model=draft_model, tree=tree, k=k,
                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     seed=seed, stop=stop, chat=chat, system=system, device=device, dtype=dtype, drafter=drafter)
+                     seed=seed, stop=stop, chat=chat, system=system, device=device, dtype=dtype, drafter=drafter,
+                     cuda_graphs=cuda_graphs)
     if as_json:
         gen.run()
         res = api.Result(gen.text, gen.token_ids, gen.stop_reason, gen.method, gen.model_name, gen.stats)
@@ -142,6 +144,8 @@ def bench(
     no_chat: bool = typer.Option(False, "--no-chat", help="Feed prompts raw, without the chat template."),
     allow_near_ties: bool = typer.Option(False, "--allow-near-ties",
                                          help="Exit 0 when every greedy mismatch is a numerical near-tie (bf16 on GPUs)."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
+    compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the forward before capturing (minutes)."),
 ):
     """Benchmark methods and peers in one run: results.json, report.md, speedup.png, acceptance.png."""
     from .bench.run import BenchConfig, run_bench
@@ -152,7 +156,7 @@ def bench(
                       tasks=[t for t in tasks.split(",") if t], n_prompts=n_prompts, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed, out=out,
                       device=device, dtype=dtype, threads=threads, prompts_file=prompts, tree=tree, k=k,
-                      chat=not no_chat, allow_near_ties=allow_near_ties)
+                      chat=not no_chat, allow_near_ties=allow_near_ties, cuda_graphs=cuda_graphs, compile=compile)
     results = run_bench(cfg)
     from rich.console import Console
     from rich.table import Table

@@ -144,7 +144,7 @@ class Generation:
     def _run(self) -> Iterator[Chunk]:
         eng = self.engine
         target, drafter, stats = eng.target, eng.drafter, self.stats
-        dec = target.decoder
+        dec = target.runner  # the decoder, or its CUDA-graph replay (models.graphs)
         device = dec.device
         prompt = self.prompt_ids
         target.check_prompt(len(prompt))

@@ -130,3 +130,26 @@ def test_tree_per_method():
         "falcon": "dynamic:8,6,48", "pld": "chain:8"}
     with pytest.raises(SemiarError, match="METHOD=SPEC"):
         tree_per_method("nope=chain:4", ["ar"])
+
+
+def test_hf_peer_shares_our_dense_weights_and_matches_its_own_load(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from semiar.bench.peers import hf_model_for
+    from semiar.models.loading import load_model
+    from tiny import tiny_model_dir
+
+    for family, pack in (("qwen2", True), ("llama", False)):
+        d = tiny_model_dir(tmp_path / family, family=family)
+        ours = load_model(str(d), pack=pack, progress=False)
+        shared = hf_model_for(ours, torch.float32)
+        qkv = ours.decoder.layers[0].self_attn.qkv_proj.weight
+        assert shared.model.layers[0].self_attn.q_proj.weight.data_ptr() == qkv.data_ptr()  # a view, no copy
+        own = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+        ids = torch.tensor([[1, 5, 9, 3, 7]])
+        with torch.no_grad():
+            assert torch.allclose(shared(ids).logits, own(ids).logits, atol=1e-5)
+            a = shared.generate(ids, max_new_tokens=8, do_sample=False)
+            b = own.generate(ids, max_new_tokens=8, do_sample=False)
+        assert a.tolist() == b.tolist()

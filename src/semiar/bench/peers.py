@@ -25,20 +25,84 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _dense(linear) -> Optional[torch.Tensor]:
+    return getattr(linear, "weight", None)
+
+
+def hf_state_views(decoder) -> Optional[dict]:
+    """Hugging Face-named views of our native decoder's dense weights (q/k/v and gate/up are
+    row slices of our fused projections, so they are views, not copies), or None when the
+    decoder keeps no dense copy (packed-only CPU weights)."""
+    c = decoder.config
+    sd = {"model.embed_tokens.weight": decoder.embed_tokens.weight, "model.norm.weight": decoder.norm.weight}
+    lm = _dense(decoder.lm_head)
+    if lm is None:
+        return None
+    sd["lm_head.weight"] = lm
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    for i, layer in enumerate(decoder.layers):
+        p = f"model.layers.{i}."
+        a, m = layer.self_attn, layer.mlp
+        qkv, o, gu, down = _dense(a.qkv_proj), _dense(a.o_proj), _dense(m.gate_up_proj), _dense(m.down_proj)
+        if any(w is None for w in (qkv, o, gu, down)):
+            return None
+        for name, part in zip("qkv", qkv.split([q, kv, kv])):
+            sd[f"{p}self_attn.{name}_proj.weight"] = part
+        if a.qkv_proj.bias is not None:
+            for name, part in zip("qkv", a.qkv_proj.bias.split([q, kv, kv])):
+                sd[f"{p}self_attn.{name}_proj.bias"] = part
+        sd[p + "self_attn.o_proj.weight"] = o
+        gate, up = gu.split(c.intermediate_size)
+        sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = gate, up
+        sd[p + "mlp.down_proj.weight"] = down
+        sd[p + "input_layernorm.weight"] = layer.input_layernorm.weight
+        sd[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+    return {k: v.detach() for k, v in sd.items()}
+
+
+def hf_model_for(loaded, dtype: torch.dtype):
+    """transformers' model of the same checkpoint. On our native decoder it shares our dense
+    weights (no second copy in memory: a CPU bench would otherwise hold the target three times);
+    otherwise, or if sharing fails, it loads the checkpoint itself."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sd = hf_state_views(loaded.decoder) if hasattr(loaded.decoder, "layers") else None
+    if sd is not None and next(iter(sd.values())).dtype == dtype:
+        try:
+            config = AutoConfig.from_pretrained(str(loaded.path))
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+            missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+            if missing or unexpected:
+                raise ValueError(f"names differ: {missing[:3]} {unexpected[:3]}")
+            device = loaded.decoder.device
+            # non-persistent buffers (the rotary tables) were made on the meta device: rebuild them
+            for parent in list(model.modules()):
+                for name, child in list(parent.named_children()):
+                    if any(b.is_meta for b in child.buffers(recurse=False)):
+                        setattr(parent, name, type(child)(config=config).to(device))
+            if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+                raise ValueError("tensors left on the meta device")
+            return model.eval()
+        except Exception:  # an architecture we do not map: load the checkpoint instead
+            pass
+    return AutoModelForCausalLM.from_pretrained(str(loaded.path), dtype=dtype).to(loaded.decoder.device).eval()
+
+
 class HFPeer:
-    """transformers generate() on the same dense weights our native decoder loads."""
+    """transformers generate() on the same dense weights our native decoder loads (shared with it
+    when possible: see `hf_model_for`)."""
 
-    def __init__(self, name: str, target_path, device: str, dtype: torch.dtype, eos_ids,
-                 draft_path=None, sampling=None):
-        from transformers import AutoModelForCausalLM
-
+    def __init__(self, name: str, target, device: str, dtype: torch.dtype, eos_ids,
+                 draft=None, sampling=None):
         self.name = name
-        self.model = AutoModelForCausalLM.from_pretrained(str(target_path), dtype=dtype).to(device).eval()
+        self.model = hf_model_for(target, dtype)
         self.assistant = None
         if name == "hf-assisted":
-            if draft_path is None:
+            if draft is None:
                 raise InvalidArgumentError("peer hf-assisted needs --draft-model")
-            self.assistant = AutoModelForCausalLM.from_pretrained(str(draft_path), dtype=dtype).to(device).eval()
+            self.assistant = hf_model_for(draft, dtype)
         self.eos = sorted(eos_ids)
         self.sampling = sampling
 

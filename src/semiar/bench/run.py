@@ -53,6 +53,8 @@ class BenchConfig:
     k: Optional[int] = None
     chat: bool = True
     allow_near_ties: bool = False
+    cuda_graphs: bool = True  # on CUDA: replay forwards as CUDA graphs (models.graphs)
+    compile: bool = False  # on CUDA: torch.compile the forward before capturing it
 
     def validate(self) -> None:
         known = list(METHODS) + list(PEERS)
@@ -146,10 +148,12 @@ class Runner:
 
         self.cfg = cfg
         self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed)
-        self.target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype)
+        fast = dict(cuda_graphs=cfg.cuda_graphs, compile=cfg.compile)
+        self.target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype, **fast)
         self.draft = None
         if cfg.draft_model and any(m in ("draft", "hf-assisted", "auto") for m in cfg.methods):
-            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype)
+            # dense weights only on the CPU: a draft model steps 1-2 tokens at a time (models.md)
+            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype, pack=False, **fast)
         self.engines = {}
         self.peers = {}
         trees = tree_per_method(cfg.tree, cfg.methods)
@@ -159,8 +163,8 @@ class Runner:
                                        device=cfg.device, drafter=cfg.drafter)
                 self.engines[m] = Engine(self.target, drafter)
             elif m.startswith("hf-"):
-                self.peers[m] = HFPeer(m, self.target.path, cfg.device, self.target.dtype, self.target.eos_ids,
-                                       draft_path=self.draft.path if self.draft else None, sampling=self.sampling)
+                self.peers[m] = HFPeer(m, self.target, cfg.device, self.target.dtype, self.target.eos_ids,
+                                       draft=self.draft, sampling=self.sampling)
             elif m.startswith("llamacpp"):
                 gguf = self._gguf_path()
                 self.peers[m] = LlamaCppPeer(m, gguf, cfg.threads or os.cpu_count() or 1)

@@ -64,7 +64,9 @@ class DraftModelDrafter(Drafter):
 
     def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
         ctx = self.model.context_length
-        self.cache = self.model.decoder.new_cache(min(ctx, len(prompt_ids) + 4096) + self.tree.max_nodes + 8)
+        self.cache = None  # let go of the last request's cache first (a CUDA-graph runner has one)
+        # grown by `ensure` when a generation runs long
+        self.cache = self.model.runner.new_cache(min(ctx, len(prompt_ids) + 512) + self.tree.max_nodes + 8)
         self.seen = []
         self.sampling = sampling
         self.generator = generator
@@ -73,7 +75,7 @@ class DraftModelDrafter(Drafter):
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
         """Bring the cache to `tokens` (common prefix reused) and return next-token logits [vocab]."""
-        dec = self.model.decoder
+        dec = self.model.runner
         m = 0
         limit = min(len(self.seen), len(tokens) - 1)
         while m < limit and self.seen[m] == tokens[m]:
@@ -89,7 +91,7 @@ class DraftModelDrafter(Drafter):
         if self.tree.kind == "dynamic":
             return self._propose_tree(tokens)
         logits = self._feed(tokens)
-        dec = self.model.decoder
+        dec = self.model.runner
         out, qs = [], []
         k = self.length.k
         for i in range(k):
@@ -116,7 +118,7 @@ class DraftModelDrafter(Drafter):
             self.length.update(self.last_proposed, n_draft_accepted)
 
     def _propose_tree(self, tokens: list[int]) -> DraftTree:
-        dec = self.model.decoder
+        dec = self.model.runner
         root_logits = self._feed(tokens)
         base = self.cache.length  # the context; tree nodes are appended after it
         row_of: dict[int, int] = {}  # tree node -> row in the cache block after `base`

@@ -51,6 +51,12 @@ class LoadedModel:
     tokenizer: object
     config: DecoderConfig
     eos_ids: set = field(default_factory=set)
+    #: what runs forwards: the decoder itself, or a `GraphedDecoder` replaying CUDA graphs
+    runner: object = None
+
+    def __post_init__(self):
+        if self.runner is None:
+            self.runner = self.decoder
 
     @property
     def context_length(self) -> int:
@@ -184,12 +190,17 @@ def eos_ids_of(path: Path, hf_config: dict, tokenizer) -> set[int]:
 
 
 def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype] = None,
-               backend: str = "native", progress: bool = True, pack: bool = True) -> LoadedModel:
+               backend: str = "native", progress: bool = True, pack: bool = True,
+               cuda_graphs: Optional[bool] = None, graph_capacity: int = 2048,
+               compile: bool = False) -> LoadedModel:
     """Load a model by name, GGUF path, HF directory or hub id.
 
     backend="native" uses semiar's own decoder (static KV cache, tree masks);
     backend="hf" wraps transformers' AutoModelForCausalLM behind the same interface (slower).
     pack: on CPU, prepack linear weights for oneDNN (see `Decoder.pack_for_cpu`); inference only.
+    cuda_graphs: on CUDA (native backend), replay forwards of up to 64 tokens as CUDA graphs over a
+        static cache of `graph_capacity` positions (default on; False turns it off); compile=True
+        compiles the forward with torch.compile first (see `models.graphs`).
     """
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise SemiarError("--device cuda was asked for but CUDA is not available on this machine")
@@ -225,6 +236,12 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
             decoder.pack_for_cpu()
     else:
         raise SemiarError(f"unknown backend {backend!r}; use native or hf")
+    runner = decoder
+    if backend == "native" and str(device).startswith("cuda") and cuda_graphs is not False:
+        from .graphs import GraphedDecoder
+
+        runner = GraphedDecoder(decoder, capacity=min(graph_capacity, cfg.max_position_embeddings + 64),
+                                compile=compile)
     return LoadedModel(name=name, path=path, decoder=decoder, tokenizer=tokenizer, config=cfg,
-                       eos_ids=eos_ids_of(path, hf_config, tokenizer))
+                       eos_ids=eos_ids_of(path, hf_config, tokenizer), runner=runner)
 

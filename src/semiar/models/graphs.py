@@ -1,0 +1,178 @@
+"""CUDA-graph replay of the decoder for fixed block sizes over one static KV cache.
+
+At batch size 1 a 1.5B model's decode step is a few hundred small kernels: launched one by one
+from Python the GPU waits on the CPU (an eager step of qwen2.5-coder-1.5b on an H100 took ~33 ms
+where reading the weights takes ~1 ms). `GraphedDecoder` captures `Decoder.forward_static` once per
+block size S (1 for a decode step, 8/16/32/64 for token trees) with every shape fixed: the cache
+has a fixed capacity, the block attends over all of it under a mask built on the GPU from the
+cache length, and a block of T < S tokens is padded to S. A step is then a few small host-to-device
+copies and one graph replay. Optionally the forward is compiled first (`compile=True`,
+torch.compile/Inductor), which fuses the elementwise work (norms, rotary, SiLU) into fewer kernels.
+
+It has the decoder's call signature, so the engine and the drafters use it without knowing:
+anything it cannot replay (another cache, a block larger than the largest size, a full prefix mask,
+a batch) runs the eager decoder on the same cache.
+
+`new_cache` hands out the one static cache while no other live cache holds it (a second request in
+flight on the same model, or a draft model that is the target itself, gets an ordinary cache).
+
+Example (needs a CUDA device):
+    >>> from semiar.models.graphs import GraphedDecoder                     # doctest: +SKIP
+    >>> g = GraphedDecoder(model.decoder, capacity=2048, sizes=(1, 16, 64))  # doctest: +SKIP
+    >>> cache = g.new_cache(512); out = g(ids, cache)                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from typing import Optional, Sequence
+
+import torch
+
+from .decoder import Decoder, DecoderOutput, KVCache
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+class _Direct:
+    """The same static-shape call without a graph (CPU: tests and the fallback's logic)."""
+
+    def __init__(self, fn, inputs: list[torch.Tensor]):
+        self.fn, self.inputs = fn, inputs
+
+    def replay(self):
+        return self.fn(*self.inputs)
+
+
+class _Captured:
+    """One CUDA graph of `fn` over static input buffers; outputs live in the graph's memory."""
+
+    def __init__(self, fn, inputs: list[torch.Tensor], warmup: int = 2):
+        self.inputs = inputs
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up (and compilation) outside the capture
+            for _ in range(warmup):
+                fn(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*inputs)
+
+    def replay(self):
+        self.graph.replay()
+        return self.outputs
+
+
+class GraphedDecoder:
+    """A `Decoder` whose fixed-size forwards replay CUDA graphs (see the module doc)."""
+
+    def __init__(self, decoder: Decoder, capacity: int = 2048, sizes: Sequence[int] = DEFAULT_SIZES,
+                 compile: bool = False, capture: Optional[bool] = None):
+        """capture: record CUDA graphs (default: when the decoder is on CUDA); without, the same
+        fixed-shape forwards run directly, which is how the CPU tests check the logic."""
+        capture = decoder.device.type == "cuda" if capture is None else capture
+        if capture and decoder.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.decoder = decoder
+        self.config = decoder.config
+        self.sizes = sorted(set(int(s) for s in sizes))
+        self.capacity = capacity
+        self.cache = decoder.new_cache(capacity)
+        self.compiled = compile
+        self.capture_seconds = 0.0
+        self._warned = False
+        self._lease = None  # weakref to the KVCache that holds the static storage now
+        dev = decoder.device
+        fn = decoder.forward_static
+        if compile:
+            # one layer is compiled, not the whole model: the code serves all layers of a size,
+            # so compiling takes one layer's time per size (the whole model took ~40 s per size)
+            from .decoder import _call_layer
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(sizes))
+            decoder.static_layer = torch.compile(_call_layer, fullgraph=True, dynamic=False)
+        self.graphs: dict[int, _Captured | _Direct] = {}
+        t0 = time.perf_counter()
+        for S in self.sizes:
+            inputs = [torch.zeros(1, S, dtype=torch.long, device=dev),  # input ids
+                      torch.zeros(1, S, dtype=torch.long, device=dev),  # positions
+                      torch.zeros((), dtype=torch.long, device=dev),  # start
+                      torch.ones(S, S, dtype=torch.bool, device=dev).tril(),  # block mask
+                      self.cache.k, self.cache.v]
+            self.graphs[S] = _Captured(fn, inputs) if capture else _Direct(fn, inputs)
+        if capture:
+            torch.cuda.synchronize(dev)
+        self.capture_seconds = time.perf_counter() - t0
+        self.cache.length = 0
+
+    # the decoder's attributes drafters read
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    @property
+    def device(self):
+        return self.decoder.device
+
+    @property
+    def dtype(self):
+        return self.decoder.dtype
+
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        """A cache on the static storage (emptied) when the request fits and no live cache holds
+        it, else an ordinary cache (eager forwards)."""
+        fits = capacity <= self.capacity - self.sizes[-1] and batch == 1
+        if fits and (self._lease is None or self._lease() is None):
+            c = KVCache.__new__(KVCache)
+            c.k, c.v, c.capacity, c.length = self.cache.k, self.cache.v, self.cache.capacity, 0
+            self._lease = weakref.ref(c)
+            return c
+        if not fits and not self._warned:
+            warnings.warn(f"request needs a KV cache of {capacity} > the CUDA-graph capacity "
+                          f"{self.capacity - self.sizes[-1]}; running eagerly (slower)", stacklevel=2)
+            self._warned = True
+        return self.decoder.new_cache(capacity, batch)
+
+    def _size_for(self, T: int) -> Optional[int]:
+        return next((S for S in self.sizes if S >= T), None)
+
+    def __call__(self, input_ids: torch.Tensor, cache: KVCache, positions: Optional[torch.Tensor] = None,
+                 tree_mask: Optional[torch.Tensor] = None, logits_at=None, return_hidden: bool = False,
+                 attn_mask: Optional[torch.Tensor] = None) -> DecoderOutput:
+        B, T = input_ids.shape
+        start = cache.length
+        S = self._size_for(T)
+        if (cache.k is not self.cache.k or S is None or B != 1 or attn_mask is not None
+                or start + S > self.capacity or (tree_mask is not None and tree_mask.shape[1] != T)):
+            return self.decoder(input_ids, cache, positions, tree_mask, logits_at, return_hidden, attn_mask)
+        g = self.graphs[S]
+        ids_buf, pos_buf, start_buf, mask_buf = g.inputs[:4]
+        ids_buf[:, :T].copy_(input_ids, non_blocking=True)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).unsqueeze(0)
+        pos_buf[:, :T].copy_(positions, non_blocking=True)
+        start_buf.fill_(start)
+        if S > 1:
+            if tree_mask is None:
+                tree_mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            mask_buf.zero_()
+            mask_buf.diagonal().fill_(True)  # padding rows see themselves: finite values
+            mask_buf[:T, :T].copy_(tree_mask, non_blocking=True)
+            if T < S:
+                ids_buf[:, T:].zero_()
+                pos_buf[:, T:].fill_(start)
+        logits, hidden = g.replay()
+        cache.length = start + T
+        # copies: the graph's outputs are overwritten by its next replay
+        logits = logits[:, :T] if logits_at is None else logits[:, :T][:, logits_at]
+        return DecoderOutput(logits=logits.clone(), hidden=hidden[:, :T].clone() if return_hidden else None)
+
+
+def maybe_graphed(decoder, device, graphs: Optional[bool], capacity: int = 2048,
+                  sizes: Sequence[int] = DEFAULT_SIZES, compile: bool = False):
+    """The decoder wrapped in CUDA graphs when on CUDA and not turned off, else the decoder."""
+    if graphs is False or not str(device).startswith("cuda") or not isinstance(decoder, Decoder):
+        return decoder
+    return GraphedDecoder(decoder, capacity=capacity, sizes=sizes, compile=compile)

@@ -1,0 +1,87 @@
+"""The fixed-shape forward behind CUDA graphs (models.graphs), checked on the CPU without capture:
+padding, the mask built from the cache length, trees, fallbacks, and the one-lease cache rule.
+The capture itself needs CUDA (scripts/gpu/smoke.py runs it)."""
+import torch
+
+from semiar.engine import Engine
+from semiar.models.graphs import GraphedDecoder
+from semiar.sampling import SamplingParams
+from semiar.tree import DraftTree
+
+from tiny import tiny_target
+
+
+def _pair():
+    m, _ = tiny_target("qwen2")
+    return m, GraphedDecoder(m.decoder, capacity=96, sizes=(1, 4, 8), capture=False)
+
+
+def test_static_forward_equals_eager_for_padded_blocks_and_trees():
+    m, g = _pair()
+    dec = m.decoder
+    prompt = torch.tensor([[3, 9, 4, 1, 7, 2]])
+    ref, got = dec.new_cache(64), g.new_cache(64)
+    dec(prompt, ref)
+    g(prompt, got)
+    tree = DraftTree([5, 6, 7, 8, 9], [-1, 0, 0, 1, -1])  # 6 tokens with the root: padded to 8
+    ids = torch.tensor([[11] + tree.tokens])
+    pos = tree.positions(ref.length, "cpu").unsqueeze(0)
+    mask = tree.attention_mask("cpu")
+    a = dec(ids, ref, positions=pos, tree_mask=mask, return_hidden=True)
+    b = g(ids, got, positions=pos, tree_mask=mask, return_hidden=True)
+    assert b.logits.shape == a.logits.shape and got.length == ref.length
+    assert (a.logits - b.logits).abs().max() < 1e-4
+    assert (a.hidden - b.hidden).abs().max() < 1e-4
+    for c in (ref, got):
+        c.keep(6, [0, 2, 4])
+    one = torch.tensor([[13]])
+    assert (dec(one, ref).logits - g(one, got).logits).abs().max() < 1e-4
+    n = ref.length
+    assert torch.allclose(ref.k[:, :, :, :n], got.k[:, :, :, :n], atol=1e-5)
+
+
+def test_engine_on_static_decoder_matches_eager_greedy_and_sampled():
+    m, g = _pair()
+    prompt = [3, 9, 4, 1, 7, 2, 3, 9]
+    ref = Engine(m).generate(prompt, max_new_tokens=20).run().token_ids
+    m.runner = g
+    assert Engine(m).generate(prompt, max_new_tokens=20).run().token_ids == ref
+    s = SamplingParams(temperature=1.0, seed=3)
+    a = Engine(m).generate(prompt, max_new_tokens=12, sampling=s).run().token_ids
+    m.runner = m.decoder
+    assert Engine(m).generate(prompt, max_new_tokens=12, sampling=s).run().token_ids == a
+
+
+def test_one_live_lease_and_fallbacks():
+    m, g = _pair()
+    a = g.new_cache(32)
+    assert a.k is g.cache.k
+    b = g.new_cache(32)  # a is alive: b must not share the static storage
+    assert b.k is not g.cache.k
+    del a
+    assert g.new_cache(32).k is g.cache.k
+    big = g.new_cache(200)  # over capacity: an ordinary cache, eager forwards
+    assert big.capacity >= 200
+    out = g(torch.tensor([[1] * 20]), big)  # larger than the largest size: eager
+    assert out.logits.shape == (1, 20, m.config.vocab_size)
+
+
+def test_compiled_layer_path_matches_and_compiles_once_per_size():
+    import shutil
+
+    import pytest
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    from torch._dynamo.utils import counters
+
+    m, _ = tiny_target("qwen2")
+    ref, _ = tiny_target("qwen2")
+    g = GraphedDecoder(m.decoder, capacity=64, sizes=(1, 4), compile=True, capture=False)
+    before = counters["stats"]["unique_graphs"]
+    a_cache, b_cache = ref.decoder.new_cache(40), g.new_cache(40)
+    for ids in ([[3, 9, 4, 1, 7, 2]], [[5]], [[1, 2, 3]], [[8]]):
+        x = torch.tensor(ids)
+        assert (ref.decoder(x, a_cache).logits - g(x, b_cache).logits).abs().max() < 1e-4
+    # both layers share one compiled graph per block size (sizes 1 and 4, prefill eager)
+    assert counters["stats"]["unique_graphs"] - before <= 2
