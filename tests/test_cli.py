@@ -46,6 +46,13 @@ def test_generate_chat_sampling_streams(tmp_path, capsys):
     (["--method", "ngram", "--tree", "dynamic:3,x"], "malformed tree"),
     (["--method", "ngram", "--tree", "[[0],[0,0,0]]"], "tree"),
     (["--method", "draft"], "--draft-model"),
+    (["--method", "lookahead", "--tree", "lookahead:0,3,3"], "W >= 1"),
+    (["--method", "lookahead", "--tree", "lookahead:4,x,4"], "malformed lookahead"),
+    (["--method", "lookahead", "--tree", "lookahead:60,9,60"], "limit is 256"),
+    (["--method", "lookahead", "-k", "4"], "lookahead:W,N,G"),
+    (["--method", "copy", "-k", "0"], "k must be"),
+    (["--method", "copy", "--tree", "dynamic:3,2,4"], "chain"),
+    (["--method", "auto", "-k", "4"], "auto runs each method"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
     d = tiny_model_dir(tmp_path / "m")
@@ -81,3 +88,20 @@ def test_corrupt_weights(tmp_path, capsys):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     code, _, err = run_cli(["generate", "--model", str(d), "--prompt", "hi"], capsys)
     assert code == 2 and "corrupt" in err
+
+
+def test_methods_lists_training_free_methods(capsys):
+    code, out, _ = run_cli(["methods"], capsys)
+    assert code == 0
+    for m in ("lookahead", "copy", "auto"):
+        assert m in out
+
+
+@pytest.mark.parametrize("method", ["lookahead", "copy", "auto"])
+def test_training_free_methods_equal_ar_from_the_cli(tmp_path, capsys, method):
+    d = tiny_model_dir(tmp_path / "m")
+    args = ["generate", "--model", str(d), "--prompt", "def f(x): return x + x", "-n", "16", "--json"]
+    _, out, _ = run_cli(args, capsys)
+    code, out2, err = run_cli(args + ["--method", method], capsys)
+    assert code == 0, err
+    assert json.loads(out2)["token_ids"] == json.loads(out)["token_ids"]

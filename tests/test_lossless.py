@@ -8,6 +8,9 @@ import torch
 from semiar.drafters.base import Drafter
 from semiar.drafters.draft_model import DraftModelDrafter
 from semiar.drafters.lookup import PromptLookupDrafter
+from semiar.drafters.auto import AutoDrafter
+from semiar.drafters.copy import CopyDrafter
+from semiar.drafters.lookahead import LookaheadDrafter
 from semiar.drafters.ngram import NgramDrafter
 from semiar.engine import Engine
 from semiar.tree import DraftTree, TreeSpec
@@ -74,7 +77,14 @@ def test_oracle_tree_greedy_identity(family, p_wrong, width):
                                 tree=TreeSpec("dynamic", depth=3, top_k=2, budget=8)),
     lambda t: DraftModelDrafter(tiny_target("qwen2", seed=0)[0], target=t,
                                 tree=TreeSpec("dynamic", depth=4, top_k=3, budget=12)),
-], ids=["pld", "ngram", "draft-self", "draft-other", "draft-tree-other", "draft-tree-self"])
+    lambda t: LookaheadDrafter(window=3, ngram=3, candidates=3),
+    lambda t: LookaheadDrafter(window=5, ngram=4, candidates=5),
+    lambda t: LookaheadDrafter(window=2, ngram=2, candidates=0, pool_from_context=False),
+    lambda t: CopyDrafter(k=8),
+    lambda t: AutoDrafter({"copy": CopyDrafter(), "pld": PromptLookupDrafter(), "lookahead": LookaheadDrafter(),
+                           "draft": DraftModelDrafter(tiny_target("qwen2", seed=1)[0], target=t)}),
+], ids=["pld", "ngram", "draft-self", "draft-other", "draft-tree-other", "draft-tree-self",
+        "lookahead-3-3-3", "lookahead-5-4-5", "lookahead-jacobi-only", "copy", "auto"])
 def test_drafters_greedy_identity(make):
     target, _ = tiny_target("qwen2")
     for prompt in PROMPTS:

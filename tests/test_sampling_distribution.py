@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from semiar.drafters.draft_model import DraftModelDrafter
+from semiar.drafters.auto import AutoDrafter
+from semiar.drafters.copy import CopyDrafter
+from semiar.drafters.lookahead import LookaheadDrafter
 from semiar.drafters.ngram import NgramDrafter
 from semiar.engine import Engine
 from semiar.sampling import SamplingParams, target_probs
@@ -52,7 +55,7 @@ def falcon_drafter(target, k=2):
     return FalconDrafter(net, target, TreeSpec("dynamic", depth=2, top_k=2, budget=5))
 
 
-@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram", "falcon"])
+@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram", "falcon", "lookahead", "copy", "auto"])
 def test_first_two_tokens_follow_target(method):
     target, _ = tiny_target("qwen2", vocab=V)
     draft, _ = tiny_target("qwen2", seed=5, vocab=V)
@@ -62,6 +65,10 @@ def test_first_two_tokens_follow_target(method):
         "draft-tree": lambda: DraftModelDrafter(draft, target=target, tree=TreeSpec("dynamic", depth=2, top_k=2, budget=4)),
         "ngram": lambda: NgramDrafter(n=2, depth=2, top_k=2, budget=4),
         "falcon": lambda: falcon_drafter(target),
+        "lookahead": lambda: LookaheadDrafter(window=3, ngram=3, candidates=3),
+        "copy": lambda: CopyDrafter(k=4),
+        "auto": lambda: AutoDrafter({"copy": CopyDrafter(k=4), "lookahead": LookaheadDrafter(window=2, ngram=2, candidates=2),
+                                     "draft": DraftModelDrafter(draft, target=target, tree=TreeSpec("chain", k=2))}),
     }[method]
     counts = run_counts(target, drafter() if drafter else None, 2500)
     _, _, pval = chi_square_pvalue(counts, exact_joint(target))

@@ -67,17 +67,17 @@ def methods():
     from .methods import METHODS
 
     for name, doc in METHODS.items():
-        typer.echo(f"{name:8s} {doc}")
+        typer.echo(f"{name:10s} {doc}")
 
 
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' reads stdin)."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Known name, .gguf file, HF directory or hub id."),
-    method: str = typer.Option("ar", "--method", help="ar, draft, pld, ngram, falcon (see `semiar methods`)."),
-    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for --method draft."),
+    method: str = typer.Option("ar", "--method", help="ar, draft, pld, ngram, falcon, lookahead, copy, auto (see `semiar methods`)."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for --method draft (and an extra arm for auto)."),
     drafter: Optional[str] = typer.Option(None, "--drafter", help="Trained drafter directory (--method falcon)."),
-    tree: Optional[str] = typer.Option(None, "--tree", help="chain:K | dynamic:DEPTH,TOPK,BUDGET | JSON choices."),
+    tree: Optional[str] = typer.Option(None, "--tree", help="chain:K | dynamic:DEPTH,TOPK,BUDGET | JSON choices | lookahead:W,N,G."),
     k: Optional[int] = typer.Option(None, "-k", help="Draft length (tokens per step) for chain drafters."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),

@@ -154,6 +154,7 @@ class Generation:
         generator = self.sampling.generator(device)
         detok = _Detokenizer(target.tokenizer, self.stop)
         needs_hidden = bool(drafter and drafter.needs_hidden)
+        needs_argmax = bool(drafter and drafter.needs_node_argmax)
 
         t0 = time.perf_counter()
         prompt_hidden = None
@@ -210,7 +211,11 @@ class Generation:
             if drafter and self.stop_reason is None:
                 td = time.perf_counter()
                 hidden = out.hidden[0, keep] if needs_hidden else None
-                drafter.observe(emitted, len(verdict.path), hidden)
+                if needs_argmax:  # the target's greedy guess at every node, one host copy (Jacobi drafters)
+                    drafter.observe(emitted, len(verdict.path), hidden,
+                                    node_argmax=out.logits[0].argmax(-1).tolist())
+                else:
+                    drafter.observe(emitted, len(verdict.path), hidden)
                 stats.draft_seconds += time.perf_counter() - td
             self.text = detok.text
             yield Chunk(emitted, step_text)

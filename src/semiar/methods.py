@@ -3,7 +3,7 @@
 Example:
     >>> from semiar.methods import METHODS
     >>> sorted(METHODS)
-    ['ar', 'draft', 'falcon', 'ngram', 'pld']
+    ['ar', 'auto', 'copy', 'draft', 'falcon', 'lookahead', 'ngram', 'pld']
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ METHODS = {
     "pld": "prompt lookup: copy the continuation of a matching n-gram from the context",
     "ngram": "adaptive n-gram store (prompt + output so far + optional corpus), small tree",
     "falcon": "Falcon semi-autoregressive drafter, k tokens per pass, block tree (--drafter DIR)",
+    "lookahead": "lookahead decoding: Jacobi window + n-gram pool in one forward (--tree lookahead:W,N,G)",
+    "copy": "input-guided drafting for edits: long blocks copied from the prompt, re-aligned after edits",
+    "auto": "picks per step among copy/pld/ngram/lookahead (+ draft, falcon when given) by measured tokens/s",
 }
+
+#: what `auto` chooses from when no draft model or trained drafter is given
+TRAINING_FREE = ("copy", "pld", "ngram", "lookahead")
 
 
 def check_method(method: str) -> None:
@@ -36,7 +42,7 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
     check_method(method)
     if k is not None and k <= 0:
         raise InvalidArgumentError(f"k must be > 0, got {k}")
-    spec = parse_tree_spec(tree) if isinstance(tree, str) else tree
+    spec = parse_tree_spec(tree) if isinstance(tree, str) and method != "lookahead" else tree
     if method == "ar":
         return None
     if method == "pld":
@@ -64,6 +70,26 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
         if spec is not None and spec.kind != "dynamic":
             raise InvalidArgumentError("falcon builds a block tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
         return FalconDrafter(net, target, spec)
+    if method == "lookahead":
+        from .drafters.lookahead import LookaheadDrafter, parse_lookahead_spec
+
+        if k is not None or (tree is not None and not isinstance(tree, str)):
+            raise InvalidArgumentError("lookahead is shaped by --tree lookahead:W,N,G (window, n-gram size, candidates)")
+        return LookaheadDrafter(*parse_lookahead_spec(tree)) if tree is not None else LookaheadDrafter()
+    if method == "copy":
+        from .drafters.copy import CopyDrafter
+
+        if spec is not None and spec.kind != "chain":
+            raise InvalidArgumentError("copy drafts a chain; use --tree chain:K or -k (the longest block)")
+        return CopyDrafter(k=k or (spec.k if spec else 32))
+    if method == "auto":
+        from .drafters.auto import AutoDrafter
+
+        if tree is not None or k is not None:
+            raise InvalidArgumentError("auto runs each method with its defaults; --tree and -k do not apply")
+        names = list(TRAINING_FREE) + (["draft"] if draft_model is not None else []) + (["falcon"] if drafter is not None else [])
+        return AutoDrafter({m: make_drafter(m, target, draft_model=draft_model, device=device, dtype=dtype,
+                                            corpus_ids=corpus_ids, drafter=drafter) for m in names})
     if method == "draft":
         from .drafters.draft_model import DraftModelDrafter
         from .models.loading import LoadedModel, load_model

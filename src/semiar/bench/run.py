@@ -98,7 +98,7 @@ def tree_per_method(tree: Optional[str], methods: list) -> dict:
     if not tree:
         return {}
     if "=" not in tree.split(":", 1)[0]:
-        return {m: tree for m in methods if m in METHODS and m != "ar"}
+        return {m: tree for m in methods if m in METHODS and m not in ("ar", "auto")}
     out = {}
     for part in tree.split(";"):
         if not part.strip():
@@ -151,7 +151,7 @@ class Runner:
         fast = dict(cuda_graphs=cfg.cuda_graphs, compile=cfg.compile)
         self.target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype, **fast)
         self.draft = None
-        if cfg.draft_model and any(m in ("draft", "hf-assisted") for m in cfg.methods):
+        if cfg.draft_model and any(m in ("draft", "hf-assisted", "auto") for m in cfg.methods):
             # dense weights only on the CPU: a draft model steps 1-2 tokens at a time (models.md)
             self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype, pack=False, **fast)
         self.engines = {}

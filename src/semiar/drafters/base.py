@@ -47,6 +47,9 @@ class Drafter:
     name = "base"
     #: set when the drafter wants the target's final-layer features of accepted tokens
     needs_hidden = False
+    #: set when the drafter wants the target's argmax at every node it proposed (Jacobi-style
+    #: drafters): observe() then also receives node_argmax=[root, node 0, ..., node n-1]
+    needs_node_argmax = False
 
     def start(self, prompt_ids: list[int], sampling, generator: Optional[torch.Generator] = None,
               prompt_hidden: Optional[torch.Tensor] = None) -> None:
@@ -60,7 +63,10 @@ class Drafter:
     def observe(self, accepted: list[int], n_draft_accepted: int,
                 hidden: Optional[torch.Tensor] = None) -> None:
         """After verification: the emitted tokens, how many of them were draft tokens, and (when
-        needs_hidden) the target's features [len(accepted_path)+1, hidden] of root + accepted path."""
+        needs_hidden) the target's features [len(accepted_path)+1, hidden] of root + accepted path.
+        A drafter with needs_node_argmax also gets `node_argmax`: the target's argmax token at the
+        root and at every node of the tree it proposed (the tree as verified: the engine may have
+        cut nodes deeper than the remaining token budget)."""
 
     @property
     def max_nodes(self) -> int:

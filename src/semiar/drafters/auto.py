@@ -1,0 +1,170 @@
+"""`auto`: pick, step by step, the drafter that currently gives the most tokens per second.
+
+Each *arm* is a drafter (copy, pld, ngram, lookahead, and draft / falcon when a draft model or a
+trained drafter is given) or `ar` (an empty tree). For every arm the chooser keeps tokens emitted
+per step (averaged over its recent steps, each older step weighing 0.95 times the next) and seconds
+per step (a running average: its own drafting + the target forward + verification, timed from
+propose() to observe(), so the wider forward of a big tree is charged to the arm that built it),
+both over the steps where it drafted something. Its estimated rate is tokens / seconds; `ar`'s is
+1 / seconds of an empty step.
+
+Each step:
+1. arms with too little evidence (fewer than about 3 recent measured steps) are asked first, so
+   one unlucky step (the start of an answer, lookahead's window still filling) does not rule an
+   arm out; a lookup arm with nothing to propose costs nothing and is not counted. Every
+   `reprobe_every` steps the arm measured longest ago (`ar` included) gets one step, so a method
+   that starts to pay (an edit reaching the quoted code) or a change of machine load is noticed;
+2. otherwise arms are tried in order of estimated rate, only while the rate beats `ar`'s by
+   `margin`; the first arm that proposes a non-empty tree drafts this step (lookup arms with no
+   match fall through to the next one at no cost);
+3. if no arm qualifies or all proposed nothing, the step is plain autoregressive.
+
+Costs carry over from request to request (they are properties of the machine and the model); the
+acceptance record keeps half its weight at each new request (it depends on the prompt). Whatever
+the arm, verification is the engine's, so `auto` is exactly as lossless as each method.
+
+Example (with a fake clock so that every step costs the same):
+    >>> import itertools
+    >>> from semiar.drafters.auto import AutoDrafter
+    >>> from semiar.drafters.base import Drafter
+    >>> from semiar.tree import DraftTree
+    >>> class Wrong(Drafter):
+    ...     name = "wrong"
+    ...     def propose(self, tokens): return DraftTree.chain([-1, -1])
+    >>> auto = AutoDrafter({"wrong": Wrong()}, clock=itertools.count().__next__)
+    >>> auto.start([1, 2], None)
+    >>> for step in range(10):
+    ...     tree = auto.propose([1, 2]); auto.observe([3], 0)
+    >>> auto.choices                       # three probe steps of `wrong`, then autoregressive
+    Counter({'ar': 7, 'wrong': 3})
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable, Optional
+
+from ..errors import InvalidArgumentError
+from ..tree import DraftTree
+from .base import Drafter
+
+
+THIN = 2.5  # evidence (decayed step count: three recent steps make 2.85) before an arm is judged on its record
+
+
+class _Arm:
+    def __init__(self, name: str, drafter: Optional[Drafter]):
+        self.name, self.drafter = name, drafter
+        self.tok_sum = 0.0  # tokens emitted over its recent steps (decayed)
+        self.n = 0.0  # how many recent steps (decayed the same way)
+        self.seconds: Optional[float] = None  # running average of seconds per step
+        self.probed_at = -1  # global step of the last measurement
+
+    @property
+    def tokens(self) -> Optional[float]:
+        return self.tok_sum / self.n if self.n else None
+
+    @property
+    def rate(self) -> float:
+        """Estimated tokens/s (infinite while unmeasured)."""
+        if not self.n or not self.seconds:
+            return float("inf")
+        return self.tokens / self.seconds
+
+    def update(self, tokens: int, seconds: float, step: int, alpha: float, memory: float) -> None:
+        self.tok_sum = self.tok_sum * memory + tokens
+        self.n = self.n * memory + 1.0
+        self.seconds = float(seconds) if self.seconds is None else self.seconds + alpha * (seconds - self.seconds)
+        self.probed_at = step
+
+    def new_request(self) -> None:
+        self.tok_sum *= 0.5  # acceptance depends on the prompt: keep the past, with half the weight
+        self.n *= 0.5
+
+
+class AutoDrafter(Drafter):
+    """Chooses among `arms` (name -> drafter) per step from measured tokens/s; `ar` is implicit."""
+
+    name = "auto"
+
+    def __init__(self, arms: dict[str, Drafter], margin: float = 0.05, reprobe_every: int = 24,
+                 alpha: float = 0.25, memory: float = 0.95,
+                 clock: Callable[[], float] = time.perf_counter):
+        if not arms:
+            raise InvalidArgumentError("auto needs at least one drafter to choose from")
+        if "ar" in arms:
+            raise InvalidArgumentError("'ar' is always an arm of auto; do not pass it")
+        self.arms = [_Arm(n, d) for n, d in arms.items()] + [_Arm("ar", None)]
+        self.margin, self.reprobe_every, self.alpha, self.clock = margin, reprobe_every, alpha, clock
+        self.memory = memory
+        self.needs_hidden = any(d.needs_hidden for d in arms.values())
+        self.needs_node_argmax = any(d.needs_node_argmax for d in arms.values())
+        self.step = 0
+        self.choices: Counter = Counter()  # steps drafted by each arm (over the drafter's life)
+        self._chosen: Optional[_Arm] = None
+        self._t0 = 0.0
+
+    @property
+    def max_nodes(self) -> int:
+        return max(a.drafter.max_nodes for a in self.arms if a.drafter is not None)
+
+    def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
+        for a in self.arms:
+            a.new_request()
+            if a.drafter is not None:
+                a.drafter.start(prompt_ids, sampling, generator, prompt_hidden)
+
+    def _order(self) -> list[_Arm]:
+        """Arms to ask, in order, this step; asking stops at the first non-empty tree or at `ar`."""
+        ar = self.arms[-1]
+        if self.reprobe_every and self.step % self.reprobe_every == 0:
+            measured = [a for a in self.arms if a.probed_at >= 0]  # unmeasured arms are asked anyway
+            first = [min(measured, key=lambda a: a.probed_at)] if measured else []
+        else:
+            first = [a for a in self.arms[:-1] if a.n < THIN]  # too little evidence yet: ask first
+            if ar.seconds is None:
+                first.append(ar)
+        ar_rate = 0.0 if ar.seconds is None else 1.0 / ar.seconds
+        rates = {a.name: a.rate for a in self.arms[:-1]}
+        ranked = sorted((a for a in self.arms[:-1] if rates[a.name] > ar_rate * (1 + self.margin)),
+                        key=lambda a: rates[a.name], reverse=True)
+        return first + [a for a in ranked if a not in first]
+
+    def propose(self, tokens: list[int]) -> DraftTree:
+        self._t0 = self.clock()
+        self.step += 1
+        ar = self.arms[-1]
+        for a in self._order():
+            if a is ar:
+                break
+            tree = a.drafter.propose(tokens)
+            if len(tree):
+                self._chosen = a
+                return tree
+        self._chosen = ar
+        return DraftTree.empty()
+
+    def observe(self, accepted, n_draft_accepted, hidden=None, node_argmax=None):
+        arm = self._chosen
+        if arm is None:
+            return
+        arm.update(len(accepted), self.clock() - self._t0, self.step, self.alpha, self.memory)
+        self.choices[arm.name] += 1
+        for a in self.arms:
+            d = a.drafter
+            if d is None:
+                continue
+            if a is arm:
+                if d.needs_node_argmax:
+                    d.observe(accepted, n_draft_accepted, hidden, node_argmax=node_argmax)
+                else:
+                    d.observe(accepted, n_draft_accepted, hidden)
+            elif d.needs_hidden:  # feature drafters must see every accepted token's features
+                d.observe(accepted, 0, hidden)
+        self._chosen = None
+
+    def summary(self) -> dict:
+        """Per arm: steps drafted, average tokens per step and seconds per step, rate (tokens/s)."""
+        return {a.name: {"steps": self.choices[a.name], "tokens_per_step": a.tokens, "seconds_per_step": a.seconds,
+                         "tokens_per_s": round(a.rate, 3)} for a in self.arms}

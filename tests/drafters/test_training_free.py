@@ -1,0 +1,222 @@
+"""Lookahead, copy and auto: their own mechanics (lossless identity and the sampled distribution
+are in tests/test_lossless.py and tests/test_sampling_distribution.py)."""
+
+import itertools
+
+import pytest
+
+from semiar.drafters.auto import AutoDrafter
+from semiar.drafters.base import Drafter
+from semiar.drafters.copy import CopyDrafter
+from semiar.drafters.lookahead import LookaheadDrafter, NgramPool
+from semiar.drafters.lookup import PromptLookupDrafter
+from semiar.engine import Engine
+from semiar.errors import InvalidArgumentError
+from semiar.methods import make_drafter
+from semiar.tree import DraftTree
+from tiny import tiny_target
+
+
+# --- lookahead ----------------------------------------------------------------------------------
+
+def test_lookahead_window_is_the_2d_mask_as_a_tree():
+    d = LookaheadDrafter(window=3, ngram=3, candidates=0, pool_from_context=False)
+    d.start([10, 11, 12, 13], None)
+    d.levels = [[1, 2, 3], [4, 5, 6]]  # two levels of three columns
+    t = d.propose([10, 11, 12, 13])
+    assert t.tokens == [1, 2, 3, 4, 5, 6]
+    # level 0 is a chain below the root; level 1 column i hangs below level 0 column i
+    assert t.parents == [-1, 0, 1, 0, 1, 2]
+    assert t.depths == [1, 2, 3, 2, 3, 4]
+    mask = t.attention_mask().int().tolist()
+    assert mask[5] == [1, 1, 1, 0, 0, 1, 0]  # w1[1] sees root, w0[0], w0[1] and itself
+
+
+def test_lookahead_jacobi_step_slides_the_window_and_fills_the_pool():
+    d = LookaheadDrafter(window=2, ngram=3, candidates=2, pool_from_context=False)
+    d.start([7, 8], None)
+    d.levels = [[1, 2]]
+    t = d.propose([7, 8])
+    # warm-up: the target's argmax at level 0 becomes level 1
+    d.observe([9], 0, node_argmax=[9, 21, 22])
+    assert d.levels == [[1, 2], [21, 22]]
+    t = d.propose([7, 8, 9])
+    argmax = [0] * (len(t) + 1)
+    for col, node in enumerate(d.window_nodes[-1]):
+        argmax[node + 1] = 31 + col
+    d.observe([5], 0, node_argmax=argmax)
+    assert d.levels == [[21, 22], [31, 32]]
+    assert d.jacobi_pool.candidates(1) == [(21, 31)] and d.jacobi_pool.candidates(2) == [(22, 32)]
+    # the pool's n-gram for the root is verified as a chain below it
+    t = d.propose([7, 8, 9, 5, 1])
+    assert [21, 31] in [t.path_tokens(p)[:2] for p in t.paths()]
+
+
+def test_lookahead_keeps_its_window_when_the_engine_cut_the_tree():
+    d = LookaheadDrafter(window=3, ngram=3, candidates=0, pool_from_context=False)
+    d.start([1, 2, 3], None)
+    before = [list(x) for x in d.levels]
+    d.propose([1, 2, 3])
+    d.observe([4], 0, node_argmax=[4, 5])  # fewer rows than the tree: it was pruned
+    assert d.levels == before
+
+
+def test_ngram_pool_keeps_the_newest_per_key():
+    pool = NgramPool(3, per_key=2)
+    pool.add_sequence([1, 2, 3, 1, 4, 5, 1, 6, 7])
+    assert pool.candidates(1) == [(6, 7), (4, 5)]
+
+
+def test_lookahead_speeds_up_a_repetitive_continuation():
+    target, _ = tiny_target("qwen2")
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    gen = Engine(target, LookaheadDrafter(window=3, ngram=3, candidates=3)).generate(prompt, max_new_tokens=40).run()
+    assert gen.stats.tau > 1.0
+
+
+@pytest.mark.parametrize("spec", ["lookahead:0,3,3", "lookahead:3,1,3", "lookahead:3,3,-1", "3,3", "chain:4"])
+def test_lookahead_bad_spec(spec):
+    target, _ = tiny_target("qwen2")
+    with pytest.raises(InvalidArgumentError):
+        make_drafter("lookahead", target, tree=spec)
+
+
+# --- copy ----------------------------------------------------------------------------------------
+
+def simulate(drafter, source, answer, prefix):
+    """Greedy verification against a known answer, without a model: returns the number of steps."""
+    drafter.start(source, None)
+    ctx, steps = list(source) + prefix, 0
+    emitted = list(prefix)
+    while len(emitted) < len(answer):
+        tree = drafter.propose(ctx)
+        path = next(iter(tree.paths()), [])
+        acc = 0
+        for node in path:
+            if len(emitted) + acc < len(answer) and tree.tokens[node] == answer[len(emitted) + acc]:
+                acc += 1
+            else:
+                break
+        new = answer[len(emitted):len(emitted) + acc + 1]
+        emitted += new
+        ctx += new
+        drafter.observe(new, acc)
+        steps += 1
+    return steps
+
+
+def test_copy_follows_an_edited_input_in_few_steps():
+    code = list(range(100, 300))  # the quoted code, 200 distinct tokens
+    source = [1, 2, 3] + code + [4, 5]
+    answer = code[:50] + [7, 8] + code[50:120] + code[125:] + [9]  # an insertion, a deletion, an extra line
+    copy_steps = simulate(CopyDrafter(k=32), source, answer, prefix=[])
+    pld_steps = simulate(PromptLookupDrafter(k=10), source, answer, prefix=[])
+    assert copy_steps < len(answer) / 8
+    assert copy_steps < pld_steps
+
+
+def test_copy_drafts_nothing_without_an_anchor():
+    d = CopyDrafter()
+    d.start([1, 2, 3, 4], None)
+    assert len(d.propose([1, 2, 3, 4, 50, 60])) == 0
+
+
+# --- auto ----------------------------------------------------------------------------------------
+
+class Oracle(Drafter):
+    """Drafts the true continuation (right) or tokens the target never emits here (wrong)."""
+
+    def __init__(self, truth, n0, k=4, right=True, clock=None, cost=0.0):
+        self.truth, self.n0, self.k, self.right, self.clock, self.cost = truth, n0, k, right, clock, cost
+
+    @property
+    def max_nodes(self):
+        return self.k
+
+    def propose(self, tokens):
+        if self.clock is not None:
+            self.clock.t += self.cost  # an expensive drafter
+        pos = len(tokens) - self.n0
+        chain = self.truth[pos:pos + self.k]
+        return DraftTree.chain(chain if self.right else [(t + 1) % 96 for t in chain])
+
+
+class FakeClock:
+    """Each reading advances time a little: every step costs the same unless a drafter adds to it."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 0.5
+        return self.t
+
+
+def auto_run(arms_fn, n=60):
+    target, _ = tiny_target("qwen2")
+    prompt = [5, 17, 33, 8, 60]
+    ref = Engine(target).generate(prompt, max_new_tokens=n).run().token_ids
+    clock = FakeClock()
+    auto = AutoDrafter(arms_fn(ref + [0] * 8, len(prompt), clock), clock=clock)
+    gen = Engine(target, auto).generate(prompt, max_new_tokens=n).run()
+    assert gen.token_ids == ref
+    return auto, gen
+
+
+def test_auto_picks_the_drafter_that_is_always_right():
+    auto, gen = auto_run(lambda truth, n0, clock: {"wrong": Oracle(truth, n0, right=False),
+                                                    "right": Oracle(truth, n0, right=True)})
+    steps = sum(auto.choices.values())
+    assert auto.choices["right"] >= steps - 5  # three probes of `wrong`, one of `ar`, a re-probe
+    assert gen.stats.tau > 3.5  # 5 tokens per step on the right arm, 1 on the probes
+
+
+def test_auto_falls_back_to_ar_when_the_drafter_is_always_wrong():
+    auto, gen = auto_run(lambda truth, n0, clock: {"wrong": Oracle(truth, n0, right=False)})
+    steps = sum(auto.choices.values())
+    assert auto.choices["ar"] >= 0.85 * steps
+    assert auto.choices["wrong"] <= 6  # a few probes (optimism while unmeasured) and rare re-probes
+
+
+def test_auto_weighs_cost_against_acceptance():
+    # both always right; `slow` drafts 4 tokens but its drafting costs 10 steps' time, `fast` drafts 2
+    auto, _ = auto_run(lambda truth, n0, clock: {"slow": Oracle(truth, n0, k=4, clock=clock, cost=10.0),
+                                                  "fast": Oracle(truth, n0, k=2)})
+    assert auto.choices["fast"] > 3 * auto.choices["slow"]
+
+
+def test_auto_arms_follow_the_given_drafters():
+    target, _ = tiny_target("qwen2")
+    auto = make_drafter("auto", target)
+    assert [a.name for a in auto.arms] == ["copy", "pld", "ngram", "lookahead", "ar"]
+    auto = make_drafter("auto", target, draft_model=tiny_target("qwen2", seed=1)[0])
+    assert "draft" in [a.name for a in auto.arms]
+    with pytest.raises(InvalidArgumentError):
+        make_drafter("auto", target, tree="chain:4")
+
+
+def test_engine_gives_node_argmax_only_to_drafters_that_ask():
+    class Spy(Drafter):
+        needs_node_argmax = True
+
+        def __init__(self):
+            self.seen = []
+
+        @property
+        def max_nodes(self):
+            return 3
+
+        def propose(self, tokens):
+            return DraftTree([tokens[-1], 3, 4], [-1, 0, -1])
+
+        def observe(self, accepted, n_draft_accepted, hidden=None, node_argmax=None):
+            self.seen.append((list(accepted), node_argmax))
+
+    target, _ = tiny_target("qwen2")
+    spy = Spy()
+    gen = Engine(target, spy).generate([5, 6, 7], max_new_tokens=12).run()
+    assert spy.seen
+    assert len(spy.seen[0][1]) == 4  # root + 3 nodes (later trees may be cut at the token budget)
+    for accepted, argmax in spy.seen:
+        assert argmax[0] == accepted[0]  # greedy: the root's argmax is the first emitted token
+    assert gen.token_ids == Engine(target).generate([5, 6, 7], max_new_tokens=12).run().token_ids
