@@ -47,6 +47,9 @@ class Drafter:
     name = "base"
     #: set when the drafter wants the target's final-layer features of accepted tokens
     needs_hidden = False
+    #: an opt-in relaxed acceptance rule with `verify.verify`'s signature (Medusa's typical
+    #: acceptance), or None for the engine's lossless verification
+    acceptance = None
 
     def start(self, prompt_ids: list[int], sampling, generator: Optional[torch.Generator] = None,
               prompt_hidden: Optional[torch.Tensor] = None) -> None:
@@ -61,6 +64,11 @@ class Drafter:
                 hidden: Optional[torch.Tensor] = None) -> None:
         """After verification: the emitted tokens, how many of them were draft tokens, and (when
         needs_hidden) the target's features [len(accepted_path)+1, hidden] of root + accepted path."""
+
+    @property
+    def lossless(self) -> bool:
+        """False when the output is no longer exactly the target's (a relaxed acceptance rule)."""
+        return self.acceptance is None
 
     @property
     def max_nodes(self) -> int:
