@@ -66,8 +66,9 @@ def methods():
     """List the decoding methods."""
     from .methods import METHODS
 
+    width = max(map(len, METHODS))
     for name, doc in METHODS.items():
-        typer.echo(f"{name:8s} {doc}")
+        typer.echo(f"{name:{width}s} {doc}")
 
 
 @app.command()
