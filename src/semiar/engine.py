@@ -187,7 +187,8 @@ class Generation:
                           tree_mask=tree.attention_mask(device), return_hidden=needs_hidden)
             else:
                 out = dec(ids, cache, return_hidden=needs_hidden)
-            verdict = verify(tree, out.logits[0], self.sampling, generator)
+            accept = drafter.acceptance if drafter and drafter.acceptance else verify  # relaxed only if opted in
+            verdict = accept(tree, out.logits[0], self.sampling, generator)
             keep = [0] + [i + 1 for i in verdict.path]
             cache.keep(start, keep)
             stats.verify_seconds += time.perf_counter() - tv

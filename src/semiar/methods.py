@@ -3,7 +3,7 @@
 Example:
     >>> from semiar.methods import METHODS
     >>> sorted(METHODS)
-    ['ar', 'auto', 'copy', 'draft', 'falcon', 'lookahead', 'ngram', 'pld']
+    ['ar', 'auto', 'copy', 'draft', 'eagle', 'falcon', 'hydra', 'hydra-typical', 'lookahead', 'medusa', 'medusa-typical', 'ngram', 'pld']
 """
 
 from __future__ import annotations
@@ -23,10 +23,22 @@ METHODS = {
     "lookahead": "lookahead decoding: Jacobi window + n-gram pool in one forward (--tree lookahead:W,N,G)",
     "copy": "input-guided drafting for edits: long blocks copied from the prompt, re-aligned after edits",
     "auto": "picks per step among copy/pld/ngram/lookahead (+ draft, falcon when given) by measured tokens/s",
+    "medusa": "Medusa heads on the target's last feature, static sparse tree (--drafter DIR)",
+    "hydra": "Hydra heads: Medusa heads that read the tokens drafted above them (--drafter DIR)",
+    "eagle": "EAGLE-style feature drafter, one token per pass, EAGLE-2 dynamic tree (--drafter DIR)",
+    "medusa-typical": "LOSSY: medusa with typical acceptance (sampled output is not the target's distribution)",
+    "hydra-typical": "LOSSY: hydra with typical acceptance (sampled output is not the target's distribution)",
 }
 
 #: what `auto` chooses from when no draft model or trained drafter is given
 TRAINING_FREE = ("copy", "pld", "ngram", "lookahead")
+
+#: opt-in methods whose output is NOT exactly the target's (never counted as lossless)
+LOSSY = {"medusa-typical", "hydra-typical"}
+
+#: methods that need a trained drafter directory, and the `train-drafter --method` that makes it
+LEARNED = {"falcon": "falcon", "eagle": "eagle", "medusa": "medusa", "hydra": "hydra",
+           "medusa-typical": "medusa", "hydra-typical": "hydra"}
 
 
 def check_method(method: str) -> None:
@@ -57,19 +69,8 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
             raise InvalidArgumentError("ngram builds a dynamic tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
         s = spec or TreeSpec("dynamic", depth=k or 6, top_k=2, budget=10)
         return NgramDrafter(n=ngram or 3, depth=s.depth, top_k=s.top_k, budget=s.budget, corpus_ids=corpus_ids)
-    if method == "falcon":
-        from .drafters.falcon import FalconDrafter, FalconNet, load_falcon
-
-        if drafter is None:
-            raise InvalidArgumentError(
-                f"method 'falcon' needs --drafter DIR: train one with "
-                f"`semiar train-drafter --method falcon --target {target.name} --out DIR`")
-        if k is not None:
-            raise InvalidArgumentError("falcon's k is fixed by training; shape its tree with --tree dynamic:DEPTH,TOPK,BUDGET")
-        net = drafter if isinstance(drafter, FalconNet) else load_falcon(drafter, target)
-        if spec is not None and spec.kind != "dynamic":
-            raise InvalidArgumentError("falcon builds a block tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
-        return FalconDrafter(net, target, spec)
+    if method in LEARNED:
+        return _learned(method, target, drafter, spec, k)
     if method == "lookahead":
         from .drafters.lookahead import LookaheadDrafter, parse_lookahead_spec
 
@@ -111,3 +112,29 @@ def _pld(k: int, n: int) -> Drafter:
     from .drafters.lookup import PromptLookupDrafter
 
     return PromptLookupDrafter(k=k, max_ngram=n)
+
+
+def _learned(method: str, target, drafter, spec: Optional[TreeSpec], k: Optional[int]) -> Drafter:
+    """A trained drafter: `drafter` is its directory (or an already built network)."""
+    kind = LEARNED[method]
+    if drafter is None:
+        raise InvalidArgumentError(
+            f"method {method!r} needs --drafter DIR: train one with "
+            f"`semiar train-drafter --method {kind} --target {target.name} --out DIR`")
+    if k is not None:
+        raise InvalidArgumentError(f"{kind}'s k is fixed by training; shape its tree with --tree")
+    if kind in ("falcon", "eagle"):
+        from .drafters.eagle import EagleDrafter, load_eagle
+        from .drafters.falcon import FalconDrafter, FalconNet, load_falcon
+
+        if spec is not None and spec.kind != "dynamic":
+            raise InvalidArgumentError(f"{kind} builds a dynamic tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
+        load, cls = (load_falcon, FalconDrafter) if kind == "falcon" else (load_eagle, EagleDrafter)
+        net = drafter if isinstance(drafter, FalconNet) else load(drafter, target)
+        return cls(net, target, spec)
+    from .drafters.hydra import HydraDrafter, load_hydra
+    from .drafters.medusa import MedusaDrafter, MedusaNet, load_medusa
+
+    load, cls = (load_medusa, MedusaDrafter) if kind == "medusa" else (load_hydra, HydraDrafter)
+    net, rank_acc = (drafter, None) if isinstance(drafter, MedusaNet) else load(drafter, target)
+    return cls(net, target, spec, rank_acc=rank_acc, typical=method in LOSSY)

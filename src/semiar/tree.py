@@ -266,3 +266,42 @@ def best_nodes(tokens: list[int], parents: list[int], scores: list[float], budge
     keep = sorted(keep_set)
     remap = {old: new for new, old in enumerate(keep)}
     return DraftTree([tokens[i] for i in keep], [remap[parents[i]] if parents[i] >= 0 else -1 for i in keep])
+
+
+def tree_from_levels(choices: Sequence[tuple[int, ...]],
+                     level_logits: Callable[[int, list[list[int]]], torch.Tensor]) -> DraftTree:
+    """Fill a static shape level by level, one drafter call per depth (Medusa, Hydra).
+
+    level_logits(depth, paths) -> [len(paths), vocab] scores of the token at `depth` below each
+    parent, where paths[i] lists the draft tokens from depth 1 to depth - 1 of parent i ([] for
+    the root). Rank r of a parent's row is its (r+1)-th best token.
+    """
+    index: dict[tuple[int, ...], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    by_depth: dict[int, list[tuple[int, ...]]] = {}
+    for c in choices:
+        by_depth.setdefault(len(c), []).append(c)
+    for d in sorted(by_depth):
+        level = [c for c in by_depth[d] if d == 1 or c[:-1] in index]
+        if not level:
+            break
+        prefixes = list(dict.fromkeys(c[:-1] for c in level))
+        paths = []
+        for pre in prefixes:
+            path, node = [], index.get(pre, -1)
+            while node >= 0:
+                path.append(tokens[node])
+                node = parents[node]
+            paths.append(path[::-1])
+        scores = level_logits(d, paths)
+        top = scores.topk(min(scores.shape[-1], 1 + max(c[-1] for c in level)), dim=-1).indices.tolist()
+        row = {pre: i for i, pre in enumerate(prefixes)}
+        for c in level:
+            cand = top[row[c[:-1]]]
+            if c[-1] >= len(cand):
+                continue
+            index[c] = len(tokens)
+            tokens.append(int(cand[c[-1]]))
+            parents.append(index[c[:-1]] if d > 1 else -1)
+    return DraftTree(tokens, parents)

@@ -5,6 +5,7 @@ draft path to keep and which token the target adds after it.
 - `verify_sampling`: recursive rejection sampling over siblings (SpecInfer / EAGLE; for a chain it
   is Leviathan et al. / Chen et al.). The emitted tokens follow exactly the target's distribution
   after `target_probs` (temperature, top-k, top-p), the same function the AR sampler uses.
+- `verify_typical`: Medusa's typical acceptance, opt-in and **lossy** under sampling.
 
 Example:
     >>> import torch
@@ -91,6 +92,33 @@ def verify_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParam
         path.append(accepted)
         out.append(tree.tokens[accepted])
         node = accepted
+
+
+def verify_typical(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                   epsilon: float = 0.09, delta: float = 0.3) -> Verdict:
+    """Medusa's *typical acceptance*: **not lossless** (opt-in methods `medusa-typical`,
+    `hydra-typical`). A draft token x below a node whose target distribution is p is accepted when
+    p(x) > min(epsilon, delta * exp(-H(p))): plausible enough for a confident target, and the bar
+    drops where the target itself is unsure. Among acceptable children the most probable one wins;
+    where none is acceptable the target's token is sampled from p. Greedy decoding (temperature 0)
+    uses `verify_greedy`, so greedy output stays exact; sampled output does not follow p exactly.
+    epsilon, delta: the paper's posterior threshold and alpha (0.09, 0.3)."""
+    if params.greedy:
+        return verify_greedy(tree, logits)
+    kids = tree.children()
+    node, path, out = -1, [], []
+    while True:
+        p = target_probs(logits[node + 1], params)
+        entropy = float(-(p * p.clamp_min(1e-20).log()).sum())
+        bar = min(epsilon, delta * float(torch.exp(torch.tensor(-entropy))))
+        ok = [(float(p[tree.tokens[c]]), c) for c in kids[node + 1] if float(p[tree.tokens[c]]) > bar]
+        if not ok:
+            out.append(int(torch.multinomial(p, 1, generator=generator)))
+            return Verdict(path, out)
+        _, best = max(ok)
+        path.append(best)
+        out.append(tree.tokens[best])
+        node = best
 
 
 def verify(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> Verdict:

@@ -76,6 +76,8 @@ def test_cli_train_then_generate(model_dir, tmp_path):
     other = tiny_model_dir(tmp_path / "other", seed=3)
     wrong = run_cli("generate", "--model", str(other), "--prompt", "hi", "--method", "falcon", "--drafter", str(out))
     assert wrong.returncode == 2 and "trained for target" in wrong.stderr
+    method = run_cli("generate", "--model", str(model_dir), "--prompt", "hi", "--method", "medusa", "--drafter", str(out))
+    assert method.returncode == 2 and "'falcon' drafter" in method.stderr and "Traceback" not in method.stderr
 
 
 def test_torchrun_two_processes(model_dir, tmp_path):
@@ -88,3 +90,50 @@ def test_torchrun_two_processes(model_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "data-rank0.pt").is_file() and (out / "data-rank1.pt").is_file()
     assert json.loads((out / "config.json").read_text())["training"]["world_size"] == 2
+
+
+def test_every_method_trains_on_one_shared_data_cache_and_benches(model_dir, tmp_path):
+    """medusa, hydra and eagle train on the data.pt falcon made (no regeneration), and one bench
+    gives each learned method its own drafter; the lossy method is labelled and not identity-checked."""
+    from semiar.bench.run import BenchConfig, run_bench
+
+    data = tmp_path / "data.pt"
+    dirs = {}
+    for m in ("falcon", "medusa", "hydra", "eagle"):
+        dirs[m] = tmp_path / m
+        s = train_drafter(cfg(model_dir, dirs[m], method=m, data=str(data), max_steps=2), progress=False)
+        assert s["steps"] == 2 and json.loads((dirs[m] / "config.json").read_text())["method"] == m
+        if m != "falcon":
+            assert s["data_seconds"] < 1.0 and not (dirs[m] / "data.pt").exists()
+    assert len(json.loads((dirs["medusa"] / "config.json").read_text())["training"]["val"]["rank_acc"]) == 4
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "list three colours"}\n')
+    res = run_bench(BenchConfig(target=str(model_dir), methods=["ar", "medusa", "hydra", "eagle", "falcon", "medusa-typical"],
+                                drafter=",".join(f"{m}={d}" for m, d in dirs.items()), tasks=["custom"],
+                                prompts_file=str(p), n_prompts=1, max_new_tokens=10, out=str(tmp_path / "bench")),
+                    progress=False)
+    assert not res["identity"]["mismatches"]
+    assert res["summary"]["all"]["medusa-typical"]["lossy"] and "lossy" not in res["summary"]["all"]["medusa"]
+    assert "identical_to_baseline" not in res["runs"]["medusa-typical"][0]
+    assert res["runs"]["hydra"][0]["identical_to_baseline"]
+    assert "**Lossy**" in (tmp_path / "bench" / "report.md").read_text()
+
+
+def test_drafter_per_method():
+    from semiar.bench.run import drafter_per_method
+
+    ms = ["ar", "pld", "medusa", "medusa-typical", "falcon"]
+    assert drafter_per_method("D", ms) == {"medusa": "D", "medusa-typical": "D", "falcon": "D"}
+    assert drafter_per_method("medusa=A,falcon=B", ms) == {"medusa": "A", "falcon": "B", "medusa-typical": "A"}
+    with pytest.raises(InvalidArgumentError, match="bad --drafter entry"):
+        drafter_per_method("pld=A", ms)
+
+
+def test_eagle_and_heads_settings():
+    with pytest.raises(InvalidArgumentError, match="one token per pass"):
+        TrainConfig(target="x", out="y", method="eagle", k=2).validate()
+    c = TrainConfig(target="x", out="y", method="medusa")
+    c.validate()
+    assert (c.k, c.num_layers) == (4, 1)
+    with pytest.raises(InvalidArgumentError, match="falcon"):
+        TrainConfig(target="x", out="y", method="hydra", glance=False).validate()

@@ -21,7 +21,7 @@ import torch
 
 from ..engine import Engine
 from ..errors import InvalidArgumentError, SemiarError
-from ..methods import METHODS, make_drafter
+from ..methods import LEARNED, LOSSY, METHODS, make_drafter
 from ..sampling import SamplingParams
 from .peers import PEERS, HFPeer, LlamaCppPeer, llamacpp_available
 from .tasks import load_tasks
@@ -34,7 +34,8 @@ BASELINE_OF = {"hf-assisted": "hf-ar", "hf-pld": "hf-ar", "llamacpp-pld": "llama
 class BenchConfig:
     target: str = "qwen2.5-coder-1.5b-instruct"
     draft_model: Optional[str] = None
-    drafter: Optional[str] = None  # trained drafter directory (falcon)
+    drafter: Optional[str] = None  # trained drafter directory, or 'medusa=DIR,falcon=DIR'
+
     methods: list = field(default_factory=lambda: ["ar", "pld", "ngram"])
     tasks: list = field(default_factory=lambda: ["code", "edit"])
     n_prompts: int = 5
@@ -111,6 +112,28 @@ def tree_per_method(tree: Optional[str], methods: list) -> dict:
     return out
 
 
+def drafter_per_method(drafter: Optional[str], methods: list) -> dict:
+    """`--drafter DIR` serves every learned method; `--drafter 'medusa=DIR,falcon=DIR'` gives each
+    its own (`medusa-typical` uses medusa's unless named)."""
+    if not drafter:
+        return {}
+    if "=" not in drafter:
+        return {m: drafter for m in methods if m in LEARNED}
+    out = {}
+    for part in drafter.split(","):
+        if not part.strip():
+            continue
+        name, _, path = part.partition("=")
+        name = name.strip()
+        if name not in LEARNED or not path.strip():
+            raise InvalidArgumentError(f"bad --drafter entry {part!r}: use METHOD=DIR with METHOD in {', '.join(LEARNED)}")
+        out[name] = path.strip()
+    for m in methods:
+        if m in LEARNED and m not in out and LEARNED[m] in out:
+            out[m] = out[LEARNED[m]]
+    return out
+
+
 def machine_info(device: str) -> dict:
     cpu = platform.processor()
     try:
@@ -157,10 +180,11 @@ class Runner:
         self.engines = {}
         self.peers = {}
         trees = tree_per_method(cfg.tree, cfg.methods)
+        drafters = drafter_per_method(cfg.drafter, cfg.methods)
         for m in cfg.methods:
             if m in METHODS:
                 drafter = make_drafter(m, self.target, draft_model=self.draft, tree=trees.get(m), k=cfg.k,
-                                       device=cfg.device, drafter=cfg.drafter)
+                                       device=cfg.device, drafter=drafters.get(m))
                 self.engines[m] = Engine(self.target, drafter)
             elif m.startswith("hf-"):
                 self.peers[m] = HFPeer(m, self.target, cfg.device, self.target.dtype, self.target.eos_ids,
@@ -276,7 +300,7 @@ def identity_check(results: dict, cfg: BenchConfig) -> dict:
     n = min(len(v) for v in results["runs"].values())
     mismatches = []
     for m, runs in results["runs"].items():
-        base = BASELINE_OF.get(m, "ar" if m in METHODS else None)
+        base = BASELINE_OF.get(m, "ar" if m in METHODS and m not in LOSSY else None)
         if base is None or base == m or base not in results["runs"]:
             continue
         for i in range(n):
@@ -340,6 +364,8 @@ def summarize(results: dict) -> dict:
             tps = _tps(sel)
             row = {"tokens_per_s": round(tps, 3), "speedup": round(tps / ar_tps, 3) if ar_tps else None,
                    "new_tokens": sum(r["new_tokens"] for r in sel), "seconds": round(sum(r["seconds"] for r in sel), 3)}
+            if m in LOSSY:
+                row["lossy"] = True
             fw = [r["target_forwards"] for r in sel if r.get("target_forwards")]
             if fw:
                 row["tau"] = round(sum(r["new_tokens"] for r in sel) / sum(fw), 3)
@@ -405,6 +431,11 @@ def render_report(results: dict) -> str:
             kind = "near-tie" if mm.get("near_tie") else "REAL MISMATCH"
             lines.append(f"- {mm['method']} vs {mm['baseline']} on {mm['task']}/{mm['prompt_id']}: first difference "
                          f"at token {mm['first_difference_at']}, logit gap {mm.get('logit_gap')} ({kind})")
+    lossy = [m for m in results["runs"] if m in LOSSY]
+    if lossy:
+        lines.append(f"**Lossy** (opt-in relaxed acceptance, not counted as lossless, not identity-checked): "
+                     f"{', '.join(lossy)}. Greedy output still equals `ar`'s; sampled output does not follow the "
+                     "target's distribution exactly.")
     if "ar_equals_hf_ar" in ident:
         lines.append(f"(Informational: our `ar` equals transformers' `hf-ar` on {ident['ar_equals_hf_ar']} prompts.)")
     lines.append("")
@@ -413,7 +444,8 @@ def render_report(results: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for meth, r in rows.items():
             split = r.get("time_split_pct") or {}
-            lines.append(f"| {meth} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
+            label = f"{meth} (lossy)" if meth in LOSSY else meth
+            lines.append(f"| {label} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
                          f"{r.get('tau', '-') if r.get('tau') is not None else '-'} | "
                          f"{split.get('draft', '-')} | {split.get('verify', '-')} | {r['new_tokens']} |")
         lines.append("")

@@ -50,6 +50,9 @@ class Drafter:
     #: set when the drafter wants the target's argmax at every node it proposed (Jacobi-style
     #: drafters): observe() then also receives node_argmax=[root, node 0, ..., node n-1]
     needs_node_argmax = False
+    #: an opt-in relaxed acceptance rule with `verify.verify`'s signature (Medusa's typical
+    #: acceptance), or None for the engine's lossless verification
+    acceptance = None
 
     def start(self, prompt_ids: list[int], sampling, generator: Optional[torch.Generator] = None,
               prompt_hidden: Optional[torch.Tensor] = None) -> None:
@@ -67,6 +70,11 @@ class Drafter:
         A drafter with needs_node_argmax also gets `node_argmax`: the target's argmax token at the
         root and at every node of the tree it proposed (the tree as verified: the engine may have
         cut nodes deeper than the remaining token budget)."""
+
+    @property
+    def lossless(self) -> bool:
+        """False when the output is no longer exactly the target's (a relaxed acceptance rule)."""
+        return self.acceptance is None
 
     @property
     def max_nodes(self) -> int:

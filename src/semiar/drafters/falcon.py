@@ -222,9 +222,10 @@ class FalconGraphs:
         return x[0, :R].clone(), probs[0, :R].clone()
 
 
-def load_falcon(path: str | Path, target, device=None, dtype=None) -> FalconNet:
-    """Load a drafter directory for `target`, refusing one trained for another model."""
-    meta, sd = read_drafter_dir(path, METHOD)
+def load_falcon(path: str | Path, target, device=None, dtype=None, method: str = METHOD) -> FalconNet:
+    """Load a drafter directory for `target`, refusing one trained for another model (or another
+    method: `eagle` drafters are FalconNets with k = 1 and their own method name)."""
+    meta, sd = read_drafter_dir(path, method)
     check_identity(meta, target, str(path))
     cfg = FalconConfig.from_dict(meta["config"])
     net = FalconNet(cfg)
@@ -235,8 +236,9 @@ def load_falcon(path: str | Path, target, device=None, dtype=None) -> FalconNet:
     return net.to(device=device or target.device, dtype=dtype or target.dtype).eval()
 
 
-def save_falcon(path: str | Path, net: FalconNet, target, training: Optional[dict] = None) -> Path:
-    return write_drafter_dir(path, METHOD, asdict(net.config), net.state_dict(), target, training)
+def save_falcon(path: str | Path, net: FalconNet, target, training: Optional[dict] = None,
+                method: str = METHOD) -> Path:
+    return write_drafter_dir(path, method, asdict(net.config), net.state_dict(), target, training)
 
 
 class FalconDrafter(Drafter):
@@ -252,9 +254,9 @@ class FalconDrafter(Drafter):
         self.k = net.config.k
         self.tree = tree or TreeSpec("dynamic", depth=3 * self.k, top_k=4, budget=16)
         if self.tree.kind != "dynamic":
-            raise InvalidArgumentError("falcon builds a dynamic block tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
+            raise InvalidArgumentError(f"{self.name} builds a dynamic tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
         if self.tree.depth < self.k:
-            raise InvalidArgumentError(f"falcon tree depth must be >= k={self.k}")
+            raise InvalidArgumentError(f"{self.name} tree depth must be >= k={self.k}")
         self.min_score = min_score
         self.embed = target.decoder.embed_tokens
         self.lm_head = target.decoder.lm_head

@@ -1,12 +1,14 @@
-"""`semiar train-drafter`: self-distilled data from the target, then CSGD training of a Falcon
-drafter, with progress, resumable checkpoints, CPU/GPU, bf16 on GPU, and several GPUs through
-PyTorch's own launcher (`torchrun --standalone --nproc-per-node N -m semiar.cli train-drafter ...`: each rank
+"""`semiar train-drafter`: self-distilled data from the target, then training of a learned drafter
+(`falcon`: CSGD; `eagle`: the same distillation with one token per pass; `medusa`, `hydra`: head
+losses, train/heads.py), with progress, resumable checkpoints, CPU/GPU, bf16 on GPU, and several
+GPUs through PyTorch's own launcher (`torchrun --standalone --nproc-per-node N -m semiar.cli train-drafter ...`: each rank
 answers its share of the prompts and trains on it, gradients are averaged by DDP).
 
 Files in the output directory:
 - ``config.json`` + ``model.safetensors``: the drafter (what `--drafter DIR` loads);
 - ``data.pt`` (``data-rankN.pt`` with several ranks): the self-distilled sequences and features,
-  reused when the run is repeated with the same data settings;
+  reused when the run is repeated with the same data settings; `data=PATH` (`--data`) puts it
+  elsewhere, so drafters of every method can train on one cache (the method is not part of its key);
 - ``checkpoint.pt``: weights, optimizer and step, written every `save_every` steps; a run with the
   same settings resumes from it.
 
@@ -30,7 +32,10 @@ import torch
 
 from ..errors import InvalidArgumentError, SemiarError
 
-TRAINABLE = ("falcon",)
+TRAINABLE = ("falcon", "eagle", "medusa", "hydra")
+#: (k, num_layers) when not given: falcon's block size and layers, eagle's one token per pass and
+#: one layer, medusa/hydra's number of heads and residual blocks per head
+DEFAULTS = {"falcon": (2, 2), "eagle": (1, 1), "medusa": (4, 1), "hydra": (4, 1)}
 
 
 @dataclass
@@ -45,8 +50,9 @@ class TrainConfig:
     gen_batch: int = 16
     samples: int = 1  # answers per prompt: 1 greedy + (samples - 1) sampled at gen_temperature
     chat: bool = True
-    k: int = 2
-    num_layers: int = 2
+    k: Optional[int] = None  # falcon: tokens per pass; medusa/hydra: heads; eagle: 1
+    num_layers: Optional[int] = None
+    data: Optional[str] = None  # data cache path (default OUT/data.pt), shareable across methods
     epochs: float = 2.0
     lr: float = 3e-4
     batch_tokens: int = 4096
@@ -64,6 +70,13 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in TRAINABLE:
             raise InvalidArgumentError(f"unknown drafter method {self.method!r}; trainable: {', '.join(TRAINABLE)}")
+        if self.method == "eagle" and self.k not in (None, 1):
+            raise InvalidArgumentError("eagle drafts one token per pass (k = 1); use --method falcon for k > 1")
+        if self.method != "falcon" and not self.glance:
+            raise InvalidArgumentError("--no-glance is a falcon (CSGD) option")
+        dk, dl = DEFAULTS[self.method]
+        self.k = dk if self.k is None else self.k
+        self.num_layers = dl if self.num_layers is None else self.num_layers
         checks = [(self.k >= 1, "k must be >= 1"), (self.num_layers >= 1, "num-layers must be >= 1"),
                   (self.epochs > 0, "epochs must be > 0"), (self.lr > 0, "lr must be > 0"),
                   (self.batch_tokens > 0, "batch-tokens must be > 0"), (self.max_len > self.k + 1, "max-len too small"),
@@ -84,7 +97,7 @@ class TrainConfig:
     def run_key(self) -> dict:
         """Settings a checkpoint must share to be resumed."""
         d = asdict(self)
-        for f in ("out", "device", "save_every", "max_steps", "gen_batch"):
+        for f in ("out", "device", "save_every", "max_steps", "gen_batch", "data"):
             d.pop(f)
         return d
 
@@ -125,9 +138,7 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..drafters.falcon import FalconConfig, FalconNet, save_falcon
     from ..models.loading import load_model, parse_dtype
-    from .csgd import csgd_step, make_batch
     from .data import DistillData, generate_distill_data
     from .prompts import training_prompts
 
@@ -151,7 +162,10 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
         p.requires_grad_(False)
 
     # 1. data: the target answers the prompts (each rank its share), features on the way
-    data_path = out / (f"data-rank{rank}.pt" if world > 1 else "data.pt")
+    data_path = Path(cfg.data) if cfg.data else out / "data.pt"
+    if world > 1:
+        data_path = data_path.with_name(f"{data_path.stem}-rank{rank}{data_path.suffix}")
+    data_path.parent.mkdir(parents=True, exist_ok=True)
     data = None
     if data_path.exists():
         data = DistillData.load(data_path)
@@ -178,8 +192,8 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
                   f"({int(data.response.sum())} generated by the target), {len(val_ids)} held out")
 
     # 2. the drafter
-    fcfg = FalconConfig.for_target(target.config, k=cfg.k, num_layers=cfg.num_layers)
-    net = FalconNet(fcfg).to(device=device, dtype=torch.float32)
+    net, step_fn, evaluate_fn, save_fn = _method(cfg, target)
+    net = net.to(device=device, dtype=torch.float32)
     model = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
@@ -189,7 +203,7 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
     autocast = torch.bfloat16 if device.startswith("cuda") else None
     feat_dtype = target.dtype
 
-    def seq(i: int):
+    def seq(i: int):  # one training sequence: ids, features, response mask
         ids, hid, resp = data.sequence(i)
         return ids[:cfg.max_len], hid[:cfg.max_len], resp[:cfg.max_len]
 
@@ -245,15 +259,13 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not (progress and main),
                   console=console) as bar:
-        task = bar.add_task(f"training {cfg.method} (CSGD)", total=total, completed=step, info="")
+        task = bar.add_task(f"training {cfg.method}", total=total, completed=step, info="")
         while step < total:
-            batch = make_batch([seq(i) for i in plan[step]], cfg.k, device, feat_dtype)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, warmup, cfg.lr)
-            parts, n_glanced = csgd_step(model, batch, embed, lm_w, step / total, gen, noise=cfg.noise,
-                                         glance=cfg.glance, autocast=autocast)
             opt.zero_grad(set_to_none=True)
-            parts.loss.backward()
+            parts, n_glanced = step_fn(model, [seq(i) for i in plan[step]], embed, lm_w, step / total, gen,
+                                       device, feat_dtype, autocast)  # forward and backward
             # a bf16 overflow must not poison the weights: skip the step, count it, go on
             gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             if torch.isfinite(parts.loss.detach()) and torch.isfinite(gnorm):
@@ -273,7 +285,7 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
 
     # 4. held-out accuracy: how often each block offset's draft token is the target's (no glancing)
     net.eval()
-    val = evaluate(net, [seq(i) for i in val_ids], embed, lm_w, device, feat_dtype, autocast) if val_ids else {}
+    val = evaluate_fn(net, [seq(i) for i in val_ids], embed, lm_w, device, feat_dtype, autocast) if val_ids else {}
     summary = {"method": cfg.method, "target": target.name, "steps": step, "sequences": data.n_sequences,
                "tokens": data.n_tokens, "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
                "total_seconds": round(time.perf_counter() - t_start, 1), "world_size": world, "device": device,
@@ -281,13 +293,55 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
                "skipped_steps": skipped,
                "settings": asdict(cfg)}
     if main:
-        save_falcon(out, net.to(target.dtype), target, training=summary)
+        save_fn(out, net.to(target.dtype), target, training=summary)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        acc = val.get("acc_by_offset", val.get("acc_by_head"))
         console.print(f"drafter written to {out} ({summary['params'] / 1e6:.1f}M parameters, "
-                      f"{train_seconds:.0f}s training); held-out top-1 by block offset: {val.get('acc_by_offset')}")
+                      f"{train_seconds:.0f}s training); held-out top-1 by {'head' if 'acc_by_head' in val else 'block offset'}: {acc}")
     if world > 1:
         torch.distributed.barrier()
     return summary
+
+
+def _method(cfg: TrainConfig, target):
+    """(network, step, evaluate, save) for the method: one trainer, four drafters.
+    step(model, seqs, embed, lm_w, progress, gen, device, feat_dtype, autocast) runs forward and
+    backward and returns (LossParts, glanced positions)."""
+    if cfg.method in ("falcon", "eagle"):
+        from functools import partial
+
+        from ..drafters.eagle import eagle_config
+        from ..drafters.falcon import FalconConfig, FalconNet, save_falcon
+        from .csgd import csgd_step, make_batch
+
+        fcfg = (eagle_config(target.config, cfg.num_layers) if cfg.method == "eagle"
+                else FalconConfig.for_target(target.config, k=cfg.k, num_layers=cfg.num_layers))
+
+        def step(model, seqs, embed, lm_w, progress, gen, device, feat_dtype, autocast):
+            batch = make_batch(seqs, fcfg.k, device, feat_dtype)
+            parts, n_glanced = csgd_step(model, batch, embed, lm_w, progress, gen, noise=cfg.noise,
+                                         glance=cfg.glance, autocast=autocast)
+            parts.loss.backward()
+            return parts, n_glanced
+
+        return FalconNet(fcfg), step, evaluate, partial(save_falcon, method=cfg.method)
+
+    from ..drafters.hydra import HydraNet
+    from ..drafters.medusa import HeadsConfig, MedusaNet, save_heads
+    from .heads import evaluate_heads, heads_step, make_head_batch
+
+    hcfg = HeadsConfig(vocab_size=target.config.vocab_size, hidden_size=target.config.hidden_size, heads=cfg.k,
+                       num_layers=cfg.num_layers)
+    net = (MedusaNet if cfg.method == "medusa" else HydraNet)(hcfg)
+
+    def step(model, seqs, embed, lm_w, progress, gen, device, feat_dtype, autocast):
+        return heads_step(model, make_head_batch(seqs, hcfg.heads, device, feat_dtype), embed, lm_w, autocast), 0
+
+    def evaluate_h(net, seqs, embed, lm_w, device, feat_dtype, autocast=None):
+        groups = _batches([len(s[0]) for s in seqs], list(range(len(seqs))), cfg.batch_tokens)
+        return evaluate_heads(net, seqs, embed, lm_w, device, feat_dtype, autocast, groups)
+
+    return net, step, evaluate_h, save_heads
 
 
 def _nonfinite_sequences(data) -> set:
