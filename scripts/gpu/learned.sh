@@ -5,7 +5,7 @@
 #   scripts/gpu/learned.sh          data + the four trainings + greedy bench + T=1 bench
 #   scripts/gpu/learned.sh train    data + the four trainings only
 #   scripts/gpu/learned.sh bench    the two benches (drafters already trained)
-# Same setup as falcon.sh ($STASH with q15.gguf / q05.gguf, wheels in .whl/). Expected on an H100
+# Same setup as fast.sh (staged q15.gguf.NN / q05.gguf.NN pieces in $STASH, wheels in .whl/). Expected on an H100
 # (falcon.sh measured 136 s data + 120 s training at these settings): data ~140 s once; training
 # ~2 min each for falcon and eagle, ~2-3 min each for medusa and hydra (4 vocabulary-sized heads);
 # benches ~4 + 3 min: about 20 minutes in all, so run `train` and `bench` as separate calls.
@@ -14,17 +14,10 @@ STASH=${STASH:-/root/stash}
 OUT=${OUT:-runs/gpu-learned}
 mkdir -p "$OUT"
 export SEMIAR_HOME=$STASH/home PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
+bash "$(dirname "$0")/fast.sh" setup >/dev/null  # wheels, and the staged pieces joined under their model names
 export PYTHONPATH=/tmp/site:$PWD/src
-for m in q15 q05; do
-  if [ ! -f "$STASH/$m.gguf" ] && ls "$STASH/$m.gguf".[0-9][0-9] >/dev/null 2>&1; then
-    cat "$STASH/$m.gguf".[0-9][0-9] > "$STASH/$m.gguf" && rm "$STASH/$m.gguf".[0-9][0-9]
-  fi
-done
-TARGET=$STASH/q15.gguf
-DRAFT=$STASH/q05.gguf
+TARGET=$STASH/qwen2.5-coder-1.5b-instruct.gguf
+DRAFT=$STASH/qwen2.5-coder-0.5b-instruct.gguf
 DATA=$STASH/q15-data.pt
 N=${N:-2}
 EPOCHS=${EPOCHS:-6}
