@@ -24,7 +24,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(SEMIAR) models pull $(TARGET)
 	$(SEMIAR) models pull $(DRAFT)
-	$(SEMIAR) bench --target $(TARGET) --draft-model $(DRAFT) --methods ar,draft,pld,ngram \
+	$(SEMIAR) bench --target $(TARGET) --draft-model $(DRAFT) --methods ar,draft,pld,ngram,copy,auto \
 		--tasks code,edit --n-prompts 2 --max-new-tokens 96 --out $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.md"
 
