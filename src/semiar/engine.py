@@ -212,11 +212,11 @@ class Generation:
             if drafter and self.stop_reason is None:
                 td = time.perf_counter()
                 hidden = out.hidden[0, keep] if needs_hidden else None
-                if needs_argmax:  # the target's greedy guess at every node, one host copy (Jacobi drafters)
-                    drafter.observe(emitted, len(verdict.path), hidden,
-                                    node_argmax=out.logits[0].argmax(-1).tolist())
-                else:
-                    drafter.observe(emitted, len(verdict.path), hidden)
+                kw = {}
+                if needs_argmax:  # the target's greedy guess at every node (Jacobi drafters); greedy
+                    # verification has it already, sampling costs one argmax and one host copy
+                    kw["node_argmax"] = verdict.argmax or out.logits[0].argmax(-1).tolist()
+                drafter.observe(emitted, len(verdict.path), hidden, **kw)
                 stats.draft_seconds += time.perf_counter() - td
             self.text = detok.text
             yield Chunk(emitted, step_text)

@@ -18,7 +18,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -30,13 +31,15 @@ from .tree import DraftTree
 class Verdict:
     path: list[int]  # accepted draft nodes, root downwards
     tokens: list[int]  # emitted: accepted draft tokens, then the target's own next token
+    #: the target's argmax at root + every node, when the rule computed it (greedy)
+    argmax: Optional[list[int]] = field(default=None, repr=False, compare=False)
 
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:
     """logits: [n+1, vocab] for root + nodes (row i+1 = node i)."""
     best = logits.argmax(-1).tolist()  # one device->host copy for the whole tree
     if not len(tree):
-        return Verdict([], [best[0]])
+        return Verdict([], [best[0]], best)
     kids = tree.children()
     node, path, out = -1, [], []
     while True:
@@ -44,7 +47,7 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:
         nxt = next((c for c in kids[node + 1] if tree.tokens[c] == want), None)
         out.append(want)
         if nxt is None:
-            return Verdict(path, out)
+            return Verdict(path, out, best)
         path.append(nxt)
         node = nxt
 

@@ -93,6 +93,20 @@ def _restore_sigterm(old) -> None:
         signal.signal(signal.SIGTERM, old)
 
 
+def _per_method(value: str, sep: str, allowed, option: str, what: str) -> dict:
+    """Parse 'METHOD=VALUE<sep>METHOD=VALUE' for a bench option that can differ per method."""
+    out = {}
+    for part in value.split(sep):
+        if not part.strip():
+            continue
+        name, _, v = part.partition("=")
+        name = name.strip()
+        if name not in allowed or not v.strip():
+            raise InvalidArgumentError(f"bad {option} entry {part!r}: use METHOD={what} with METHOD in {', '.join(allowed)}")
+        out[name] = v.strip()
+    return out
+
+
 def tree_per_method(tree: Optional[str], methods: list) -> dict:
     """`--tree SPEC` applies to every engine method; `--tree 'falcon=dynamic:8,4,32;pld=chain:8'` gives
     each method its own shape (methods not named keep their default)."""
@@ -100,16 +114,7 @@ def tree_per_method(tree: Optional[str], methods: list) -> dict:
         return {}
     if "=" not in tree.split(":", 1)[0]:
         return {m: tree for m in methods if m in METHODS and m not in ("ar", "auto")}
-    out = {}
-    for part in tree.split(";"):
-        if not part.strip():
-            continue
-        name, _, spec = part.partition("=")
-        name = name.strip()
-        if name not in METHODS or not spec.strip():
-            raise InvalidArgumentError(f"bad --tree entry {part!r}: use METHOD=SPEC with METHOD in {', '.join(METHODS)}")
-        out[name] = spec.strip()
-    return out
+    return _per_method(tree, ";", METHODS, "--tree", "SPEC")
 
 
 def drafter_per_method(drafter: Optional[str], methods: list) -> dict:
@@ -119,15 +124,7 @@ def drafter_per_method(drafter: Optional[str], methods: list) -> dict:
         return {}
     if "=" not in drafter:
         return {m: drafter for m in methods if m in LEARNED}
-    out = {}
-    for part in drafter.split(","):
-        if not part.strip():
-            continue
-        name, _, path = part.partition("=")
-        name = name.strip()
-        if name not in LEARNED or not path.strip():
-            raise InvalidArgumentError(f"bad --drafter entry {part!r}: use METHOD=DIR with METHOD in {', '.join(LEARNED)}")
-        out[name] = path.strip()
+    out = _per_method(drafter, ",", LEARNED, "--drafter", "DIR")
     for m in methods:
         if m in LEARNED and m not in out and LEARNED[m] in out:
             out[m] = out[LEARNED[m]]

@@ -99,3 +99,14 @@ def read_drafter_dir(path: str | Path, method: Optional[str] = None) -> tuple[di
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{weights} is truncated or corrupt ({e}); re-train or copy it again") from None
     return meta, sd
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """A drafter config dataclass from its config.json dict, refusing fields it does not know
+    (a config written by another method or version)."""
+    from dataclasses import fields
+
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ModelFileError(f"{what} config has unknown fields {sorted(unknown)}")
+    return cls(**d)

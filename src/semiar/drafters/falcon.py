@@ -39,7 +39,7 @@ Example:
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -50,7 +50,7 @@ from ..errors import InvalidArgumentError, ModelFileError
 from ..models.decoder import DecoderConfig, KVCache, Layer, rope_cos_sin, rope_inv_freq
 from ..tree import DraftTree, TreeSpec, best_nodes
 from .base import Drafter
-from .checkpoint import check_identity, read_drafter_dir, write_drafter_dir
+from .checkpoint import check_identity, config_from_dict, read_drafter_dir, write_drafter_dir
 
 METHOD = "falcon"
 
@@ -81,11 +81,7 @@ class FalconConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FalconConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ModelFileError(f"falcon config has unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "falcon")
 
     def decoder_config(self) -> DecoderConfig:
         return DecoderConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,

@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import InvalidArgumentError, ModelFileError
 from ..tree import DraftTree, TreeSpec, tree_from_levels
 from .base import Drafter
-from .checkpoint import check_identity, read_drafter_dir, write_drafter_dir
+from .checkpoint import check_identity, config_from_dict, read_drafter_dir, write_drafter_dir
 
 METHOD = "medusa"
 DEFAULT_BUDGET = 16
@@ -58,11 +58,7 @@ class HeadsConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadsConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ModelFileError(f"heads config has unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "heads")
 
 
 class ResBlock(nn.Module):

@@ -108,17 +108,9 @@ class GraphedDecoder:
         self.capture_seconds = time.perf_counter() - t0
         self.cache.length = 0
 
-    # the decoder's attributes drafters read
+    # the decoder's attributes (device, dtype, embed_tokens, lm_head, ...) as the decoder's
     def __getattr__(self, name):
         return getattr(self.decoder, name)
-
-    @property
-    def device(self):
-        return self.decoder.device
-
-    @property
-    def dtype(self):
-        return self.decoder.dtype
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
         """A cache on the static storage (emptied) when the request fits and no live cache holds
