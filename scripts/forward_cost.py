@@ -1,14 +1,17 @@
-"""Cost of one target forward over T new tokens (after a prompt), packed vs plain linear layers.
-usage: python scripts/forward_cost.py [--model NAME] [--threads N] [--sizes 1,4,8,16]"""
+"""Cost of one target forward over T new tokens (after a prompt) for each CPU weight layout: dense
+(F.linear), oneDNN-packed for 1 row, packed for 8 rows, and the default (dense for 1-2 rows, packed
+for 8 above). The table in docs/models.md came from this (best of 7, --threads 2).
+usage: python scripts/forward_cost.py [--model NAME] [--threads N] [--sizes 1,2,8] [--reps 7]"""
 import argparse
 import time
 
 import torch
 
+from semiar.models.decoder import PackedLinear
 from semiar.models.loading import load_model
 
 
-def cost_ms(m, T, reps=5):
+def cost_ms(m, T, reps):
     dec = m.decoder
     x = torch.tensor([m.encode("Write a function that sorts a list of numbers.", chat=True)])
     c = dec.new_cache(x.shape[1] + T + 1)
@@ -25,12 +28,17 @@ def cost_ms(m, T, reps=5):
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
 ap.add_argument("--threads", type=int, default=None)
-ap.add_argument("--sizes", default="1,4,8,16")
+ap.add_argument("--sizes", default="1,2,8")
+ap.add_argument("--reps", type=int, default=7)
 a = ap.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)
 sizes = [int(s) for s in a.sizes.split(",")]
-for pack in (True, False):
-    m = load_model(a.model, pack=pack)
-    print("packed" if pack else "plain ", " ".join(f"T={T}: {cost_ms(m, T):.0f} ms" for T in sizes), flush=True)
+for name, pack_rows, dense_rows in [("dense", None, 0), ("packed for 1 row", 1, 0), ("packed for 8 rows", 8, 0),
+                                     ("default (both)", 8, 2)]:
+    m = load_model(a.model, pack=False, progress=False)
+    if pack_rows is not None:
+        PackedLinear.PACK_ROWS = pack_rows
+        m.decoder.pack_for_cpu(dense_rows=dense_rows)
+    print(f"{name:>18}", " ".join(f"T={T}: {cost_ms(m, T, a.reps):.0f} ms" for T in sizes), flush=True)
     del m
