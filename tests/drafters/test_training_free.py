@@ -185,6 +185,15 @@ def test_auto_weighs_cost_against_acceptance():
     assert auto.choices["fast"] > 3 * auto.choices["slow"]
 
 
+def test_auto_does_not_probe_an_arm_that_cannot_pay():
+    # `slow` is always right but even all 4 of its tokens at its cost lose to `fast`'s measured rate:
+    # once its cost is known, it is not asked again (no thin-evidence probes, no re-probes)
+    auto, _ = auto_run(lambda truth, n0, clock: {"fast": Oracle(truth, n0, k=6),
+                                                  "slow": Oracle(truth, n0, k=4, clock=clock, cost=20.0)}, n=120)
+    assert auto.choices["slow"] == 1
+    assert auto.choices["fast"] >= sum(auto.choices.values()) - 3
+
+
 def test_auto_arms_follow_the_given_drafters():
     target, _ = tiny_target("qwen2")
     auto = make_drafter("auto", target)

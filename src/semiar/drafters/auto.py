@@ -9,11 +9,15 @@ both over the steps where it drafted something. Its estimated rate is tokens / s
 1 / seconds of an empty step.
 
 Each step:
-1. arms with too little evidence (fewer than about 3 recent measured steps) are asked first, so
+1. arms with too little evidence (fewer than 3 measured steps in their life) are asked first, so
    one unlucky step (the start of an answer, lookahead's window still filling) does not rule an
    arm out; a lookup arm with nothing to propose costs nothing and is not counted. Every
    `reprobe_every` steps the arm measured longest ago (`ar` included) gets one step, so a method
-   that starts to pay (an edit reaching the quoted code) or a change of machine load is noticed;
+   that starts to pay (an edit reaching the quoted code) or a change of machine load is noticed.
+   A probe is skipped when it cannot pay: once an arm's cost is known, its best case (its deepest
+   possible chain all accepted, `max_depth + 1` tokens per step at its measured seconds per step)
+   must beat the best estimated rate so far, or asking it would only spend time (a 0.5B draft
+   model drafting 6 tokens is not probed while copying emits 9 tokens per step on a code task);
 2. otherwise arms are tried in order of estimated rate, only while the rate beats `ar`'s by
    `margin`; the first arm that proposes a non-empty tree drafts this step (lookup arms with no
    match fall through to the next one at no cost);
@@ -29,7 +33,7 @@ Example (with a fake clock so that every step costs the same):
     >>> from semiar.drafters.base import Drafter
     >>> from semiar.tree import DraftTree
     >>> class Wrong(Drafter):
-    ...     name = "wrong"
+    ...     name, max_nodes = "wrong", 2
     ...     def propose(self, tokens): return DraftTree.chain([-1, -1])
     >>> auto = AutoDrafter({"wrong": Wrong()}, clock=itertools.count().__next__)
     >>> auto.start([1, 2], None)
@@ -50,7 +54,7 @@ from ..tree import DraftTree
 from .base import Drafter
 
 
-THIN = 2.5  # evidence (decayed step count: three recent steps make 2.85) before an arm is judged on its record
+THIN = 3  # measured steps (over the arm's life) before it is judged on its record
 
 
 class _Arm:
@@ -60,6 +64,11 @@ class _Arm:
         self.n = 0.0  # how many recent steps (decayed the same way)
         self.seconds: Optional[float] = None  # running average of seconds per step
         self.probed_at = -1  # global step of the last measurement
+        self.measured = 0  # steps measured over the arm's life (not decayed)
+        self.best_case = float("inf")  # tokens one step can emit at most
+        if drafter is not None:
+            depth = drafter.max_depth
+            self.best_case = float((depth if depth is not None else drafter.max_nodes) + 1)
 
     @property
     def tokens(self) -> Optional[float]:
@@ -72,7 +81,13 @@ class _Arm:
             return float("inf")
         return self.tokens / self.seconds
 
+    @property
+    def ceiling(self) -> float:
+        """Tokens/s in the best case at the measured cost (infinite while the cost is unknown)."""
+        return self.best_case / self.seconds if self.seconds else float("inf")
+
     def update(self, tokens: int, seconds: float, step: int, alpha: float, memory: float) -> None:
+        self.measured += 1
         self.tok_sum = self.tok_sum * memory + tokens
         self.n = self.n * memory + 1.0
         self.seconds = float(seconds) if self.seconds is None else self.seconds + alpha * (seconds - self.seconds)
@@ -118,15 +133,17 @@ class AutoDrafter(Drafter):
     def _order(self) -> list[_Arm]:
         """Arms to ask, in order, this step; asking stops at the first non-empty tree or at `ar`."""
         ar = self.arms[-1]
-        if self.reprobe_every and self.step % self.reprobe_every == 0:
-            measured = [a for a in self.arms if a.probed_at >= 0]  # unmeasured arms are asked anyway
-            first = [min(measured, key=lambda a: a.probed_at)] if measured else []
-        else:
-            first = [a for a in self.arms[:-1] if a.n < THIN]  # too little evidence yet: ask first
-            if ar.seconds is None:
-                first.append(ar)
         ar_rate = 0.0 if ar.seconds is None else 1.0 / ar.seconds
         rates = {a.name: a.rate for a in self.arms[:-1]}
+        best = max([r for r in rates.values() if r != float("inf")] + [ar_rate])
+        can_pay = [a for a in self.arms[:-1] if a.ceiling > best]  # probing the others only spends time
+        if self.reprobe_every and self.step % self.reprobe_every == 0:
+            measured = [a for a in can_pay + [ar] if a.probed_at >= 0]  # unmeasured arms are asked anyway
+            first = [min(measured, key=lambda a: a.probed_at)] if measured else []
+        else:
+            first = [a for a in can_pay if a.measured < THIN]  # too little evidence yet: ask first
+            if ar.seconds is None:
+                first.append(ar)
         ranked = sorted((a for a in self.arms[:-1] if rates[a.name] > ar_rate * (1 + self.margin)),
                         key=lambda a: rates[a.name], reverse=True)
         return first + [a for a in ranked if a not in first]

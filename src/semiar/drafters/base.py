@@ -80,3 +80,8 @@ class Drafter:
     def max_nodes(self) -> int:
         """Upper bound on nodes per proposal (sizes the target's KV cache)."""
         return 0
+
+    @property
+    def max_depth(self) -> Optional[int]:
+        """Upper bound on the depth of a proposal, where it is less than max_nodes (None: unknown)."""
+        return None

@@ -62,6 +62,10 @@ class DraftModelDrafter(Drafter):
     def max_nodes(self) -> int:
         return self.tree.max_nodes
 
+    @property
+    def max_depth(self) -> int:
+        return self.tree.max_depth
+
     def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
         ctx = self.model.context_length
         self.cache = None  # let go of the last request's cache first (a CUDA-graph runner has one)
