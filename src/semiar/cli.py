@@ -175,6 +175,8 @@ def bench(
         mism = [m for m in mism if not m.get("near_tie")]
     if mism:
         _err(f"{len(mism)} lossless output mismatch(es); see {out}/report.md", code=1)
+    if results.get("failed"):
+        _err("failed and left out: " + "; ".join(f"{m}: {e}" for m, e in results["failed"].items()), code=1)
     if results.get("interrupted"):
         raise typer.Exit(130)
 

@@ -121,6 +121,27 @@ def test_bench_interrupt_keeps_partial_results(tmp_path, model_dirs, monkeypatch
     assert "Interrupted" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_bench_leaves_out_a_method_that_fails(tmp_path, model_dirs, monkeypatch):
+    """A method that raises on the second prompt is reported and dropped; the others' numbers stay."""
+    import semiar.bench.run as run_mod
+
+    real_run = run_mod.Runner.run
+    seen = {"pld": 0}
+
+    def broken(self, method, ids, max_new, seed):
+        if method == "pld":
+            seen["pld"] += 1
+            if seen["pld"] > 2:  # warm-up and first prompt pass
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_run(self, method, ids, max_new, seed)
+
+    monkeypatch.setattr(run_mod.Runner, "run", broken)
+    res = run_bench(config(tmp_path, model_dirs, methods=["ar", "pld", "ngram"], repeats=1), progress=False)
+    assert "pld" not in res["runs"] and "pld" not in res["summary"]["all"]
+    assert len(res["runs"]["ngram"]) == 2 and "illegal memory access" in res["failed"]["pld"]
+    assert "pld failed" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_tree_per_method():
     from semiar.bench.run import tree_per_method
 

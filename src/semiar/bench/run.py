@@ -180,8 +180,10 @@ class Runner:
         drafters = drafter_per_method(cfg.drafter, cfg.methods)
         for m in cfg.methods:
             if m in METHODS:
+                # auto chooses among the training-free methods, the draft model and a Falcon drafter
+                mine = drafters.get("falcon") if m == "auto" else drafters.get(m)
                 drafter = make_drafter(m, self.target, draft_model=self.draft, tree=trees.get(m), k=cfg.k,
-                                       device=cfg.device, drafter=drafters.get(m))
+                                       device=cfg.device, drafter=mine)
                 self.engines[m] = Engine(self.target, drafter)
             elif m.startswith("hf-"):
                 self.peers[m] = HFPeer(m, self.target, cfg.device, self.target.dtype, self.target.eos_ids,
@@ -252,9 +254,24 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                "draft_model": runner.draft.name if runner.draft else None, "interrupted": False,
                "prompts": [{"task": p.task, "id": p.id, "prompt_tokens": len(ids)} for p, ids in zip(prompts, encoded)],
                "runs": {m: [] for m in cfg.methods}}
+    results["failed"] = {}
+
+    def attempt(m, *args):
+        """runner.run, except that a method that raises is dropped from the run (reported, with
+        its error, in results.json and report.md) instead of losing every other method's numbers."""
+        try:
+            return runner.run(m, *args)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:
+            results["failed"][m] = f"{type(e).__name__}: {e}"
+            console.print(f"[red]{m} failed and is left out: {type(e).__name__}: {e}[/]")
+            return None
+
     # warm-up (excluded): first calls pay allocator growth, lazy init, thread pools
-    for m in cfg.methods:
-        runner.run(m, encoded[0], min(8, cfg.max_new_tokens), cfg.seed)
+    for m in list(cfg.methods):
+        attempt(m, encoded[0], min(8, cfg.max_new_tokens), cfg.seed)
+    _drop_failed(results, cfg)
 
     total = len(prompts) * cfg.repeats * len(cfg.methods)
     # `timeout` and job schedulers stop with SIGTERM: treat it like Ctrl-C and keep what finished
@@ -270,9 +287,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                     k = (pi * cfg.repeats + rep) % len(cfg.methods)
                     order = cfg.methods[k:] + cfg.methods[:k]
                     for m in order:
+                        if m in results["failed"]:
+                            continue
                         bar.update(task, description=f"{m:12s} {p.task}/{p.id}")
-                        per_method[m].append(runner.run(m, ids, cfg.max_new_tokens, cfg.seed + 1000 * pi + rep))
+                        per_method[m].append(attempt(m, ids, cfg.max_new_tokens, cfg.seed + 1000 * pi + rep))
                         bar.advance(task)
+                _drop_failed(results, cfg)
                 for m in cfg.methods:
                     rec = _median_record(per_method[m])
                     rec.update(task=p.task, prompt_id=p.id)
@@ -287,6 +307,15 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     results["summary"] = summarize(results)
     write_outputs(results, out)
     return results
+
+
+def _drop_failed(results: dict, cfg: BenchConfig) -> None:
+    """Take the methods that raised out of the run (`ar`, every ratio's baseline, cannot be)."""
+    if "ar" in results["failed"]:
+        raise SemiarError(f"the baseline `ar` failed: {results['failed']['ar']}")
+    cfg.methods = [m for m in cfg.methods if m not in results["failed"]]
+    for m in results["failed"]:
+        results["runs"].pop(m, None)
 
 
 def identity_check(results: dict, cfg: BenchConfig) -> dict:
@@ -414,6 +443,8 @@ def render_report(results: dict) -> str:
              ""]
     if results.get("interrupted"):
         lines += ["**Interrupted**: only the prompts that finished are included.", ""]
+    for meth, err in (results.get("failed") or {}).items():
+        lines += [f"**{meth} failed** and is left out: `{err}`", ""]
     ident = results["identity"]
     if not ident["checked"]:
         lines.append(f"Identity check: not applicable ({ident['reason']}).")
