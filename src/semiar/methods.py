@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .drafters.base import Drafter
+from .drafters.checkpoint import shipped_drafter
 from .errors import InvalidArgumentError
 from .tree import TreeSpec, parse_tree_spec
 
@@ -88,6 +89,8 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
 
         if tree is not None or k is not None:
             raise InvalidArgumentError("auto runs each method with its defaults; --tree and -k do not apply")
+        if drafter is None:
+            drafter = shipped_drafter("falcon", target.name)
         names = list(TRAINING_FREE) + (["draft"] if draft_model is not None else []) + (["falcon"] if drafter is not None else [])
         return AutoDrafter({m: make_drafter(m, target, draft_model=draft_model, device=device, dtype=dtype,
                                             corpus_ids=corpus_ids, drafter=drafter) for m in names})
@@ -117,6 +120,8 @@ def _pld(k: int, n: int) -> Drafter:
 def _learned(method: str, target, drafter, spec: Optional[TreeSpec], k: Optional[int]) -> Drafter:
     """A trained drafter: `drafter` is its directory (or an already built network)."""
     kind = LEARNED[method]
+    if drafter is None:
+        drafter = shipped_drafter(kind, target.name)
     if drafter is None:
         raise InvalidArgumentError(
             f"method {method!r} needs --drafter DIR: train one with "

@@ -162,3 +162,16 @@ def test_make_drafter_arguments(tmp_path):
         make_drafter("falcon", target, drafter=net, k=3)
     d = make_drafter("falcon", target, drafter=net, tree="dynamic:4,2,8")
     assert d.tree.budget == 8 and d.forwards == 2
+
+
+def test_shipped_drafter_serves_its_target_when_no_drafter_is_given(tmp_path, monkeypatch):
+    import semiar.drafters.checkpoint as ckpt
+
+    target, _ = tiny_target()
+    monkeypatch.setattr(ckpt, "SHIPPED", tmp_path)
+    save_falcon(tmp_path / f"{target.name}-falcon", make_net(target), target)
+    d = make_drafter("falcon", target)
+    assert isinstance(d, FalconDrafter)
+    assert "falcon" in [a.name for a in make_drafter("auto", target).arms]
+    with pytest.raises(InvalidArgumentError, match="--drafter"):  # none shipped for eagle
+        make_drafter("eagle", target)

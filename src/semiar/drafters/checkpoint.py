@@ -56,6 +56,16 @@ def check_identity(meta: dict, target, where: str) -> None:
                 "with `semiar train-drafter`")
 
 
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "drafters"
+
+
+def shipped_drafter(method: str, target_name: str) -> Optional[Path]:
+    """The drafter directory the package ships for a known target (data/drafters/TARGET-METHOD),
+    used when --drafter is not given; None when there is none."""
+    d = SHIPPED / f"{target_name}-{method}"
+    return d if (d / "config.json").is_file() else None
+
+
 def write_drafter_dir(out: str | Path, method: str, config: dict, state_dict: dict, target,
                       training: Optional[dict] = None) -> Path:
     """Write config.json + model.safetensors (atomically: a crash leaves the old files)."""

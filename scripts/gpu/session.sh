@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One GPU lease for issues 6-9, as back-to-back calls (an idle machine is given back after 30 s):
+#   stage the GGUFs (../shared/gpu/stage-file; q15.gguf, q05.gguf, s135.gguf pieces into /root/stash), then
+#   scripts/gpu/session.sh smol      SmolLM2-135M: self-distilled data + the Falcon drafter the README's
+#                                    demo ships (bf16 copy to $OUT), K3=1/NOGLANCE=1 add the ablation drafters
+#   scripts/gpu/session.sh falcon    Qwen2.5-Coder-1.5B: self-distilled data + the Falcon drafter
+#   scripts/gpu/session.sh heads     the same data: eagle, medusa, hydra (same epochs as falcon)
+#   scripts/gpu/session.sh greedy    one greedy bench: every engine method, the four drafters, the peers
+#   scripts/gpu/session.sh t1        one T=1 bench of the sampling-capable methods (+ medusa-typical, lossy)
+#   scripts/gpu/session.sh step      decode / verify step cost with per-layer torch.compile (COMPILE=1 fast.sh step)
+# Each step leaves a results tarball (and drafter weights) under $OUT; docs/benchmarks.md quotes them.
+set -uo pipefail
+STASH=${STASH:-/root/stash}
+OUT=${OUT:-runs/gpu-session}
+mkdir -p "$OUT" "$STASH/runs"
+export SEMIAR_HOME=$STASH/home PYTHONUNBUFFERED=1
+here=$(dirname "$0")
+bash "$here/fast.sh" setup >/dev/null  # wheels, and the staged pieces joined under their model names
+if [ ! -f "$STASH/smollm2-135m-instruct.gguf" ] && ls "$STASH"/s135.gguf.[0-9][0-9] >/dev/null 2>&1; then
+  cat "$STASH"/s135.gguf.[0-9][0-9] > "$STASH/smollm2-135m-instruct.gguf" && rm "$STASH"/s135.gguf.[0-9][0-9]
+fi
+export PYTHONPATH=/tmp/site:$PWD/src
+T15=$STASH/qwen2.5-coder-1.5b-instruct.gguf
+T05=$STASH/qwen2.5-coder-0.5b-instruct.gguf
+S135=$STASH/smollm2-135m-instruct.gguf
+RUNS=$STASH/runs
+EPOCHS=${EPOCHS:-6}
+TRAIN=(--device "${DEVICE:-cuda}" ${N_PROMPTS:+--n-prompts "$N_PROMPTS"} --gen-batch "${GEN_BATCH:-820}" --samples "${SAMPLES:-3}" -n "${GEN_TOKENS:-384}"
+       --epochs "$EPOCHS" --batch-tokens "${BATCH_TOKENS:-16384}" --lr "${LR:-3e-4}")
+DRAFTERS="medusa=$STASH/medusa-q15,hydra=$STASH/hydra-q15,eagle=$STASH/eagle-q15,falcon=$STASH/falcon-q15"
+TREES=${TREES:-"falcon=dynamic:8,6,48;eagle=dynamic:6,6,48"}
+
+train() {  # train METHOD TARGET OUTDIR DATA [extra args]: a failed training is reported, the session goes on
+  local m=$1 target=$2 dir=$3 data=$4; shift 4
+  echo "== train $m -> $dir"
+  python3 -m semiar.cli train-drafter --method "$m" --target "$target" --out "$dir" --data "$data" "${TRAIN[@]}" "$@" \
+    2>&1 | tr '\r' '\n' | grep -v '^\s*$' | grep -v 'Loading weights' | tail -6 | tee "$RUNS/train-$(basename "$dir").log"
+  cp "$dir/train_summary.json" "$RUNS/train_summary-$(basename "$dir").json" 2>/dev/null || echo "!! $m did not finish"
+}
+
+bf16_copy() {  # bf16_copy DIR NAME: the drafter's weights in bf16 (what the package ships) + config into $OUT
+  python3 - "$1" "$OUT/$2" <<'EOF'
+import sys, torch
+from safetensors.torch import load_file, save_file
+sd = load_file(sys.argv[1] + "/model.safetensors")
+save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, sys.argv[2] + ".safetensors",
+          metadata={"method": "falcon"})
+EOF
+  cp "$1/config.json" "$OUT/$2.config.json"
+}
+
+pack() { tar czf "$OUT/$1.tgz" -C "$STASH" runs && ls -la "$OUT"; }
+
+bench() {  # bench NAME SECONDS [bench args]: stopped with SIGINT at SECONDS, keeping the prompts that finished
+  local name=$1 secs=$2; shift 2
+  timeout -s INT "$secs" python3 -m semiar.cli bench --device "${DEVICE:-cuda}" --out "$RUNS/$name" "$@" \
+    2>&1 | tr '\r' '\n' | grep -v 'Loading weights' | grep -v '^\s*$' | tail -70
+  rm -f "$RUNS/$name"/*.png.tmp
+}
+
+case "${1:-}" in
+  smol)
+    train falcon "$S135" "$STASH/falcon-s135" "$STASH/s135-data.pt" --epochs "${SMOL_EPOCHS:-10}"
+    bf16_copy "$STASH/falcon-s135" falcon-s135
+    [ -n "${K3:-}" ] && train falcon "$S135" "$STASH/falcon-s135-k3" "$STASH/s135-data.pt" -k 3 --epochs "${SMOL_EPOCHS:-10}" \
+      && bf16_copy "$STASH/falcon-s135-k3" falcon-s135-k3
+    [ -n "${NOGLANCE:-}" ] && train falcon "$S135" "$STASH/falcon-s135-ng" "$STASH/s135-data.pt" --no-glance --epochs "${SMOL_EPOCHS:-10}" \
+      && bf16_copy "$STASH/falcon-s135-ng" falcon-s135-ng
+    pack smol
+    ;;
+  falcon)
+    train falcon "$T15" "$STASH/falcon-q15" "$STASH/q15-data.pt"
+    pack falcon
+    ;;
+  heads)
+    for m in ${HEADS:-eagle medusa hydra}; do train "$m" "$T15" "$STASH/$m-q15" "$STASH/q15-data.pt"; done
+    pack heads
+    ;;
+  greedy)
+    bench greedy "${SECS:-540}" --target "$T15" --draft-model "$T05" --drafter "$DRAFTERS" --tree "$TREES" \
+      --methods "${METHODS:-ar,draft,pld,ngram,lookahead,copy,auto,medusa,hydra,eagle,falcon,hf-ar,hf-assisted,hf-pld}" \
+      --tasks "${TASKS:-code,edit,chat}" --n-prompts "${N:-2}" --max-new-tokens "${TOKENS:-128}" --allow-near-ties
+    pack greedy
+    ;;
+  t1)
+    bench t1 "${SECS:-400}" --target "$T15" --draft-model "$T05" --drafter "$DRAFTERS" --tree "$TREES" \
+      --methods "${METHODS:-ar,draft,pld,lookahead,medusa,hydra,eagle,falcon,medusa-typical}" \
+      --tasks "${TASKS:-code,chat}" --n-prompts "${N:-2}" --max-new-tokens "${TOKENS:-96}" --temperature 1
+    pack t1
+    ;;
+  step)
+    COMPILE=1 OUT=$RUNS/step bash "$here/fast.sh" step
+    pack step
+    ;;
+  *) echo "usage: $0 smol|falcon|heads|greedy|t1|step" >&2; exit 2 ;;
+esac
