@@ -27,7 +27,18 @@ RUNS=$STASH/runs
 EPOCHS=${EPOCHS:-6}
 TRAIN=(--device "${DEVICE:-cuda}" ${N_PROMPTS:+--n-prompts "$N_PROMPTS"} --gen-batch "${GEN_BATCH:-820}" --samples "${SAMPLES:-3}" -n "${GEN_TOKENS:-384}"
        --epochs "$EPOCHS" --batch-tokens "${BATCH_TOKENS:-16384}" --lr "${LR:-3e-4}")
-DRAFTERS="medusa=$STASH/medusa-q15,hydra=$STASH/hydra-q15,eagle=$STASH/eagle-q15,falcon=$STASH/falcon-q15"
+# the drafters whose training finished, and the methods that can run without the others
+DRAFTERS="" SKIP=""
+for m in medusa hydra eagle falcon; do
+  if [ -f "$STASH/$m-q15/model.safetensors" ]; then DRAFTERS="$DRAFTERS${DRAFTERS:+,}$m=$STASH/$m-q15"; else SKIP="$SKIP $m"; fi
+done
+methods() {  # methods LIST: LIST without the learned methods that have no drafter
+  local out="" m
+  for m in ${1//,/ }; do
+    case " $SKIP " in *" ${m%-typical} "*) echo "!! no $m drafter: left out" >&2 ;; *) out="$out${out:+,}$m" ;; esac
+  done
+  echo "$out"
+}
 TREES=${TREES:-"falcon=dynamic:8,6,48;eagle=dynamic:6,6,48"}
 
 train() {  # train METHOD TARGET OUTDIR DATA [extra args]: a failed training is reported, the session goes on
@@ -77,14 +88,14 @@ case "${1:-}" in
     pack heads
     ;;
   greedy)
-    bench greedy "${SECS:-540}" --target "$T15" --draft-model "$T05" --drafter "$DRAFTERS" --tree "$TREES" \
-      --methods "${METHODS:-ar,draft,pld,ngram,lookahead,copy,auto,medusa,hydra,eagle,falcon,hf-ar,hf-assisted,hf-pld}" \
+    bench greedy "${SECS:-540}" --target "$T15" --draft-model "$T05" ${DRAFTERS:+--drafter "$DRAFTERS"} --tree "$TREES" \
+      --methods "$(methods "${METHODS:-ar,draft,pld,ngram,lookahead,copy,auto,medusa,hydra,eagle,falcon,hf-ar,hf-assisted,hf-pld}")" \
       --tasks "${TASKS:-code,edit,chat}" --n-prompts "${N:-2}" --max-new-tokens "${TOKENS:-128}" --allow-near-ties
     pack greedy
     ;;
   t1)
-    bench t1 "${SECS:-400}" --target "$T15" --draft-model "$T05" --drafter "$DRAFTERS" --tree "$TREES" \
-      --methods "${METHODS:-ar,draft,pld,lookahead,medusa,hydra,eagle,falcon,medusa-typical}" \
+    bench t1 "${SECS:-400}" --target "$T15" --draft-model "$T05" ${DRAFTERS:+--drafter "$DRAFTERS"} --tree "$TREES" \
+      --methods "$(methods "${METHODS:-ar,draft,pld,lookahead,medusa,hydra,eagle,falcon,medusa-typical}")" \
       --tasks "${TASKS:-code,chat}" --n-prompts "${N:-2}" --max-new-tokens "${TOKENS:-96}" --temperature 1
     pack t1
     ;;
