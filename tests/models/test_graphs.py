@@ -85,3 +85,26 @@ def test_compiled_layer_path_matches_and_compiles_once_per_size():
         assert (ref.decoder(x, a_cache).logits - g(x, b_cache).logits).abs().max() < 1e-4
     # both layers share one compiled graph per block size (sizes 1 and 4, prefill eager)
     assert counters["stats"]["unique_graphs"] - before <= 2
+
+
+def test_a_finished_request_hands_the_draft_models_static_cache_back():
+    # two methods drafting with one graphed draft model (the bench's `draft` and `auto`'s draft arm):
+    # the second must get the static cache too, or its draft model runs eagerly
+    from semiar.drafters.draft_model import DraftModelDrafter
+
+    target, _ = tiny_target("qwen2")
+    draft, _ = tiny_target("qwen2")
+    draft.runner = g = GraphedDecoder(draft.decoder, capacity=1024, sizes=(1, 4, 8), capture=False)
+    prompt = [3, 9, 4, 1, 7, 2, 3, 9]
+    first, second = DraftModelDrafter(draft, target), DraftModelDrafter(draft, target)
+    ref = Engine(target).generate(prompt, max_new_tokens=16).run().token_ids
+    gen = Engine(target, first).generate(prompt, max_new_tokens=16)
+    next(iter(gen))
+    assert first.cache.k is g.cache.k
+    assert gen.run().token_ids == ref
+    assert first.cache is None  # released at the end of its request
+    gen = Engine(target, second).generate(prompt, max_new_tokens=16)
+    next(iter(gen))
+    assert second.cache.k is g.cache.k
+    gen.run()
+    assert gen.token_ids == ref

@@ -130,6 +130,11 @@ class AutoDrafter(Drafter):
             if a.drafter is not None:
                 a.drafter.start(prompt_ids, sampling, generator, prompt_hidden)
 
+    def finish(self):
+        for a in self.arms:
+            if a.drafter is not None:
+                a.drafter.finish()
+
     def _order(self) -> list[_Arm]:
         """Arms to ask, in order, this step; asking stops at the first non-empty tree or at `ar`."""
         ar = self.arms[-1]

@@ -59,6 +59,10 @@ class Drafter:
         """Called once per request before the first proposal. prompt_hidden: [n_prompt - 1, hidden]
         target features for the prompt's cached part (when needs_hidden)."""
 
+    def finish(self) -> None:
+        """Called when a request ends (finished, stopped or abandoned): let go of per-request state
+        that other requests may need, such as a draft model's static CUDA-graph cache."""
+
     def propose(self, tokens: list[int]) -> DraftTree:
         """Tree of draft tokens to follow `tokens` (the whole context; tokens[-1] is the root)."""
         raise NotImplementedError

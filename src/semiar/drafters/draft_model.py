@@ -66,6 +66,10 @@ class DraftModelDrafter(Drafter):
     def max_depth(self) -> int:
         return self.tree.max_depth
 
+    def finish(self):
+        self.cache = None  # hand the draft model's static cache back (models/graphs.py: lease)
+        self.seen = []
+
     def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
         ctx = self.model.context_length
         self.cache = None  # let go of the last request's cache first (a CUDA-graph runner has one)
