@@ -337,10 +337,14 @@ class FalconDrafter(Drafter):
         feat_rows = [out]  # list of [k, H] chunks; node feature = feat_rows[chunk][i]
         feat_index: list[tuple[int, int]] = []
 
-        def add_block(parent: int, parent_score: float, probs: torch.Tensor, chunk: int) -> list[tuple[float, int]]:
-            """Cartesian top-k continuations of one block (k distributions), beam of top_k."""
-            top_p, top_t = probs.topk(spec.top_k, dim=-1)
-            top_p, top_t = top_p.tolist(), top_t.tolist()
+        def top(probs: torch.Tensor) -> tuple[list, list]:
+            """top_k of every row in one kernel and one device-to-host copy per pass (a copy per
+            block would wait on the GPU once per block)."""
+            p, t = probs.topk(spec.top_k, dim=-1)
+            return p.tolist(), t.tolist()
+
+        def add_block(parent: int, parent_score: float, top_p: list, top_t: list, chunk: int) -> list[tuple[float, int]]:
+            """Cartesian top-k continuations of one block (its k rows of top_p/top_t), beam of top_k."""
             beams = [(parent_score, parent)]
             d0 = 0 if parent < 0 else depth[parent]
             for i in range(min(k, spec.depth - d0)):
@@ -357,7 +361,7 @@ class FalconDrafter(Drafter):
                     beams.append((s, len(tokens_) - 1))
             return beams if len(beams) and depth[beams[0][1]] == d0 + k else []
 
-        blocks = add_block(-1, 1.0, probs, 0)  # (score, last node) of complete blocks
+        blocks = add_block(-1, 1.0, *top(probs), 0)  # (score, last node) of complete blocks
         block_rows: dict[int, list[int]] = {}  # last node of a fed block -> its rows in the cache
         for _ in range(self.forwards - 1):
             blocks = heapq.nlargest(spec.top_k, blocks, key=lambda x: x[0])
@@ -391,9 +395,10 @@ class FalconDrafter(Drafter):
             out, probs = self._pass(torch.stack(rows_feats), torch.tensor(rows_ids, device=dev),
                                     torch.tensor(rows_pos, device=dev), mask)  # [R, H], [R, vocab]
             new_blocks = []
+            top_p, top_t = top(probs)
             for b, (s, last) in enumerate(blocks):
                 feat_rows.append(out[b * k:(b + 1) * k])
-                new_blocks += add_block(last, s, probs[b * k:(b + 1) * k], len(feat_rows) - 1)
+                new_blocks += add_block(last, s, top_p[b * k:(b + 1) * k], top_t[b * k:(b + 1) * k], len(feat_rows) - 1)
             blocks = new_blocks
         self.cache.truncate(base)
 
