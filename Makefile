@@ -8,6 +8,7 @@ STAMP := $(VENV)/.semiar-installed
 TARGET ?= qwen2.5-coder-1.5b-instruct
 DRAFT ?= qwen2.5-coder-0.5b-instruct
 DEMO_OUT ?= runs/demo
+SMALL ?= smollm2-135m-instruct
 
 .PHONY: install demo test test-slow clean
 
@@ -26,7 +27,11 @@ demo: $(STAMP)
 	$(SEMIAR) models pull $(DRAFT)
 	$(SEMIAR) bench --target $(TARGET) --draft-model $(DRAFT) --methods ar,draft,pld,ngram,copy,auto \
 		--tasks code,edit --n-prompts 2 --max-new-tokens 96 --out $(DEMO_OUT)
-	@echo "report: $(DEMO_OUT)/report.md"
+	# Falcon with the drafter the package ships for SmolLM2-135M (docs/falcon.md)
+	$(SEMIAR) models pull $(SMALL)
+	$(SEMIAR) bench --target $(SMALL) --methods ar,falcon,pld,auto --tasks code,edit,chat --n-prompts 2 \
+		--max-new-tokens 96 --out $(DEMO_OUT)/falcon
+	@echo "reports: $(DEMO_OUT)/report.md, $(DEMO_OUT)/falcon/report.md"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -175,3 +175,12 @@ def test_shipped_drafter_serves_its_target_when_no_drafter_is_given(tmp_path, mo
     assert "falcon" in [a.name for a in make_drafter("auto", target).arms]
     with pytest.raises(InvalidArgumentError, match="--drafter"):  # none shipped for eagle
         make_drafter("eagle", target)
+
+
+def test_default_tree_follows_the_device():
+    from semiar.drafters.falcon import default_tree
+
+    assert default_tree(2, "cpu") == TreeSpec("dynamic", depth=2, top_k=1, budget=2)
+    assert default_tree(2, "cuda") == TreeSpec("dynamic", depth=6, top_k=4, budget=16)
+    target, _ = tiny_target()
+    assert FalconDrafter(make_net(target), target).tree == default_tree(2, "cpu")

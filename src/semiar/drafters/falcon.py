@@ -237,6 +237,17 @@ def save_falcon(path: str | Path, net: FalconNet, target, training: Optional[dic
     return write_drafter_dir(path, method, asdict(net.config), net.state_dict(), target, training)
 
 
+def default_tree(k: int, device) -> TreeSpec:
+    """The tree shape when --tree is not given, by device (measured, docs/benchmarks.md):
+    on a CPU every drafter pass and every verified node costs real time, and one pass drafting a
+    chain of k was fastest (SmolLM2-135M, 2 cores: 0.79x of `ar` vs 0.57x for `dynamic:6,4,16`);
+    on a GPU a block of 16-64 nodes verifies for ~1.2-1.35 decode steps, so three passes of a
+    4-wide tree."""
+    if torch.device(device).type == "cpu":
+        return TreeSpec("dynamic", depth=k, top_k=1, budget=k)
+    return TreeSpec("dynamic", depth=3 * k, top_k=4, budget=16)
+
+
 class FalconDrafter(Drafter):
     """Drafts a block tree with a trained FalconNet (see the module docstring)."""
 
@@ -248,7 +259,7 @@ class FalconDrafter(Drafter):
         self.net = net.eval()
         self.target = target
         self.k = net.config.k
-        self.tree = tree or TreeSpec("dynamic", depth=3 * self.k, top_k=4, budget=16)
+        self.tree = tree or default_tree(self.k, net.device)
         if self.tree.kind != "dynamic":
             raise InvalidArgumentError(f"{self.name} builds a dynamic tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
         if self.tree.depth < self.k:
