@@ -67,6 +67,21 @@ def test_smollm2_speculative_equals_ar(smol):
         assert Engine(smol, drafter).generate(ids, max_new_tokens=40).run().token_ids == ref
 
 
+def test_smollm2_shipped_falcon_drafter_loads_and_is_lossless(smol):
+    """The drafter in the package serves smollm2-135m-instruct with no --drafter: its identity
+    (hash of the embedding, sizes) matches the target converted here, and it drafts tokens that
+    the target accepts."""
+    from semiar.drafters.falcon import FalconDrafter
+    from semiar.methods import make_drafter
+
+    drafter = make_drafter("falcon", smol)
+    assert isinstance(drafter, FalconDrafter)
+    ids = smol.encode("Write a Python function that returns the sum of a list.", chat=True)
+    ref = Engine(smol).generate(ids, max_new_tokens=48).run().token_ids
+    gen = Engine(smol, drafter).generate(ids, max_new_tokens=48).run()
+    assert gen.token_ids == ref and gen.stats.tau > 1.1
+
+
 @pytest.mark.slow
 def test_qwen_pair_draft_equals_ar(real_home, monkeypatch):
     from semiar.methods import make_drafter
