@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU lease for issues 6-9, as back-to-back calls (an idle machine is given back after 30 s):
-#   stage the GGUFs (../shared/gpu/stage-file; q15.gguf, q05.gguf, s135.gguf pieces into /root/stash), then
+#   stage the GGUFs (../shared/gpu/stage-file; q15.gguf, q05.gguf, s135.gguf pieces into /root/stash; a call
+#   carries at most 64 MiB with the checkout, which holds the 15 MB shipped drafter: PIECE_MB=45), then
 #   scripts/gpu/session.sh smol      SmolLM2-135M: self-distilled data + the Falcon drafter the README's
 #                                    demo ships (bf16 copy to $OUT), K3=1/NOGLANCE=1 add the ablation drafters
 #   scripts/gpu/session.sh falcon    Qwen2.5-Coder-1.5B: self-distilled data + the Falcon drafter
