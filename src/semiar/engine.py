@@ -142,6 +142,13 @@ class Generation:
         return self
 
     def _run(self) -> Iterator[Chunk]:
+        try:
+            yield from self._decode()
+        finally:  # the request ended: finished, stopped, or the caller abandoned the stream
+            if self.engine.drafter:
+                self.engine.drafter.finish()
+
+    def _decode(self) -> Iterator[Chunk]:
         eng = self.engine
         target, drafter, stats = eng.target, eng.drafter, self.stats
         dec = target.runner  # the decoder, or its CUDA-graph replay (models.graphs)
@@ -169,61 +176,57 @@ class Generation:
             drafter.start(prompt, self.sampling, generator, prompt_hidden)
             stats.draft_seconds += time.perf_counter() - td
 
-        try:
-            tokens = list(prompt)  # the whole context; tokens[-1] is the root, not yet in the cache
-            while len(self.token_ids) < budget and self.stop_reason is None:
-                remaining = budget - len(self.token_ids)
+        tokens = list(prompt)  # the whole context; tokens[-1] is the root, not yet in the cache
+        while len(self.token_ids) < budget and self.stop_reason is None:
+            remaining = budget - len(self.token_ids)
+            td = time.perf_counter()
+            tree = drafter.propose(tokens) if drafter else DraftTree.empty()
+            if len(tree) and tree.depth > remaining - 1:
+                tree = prune_depth(tree, remaining - 1)
+            _sync(device)
+            tv = time.perf_counter()
+            stats.draft_seconds += tv - td
+
+            start = cache.length
+            ids = torch.tensor([[tokens[-1]] + tree.tokens], device=device)
+            if len(tree):
+                out = dec(ids, cache, positions=tree.positions(start, device).unsqueeze(0),
+                          tree_mask=tree.attention_mask(device), return_hidden=needs_hidden)
+            else:
+                out = dec(ids, cache, return_hidden=needs_hidden)
+            accept = drafter.acceptance if drafter and drafter.acceptance else verify  # relaxed only if opted in
+            verdict = accept(tree, out.logits[0], self.sampling, generator)
+            keep = [0] + [i + 1 for i in verdict.path]
+            cache.keep(start, keep)
+            stats.verify_seconds += time.perf_counter() - tv
+            stats.target_forwards += 1
+            stats.draft_tokens += len(tree)
+            self._count_depths(tree, len(verdict.path))
+
+            emitted, step_text = [], ""
+            for t in verdict.tokens[:remaining]:
+                emitted.append(t)
+                self.token_ids.append(t)
+                step_text += detok.add(t)
+                if t in target.eos_ids:
+                    self.stop_reason = "eos"
+                elif detok.stopped:
+                    self.stop_reason = "stop"
+                if self.stop_reason:
+                    break
+            tokens.extend(emitted)
+            stats.new_tokens = len(self.token_ids)
+            if drafter and self.stop_reason is None:
                 td = time.perf_counter()
-                tree = drafter.propose(tokens) if drafter else DraftTree.empty()
-                if len(tree) and tree.depth > remaining - 1:
-                    tree = prune_depth(tree, remaining - 1)
-                _sync(device)
-                tv = time.perf_counter()
-                stats.draft_seconds += tv - td
-
-                start = cache.length
-                ids = torch.tensor([[tokens[-1]] + tree.tokens], device=device)
-                if len(tree):
-                    out = dec(ids, cache, positions=tree.positions(start, device).unsqueeze(0),
-                              tree_mask=tree.attention_mask(device), return_hidden=needs_hidden)
-                else:
-                    out = dec(ids, cache, return_hidden=needs_hidden)
-                accept = drafter.acceptance if drafter and drafter.acceptance else verify  # relaxed only if opted in
-                verdict = accept(tree, out.logits[0], self.sampling, generator)
-                keep = [0] + [i + 1 for i in verdict.path]
-                cache.keep(start, keep)
-                stats.verify_seconds += time.perf_counter() - tv
-                stats.target_forwards += 1
-                stats.draft_tokens += len(tree)
-                self._count_depths(tree, len(verdict.path))
-
-                emitted, step_text = [], ""
-                for t in verdict.tokens[:remaining]:
-                    emitted.append(t)
-                    self.token_ids.append(t)
-                    step_text += detok.add(t)
-                    if t in target.eos_ids:
-                        self.stop_reason = "eos"
-                    elif detok.stopped:
-                        self.stop_reason = "stop"
-                    if self.stop_reason:
-                        break
-                tokens.extend(emitted)
-                stats.new_tokens = len(self.token_ids)
-                if drafter and self.stop_reason is None:
-                    td = time.perf_counter()
-                    hidden = out.hidden[0, keep] if needs_hidden else None
-                    kw = {}
-                    if needs_argmax:  # the target's greedy guess at every node (Jacobi drafters); greedy
-                        # verification has it already, sampling costs one argmax and one host copy
-                        kw["node_argmax"] = verdict.argmax or out.logits[0].argmax(-1).tolist()
-                    drafter.observe(emitted, len(verdict.path), hidden, **kw)
-                    stats.draft_seconds += time.perf_counter() - td
-                self.text = detok.text
-                yield Chunk(emitted, step_text)
-        finally:  # also when the caller abandons the iterator (GeneratorExit at the yield)
-            if drafter:
-                drafter.finish()
+                hidden = out.hidden[0, keep] if needs_hidden else None
+                kw = {}
+                if needs_argmax:  # the target's greedy guess at every node (Jacobi drafters); greedy
+                    # verification has it already, sampling costs one argmax and one host copy
+                    kw["node_argmax"] = verdict.argmax or out.logits[0].argmax(-1).tolist()
+                drafter.observe(emitted, len(verdict.path), hidden, **kw)
+                stats.draft_seconds += time.perf_counter() - td
+            self.text = detok.text
+            yield Chunk(emitted, step_text)
         if self.stop_reason is None:
             self.stop_reason = "length"
         _sync(device)
