@@ -8,7 +8,9 @@
 #   scripts/gpu/session.sh heads     the same data: eagle, medusa, hydra (same epochs as falcon)
 #   scripts/gpu/session.sh greedy    one greedy bench: every engine method, the four drafters, the peers
 #   scripts/gpu/session.sh t1        one T=1 bench of the sampling-capable methods (+ medusa-typical, lossy)
-#   scripts/gpu/session.sh step      decode / verify step cost with per-layer torch.compile (COMPILE=1 fast.sh step)
+#   scripts/gpu/session.sh step      decode / verify step cost: eager, CUDA graphs (whole cache / windows), per-layer
+#                                    torch.compile (+ coordinate-descent tuning), kernel profiles (scripts/gpu/step_cost.py)
+# COMPILE=1 makes the benches load the models with --compile; TREES sets per-method trees (default: each method's own).
 # Each step leaves a results tarball (and drafter weights) under $OUT; docs/benchmarks.md quotes them.
 set -uo pipefail
 STASH=${STASH:-/root/stash}
@@ -40,7 +42,7 @@ methods() {  # methods LIST: LIST without the learned methods that have no draft
   done
   echo "$out"
 }
-TREES=${TREES:-"falcon=dynamic:8,6,48;eagle=dynamic:6,6,48"}
+TREES=${TREES:-}
 
 train() {  # train METHOD TARGET OUTDIR DATA [extra args]: a failed training is reported, the session goes on
   local m=$1 target=$2 dir=$3 data=$4; shift 4
@@ -89,19 +91,21 @@ case "${1:-}" in
     pack heads
     ;;
   greedy)
-    bench greedy "${SECS:-540}" --target "$T15" --draft-model "$T05" ${DRAFTERS:+--drafter "$DRAFTERS"} --tree "$TREES" \
+    bench greedy "${SECS:-540}" --target "$T15" --draft-model "$T05" ${DRAFTERS:+--drafter "$DRAFTERS"} ${TREES:+--tree "$TREES"} ${COMPILE:+--compile} \
       --methods "$(methods "${METHODS:-ar,draft,pld,ngram,lookahead,copy,auto,medusa,hydra,eagle,falcon,hf-ar,hf-assisted,hf-pld}")" \
       --tasks "${TASKS:-code,edit,chat}" --n-prompts "${N:-2}" --max-new-tokens "${TOKENS:-128}" --allow-near-ties
     pack greedy
     ;;
   t1)
-    bench t1 "${SECS:-400}" --target "$T15" --draft-model "$T05" ${DRAFTERS:+--drafter "$DRAFTERS"} --tree "$TREES" \
+    bench t1 "${SECS:-400}" --target "$T15" --draft-model "$T05" ${DRAFTERS:+--drafter "$DRAFTERS"} ${TREES:+--tree "$TREES"} ${COMPILE:+--compile} \
       --methods "$(methods "${METHODS:-ar,draft,pld,lookahead,medusa,hydra,eagle,falcon,medusa-typical}")" \
       --tasks "${TASKS:-code,chat}" --n-prompts "${N:-2}" --max-new-tokens "${TOKENS:-96}" --temperature 1
     pack t1
     ;;
   step)
-    COMPILE=1 OUT=$RUNS/step bash "$here/fast.sh" step
+    timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "$T15" --compile --cdt --profile --out "$RUNS/step" \
+      2>&1 | grep -v -i 'warn\|Loading weights'
+    cp "$RUNS/step/step_cost.json" "$OUT/" 2>/dev/null
     pack step
     ;;
   *) echo "usage: $0 smol|falcon|heads|greedy|t1|step" >&2; exit 2 ;;

@@ -1,9 +1,14 @@
 """Cost of one decode step and of tree verification on CUDA: eager, CUDA graphs, compiled + graphs.
 
-usage: python scripts/gpu/step_cost.py --model MODEL [--compile] [--sizes 16,32,64] [--context 300]
+usage: python scripts/gpu/step_cost.py --model MODEL [--compile] [--cdt] [--sizes 16,32,64] [--context 300]
+
 Prints a table and writes step_cost.json to --out. The bound: every decode step reads all weights
-once; at the GPU's memory bandwidth (--bandwidth, default 3.35e12 B/s for an H100 SXM) that allows
-bandwidth / weight_bytes steps per second.
+once; at the GPU's memory bandwidth (--bandwidth; default the datasheet figure of the GPU found:
+3.35e12 B/s for an H100 SXM, 4.8e12 for an H200) that allows bandwidth / weight_bytes steps per
+second. Also measured, as ceilings read on this GPU: a device-to-device copy's bandwidth, and
+the same step's matrix products alone (replayed as one CUDA graph, nothing else in it).
+--profile adds a kernel profile of a 1-token step for each variant: kernels per step and where the
+GPU time goes (matrix products vs everything else).
 """
 import argparse
 import json
@@ -11,10 +16,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from semiar.models.decoder import Attention
-from semiar.models.graphs import GraphedDecoder
+from semiar.models.graphs import GraphedDecoder, _Captured
 from semiar.models.loading import load_model
+
+DATASHEET = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
 
 def timed(fn, reps):
@@ -44,30 +52,96 @@ def step_costs(runner, cache, context, sizes, reps):
     return out
 
 
+def copy_bandwidth():
+    """Bytes read + written per second by a 4 GiB device-to-device copy."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = timed(lambda: b.copy_(a), 10)
+    del a, b
+    return 2 * (2 << 30) / (ms / 1e3)
+
+
+def matmuls_alone(dec, reps):
+    """ms of one 1-token step's matrix products alone (every linear layer + the LM head, one CUDA
+    graph): what the step would cost if nothing but the weight reads took time."""
+    linears = [m for m in dec.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, m.in_features, device="cuda", dtype=dec.dtype) for m in linears]
+
+    def run():
+        for m, x in zip(linears, xs):
+            F.linear(x, m.weight, m.bias)
+
+    g = _Captured(run, [])
+    return timed(g.graph.replay, reps), len(linears)
+
+
+def kernel_profile(dec, context, compiled):
+    """Kernels of one 1-token fixed-shape step (no graph: the same kernels a replay runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1], capture=False, compile=compiled)
+    cache = g.new_cache(context + 100)
+    step_costs(g, cache, context, [], 5)
+    ids = torch.randint(100, 1000, (1, 1), device="cuda")
+    steps = 10
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            cache.length = context
+            g(ids, cache)
+        torch.cuda.synchronize()
+    gemm_words = ("gemm", "gemv", "cutlass", "sm90", "cublas", "nvjet", "xmma", "splitk")
+    kinds = {"matmul": [0, 0.0], "other": [0, 0.0]}
+    top = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if not t or e.count == 0 or e.key.startswith("ProfilerStep"):
+            continue
+        kind = "matmul" if any(w in e.key.lower() for w in gemm_words) else "other"
+        kinds[kind][0] += e.count
+        kinds[kind][1] += t
+        top.append((t / steps, e.count // steps, e.key[:90]))
+    dec.static_fns = None
+    top.sort(reverse=True)
+    out = {k: {"kernels_per_step": c / steps, "gpu_ms_per_step": us / steps / 1e3} for k, (c, us) in kinds.items()}
+    out["top"] = [{"us_per_step": round(t, 1), "per_step": n, "kernel": k} for t, n, k in top[:15]]
+    return out
+
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
 ap.add_argument("--sizes", default="16,32,64")
 ap.add_argument("--context", type=int, default=300)
 ap.add_argument("--capacity", type=int, default=2048)
 ap.add_argument("--reps", type=int, default=200)
-ap.add_argument("--compile", action="store_true")
-ap.add_argument("--bandwidth", type=float, default=3.35e12)
+ap.add_argument("--compile", action="store_true", help="add per-layer torch.compile + graphs")
+ap.add_argument("--cdt", action="store_true", help="add a compiled variant with Inductor's coordinate-descent tuning")
+ap.add_argument("--sdpa", action="store_true", help="add graphs with SDPA attention instead of explicit matmuls")
+ap.add_argument("--bandwidth", type=float, default=None)
 ap.add_argument("--out", default="runs/step_cost")
-ap.add_argument("--profile", action="store_true", help="also print the GPU kernels of one static 1-token step")
+ap.add_argument("--profile", action="store_true", help="also profile the kernels of a 1-token step")
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 
 m = load_model(a.model, device="cuda", cuda_graphs=False)
 dec = m.decoder
+gpu = torch.cuda.get_device_name(0)
+bandwidth = a.bandwidth or next((bw for k, bw in DATASHEET.items() if k in gpu), 3.35e12)
 # what a step reads: every weight but the embedding table (one row of it), unless the LM head is tied to it
 weight_bytes = sum(p.numel() * p.element_size() for p in dec.parameters())
 if dec.lm_head.weight is not dec.embed_tokens.weight:
     weight_bytes -= dec.embed_tokens.weight.numel() * dec.embed_tokens.weight.element_size()
-bound_ms = weight_bytes / a.bandwidth * 1e3
-res = {"model": m.name, "gpu": torch.cuda.get_device_name(0), "dtype": str(m.dtype), "torch": torch.__version__,
-       "weight_bytes": weight_bytes, "bandwidth": a.bandwidth, "bound_ms": bound_ms, "context": a.context,
+bound_ms = weight_bytes / bandwidth * 1e3
+res = {"model": m.name, "gpu": gpu, "dtype": str(m.dtype), "torch": torch.__version__,
+       "weight_bytes": weight_bytes, "bandwidth": bandwidth, "bound_ms": bound_ms, "context": a.context,
        "capacity": a.capacity}
+copy_bw = copy_bandwidth()
+mm_ms, n_linear = matmuls_alone(dec, a.reps)
+res.update(copy_bandwidth=copy_bw, copy_bound_ms=weight_bytes / copy_bw * 1e3, matmuls_alone_ms=mm_ms, linears=n_linear)
 
+
+def save():
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "step_cost.json").write_text(json.dumps(res, indent=1))
 
 
 def report(name):
@@ -78,45 +152,62 @@ def report(name):
         rp = res[name + "_replay_ms"]
         line += f" | replay alone {rp:.3f} ms ({bound_ms / rp:.0%} of bound), capture {res[name + '_capture_s']:.1f} s"
     print(line, flush=True)
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "step_cost.json").write_text(json.dumps(res, indent=1))
+    save()
 
 
-print(f"{res['model']} on {res['gpu']}, {res['dtype']}, weights {weight_bytes / 1e9:.2f} GB, "
-      f"bound {bound_ms:.3f} ms/step ({1e3 / bound_ms:.0f} steps/s at {a.bandwidth / 1e12:.2f} TB/s)", flush=True)
+print(f"{res['model']} on {gpu}, {res['dtype']}, weights {weight_bytes / 1e9:.2f} GB, "
+      f"bound {bound_ms:.3f} ms/step ({1e3 / bound_ms:.0f} steps/s at {bandwidth / 1e12:.2f} TB/s datasheet); "
+      f"copy {copy_bw / 1e12:.2f} TB/s here -> {res['copy_bound_ms']:.3f} ms; "
+      f"the {n_linear} matrix products alone {mm_ms:.3f} ms ({weight_bytes / mm_ms / 1e9:.2f} TB/s)", flush=True)
 res["eager"] = step_costs(dec, dec.new_cache(a.capacity), a.context, sizes, max(20, a.reps // 10))
 report("eager")
-variants = [("graphs", False), ("graphs-sdpa", False)] + ([("compiled+graphs", True)] if a.compile else [])
-for name, comp in variants:
+
+
+def measure(name, comp):
     Attention.static_sdpa = name == "graphs-sdpa"
+    if name.startswith("compiled-cdt"):
+        import torch._inductor.config as ic
+
+        ic.coordinate_descent_tuning = True
+        torch._dynamo.reset()
     t0 = time.perf_counter()
-    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1] + sizes, compile=comp)
+    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp,
+                       windows=() if name == "graphs-full" else None)
     res[name + "_capture_s"] = time.perf_counter() - t0
     cache = g.new_cache(a.context + 100)
     res[name] = step_costs(g, cache, a.context, sizes, a.reps)
     # the replay alone (no input copies, no Python around it): what the GPU itself takes
     cache.length = a.context
-    res[name + "_replay_ms"] = timed(lambda: g.graphs[1].replay(), a.reps)
+    W = next(w for w in g.windows if w > a.context)
+    res[name + "_replay_ms"] = timed(lambda: g.graphs[1, W].replay(), a.reps)
     report(name)
+    dec.static_fns = None
+    Attention.static_sdpa = False
     del g, cache
     torch.cuda.empty_cache()
 
-Attention.static_sdpa = False
-if a.profile:
-    from torch.profiler import ProfilerActivity, profile
 
-    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1], capture=False)
-    cache = g.new_cache(a.context + 100)
-    step_costs(g, cache, a.context, [], 5)
-    ids = torch.randint(100, 1000, (1, 1), device="cuda")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            cache.length = a.context
-            g(ids, cache)
-        torch.cuda.synchronize()
-    for key in ("self_device_time_total", "self_cuda_time_total", "cuda_time_total"):
-        try:
-            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
-            break
-        except Exception:  # the key's name changed across torch versions
-            continue
+def profile_step(name, comp):
+    p = res[name + "_profile"] = kernel_profile(dec, a.context, comp)
+    print(f"\n{name}: per 1-token step, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
+          f"{p['matmul']['gpu_ms_per_step']:.3f} ms, everything else {p['other']['kernels_per_step']:.0f} kernels "
+          f"{p['other']['gpu_ms_per_step']:.3f} ms", flush=True)
+    for row in p["top"]:
+        print(f"  {row['us_per_step']:8.1f} us  x{row['per_step']:<4} {row['kernel']}")
+    save()
+
+
+# graphs-full: attention over the whole capacity (as before windows); the others over a window.
+# Ordered so that a run stopped at its time limit keeps the most: the slow tuning comes last.
+measure("graphs-full", False)
+measure("graphs", False)
+if a.sdpa:
+    measure("graphs-sdpa", False)
+if a.profile:
+    profile_step("graphs", False)
+if a.compile:
+    measure("compiled+graphs", True)
+    if a.profile:
+        profile_step("compiled+graphs", True)
+if a.cdt:
+    measure("compiled-cdt+graphs", True)

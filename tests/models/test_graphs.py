@@ -40,6 +40,23 @@ def test_static_forward_equals_eager_for_padded_blocks_and_trees():
     assert torch.allclose(ref.k[:, :, :, :n], got.k[:, :, :, :n], atol=1e-5)
 
 
+def test_attention_windows_follow_the_cache_length():
+    # windows of 16 and 32 slots under a 96-slot capacity: as the cache grows, steps move from
+    # the 16-slot graph to the 32-slot one and then to the whole capacity, with eager's logits
+    m, _ = tiny_target("qwen2")
+    dec = m.decoder
+    g = GraphedDecoder(dec, capacity=96, sizes=(1, 4, 8), capture=False, windows=(16, 32))
+    assert g.windows == [16, 32, 96] and (8, 16) in g.graphs and (1, 96) in g.graphs
+    ref, got = dec.new_cache(80), g.new_cache(80)
+    used = []
+    for step in range(14):
+        ids = torch.tensor([[(step * 7 + j) % 90 + 3 for j in range(1 + step % 5)]])
+        used.append(next(w for w in g.windows if w >= got.length + g._size_for(ids.shape[1])))
+        a, b = dec(ids, ref), g(ids, got)
+        assert (a.logits - b.logits).abs().max() < 1e-4
+    assert set(used) == {16, 32, 96}
+
+
 def test_engine_on_static_decoder_matches_eager_greedy_and_sampled():
     m, g = _pair()
     prompt = [3, 9, 4, 1, 7, 2, 3, 9]
@@ -83,8 +100,9 @@ def test_compiled_layer_path_matches_and_compiles_once_per_size():
     for ids in ([[3, 9, 4, 1, 7, 2]], [[5]], [[1, 2, 3]], [[8]]):
         x = torch.tensor(ids)
         assert (ref.decoder(x, a_cache).logits - g(x, b_cache).logits).abs().max() < 1e-4
-    # both layers share one compiled graph per block size (sizes 1 and 4, prefill eager)
-    assert counters["stats"]["unique_graphs"] - before <= 2
+    # per block size (1 and 4; the prefill runs eagerly) three compiled pieces, prologue, layer
+    # and epilogue: both layers share the layer's graph (one graph per layer would make 8)
+    assert counters["stats"]["unique_graphs"] - before <= 6
 
 
 def test_a_finished_request_hands_the_draft_models_static_cache_back():

@@ -237,10 +237,11 @@ class Attention(nn.Module):
             keys, values = k, v
         elif isinstance(start, torch.Tensor):
             # static shapes (CUDA graphs): `start` holds the T cache slots to write, and the
-            # block attends over the whole capacity under a [T, capacity] mask
+            # block attends over the first W slots under a [T, W] mask (W: a fixed window)
             k_cache.index_copy_(2, start, k)
             v_cache.index_copy_(2, start, v)
-            keys, values = k_cache, v_cache
+            W = mask.shape[-1]
+            keys, values = k_cache[:, :, :W], v_cache[:, :, :W]
         else:
             end = start + T
             k_cache[:, :, start:end] = k
@@ -296,6 +297,27 @@ def _call_layer(layer, x, cos, sin, k_cache, v_cache, start, mask):
     return layer(x, cos, sin, k_cache, v_cache, start, mask)
 
 
+def _static_prologue(embed, inv_freq, input_ids, positions, start, block_mask, capacity: int):
+    """What a fixed-shape forward does before the layers: the [S, capacity] attention mask from
+    the cache length (the cached prefix, then the block's own mask at its slots), the slots the
+    block writes, the rotary tables and the embeddings. Free of the decoder so it compiles alone."""
+    S = input_ids.shape[1]
+    cols = torch.arange(capacity, device=input_ids.device)
+    rel = cols - start
+    in_block = (rel >= 0) & (rel < S)
+    mask = (cols < start).unsqueeze(0) | (block_mask[:, rel.clamp(0, S - 1)] & in_block)  # [S, cap]
+    slots = start + torch.arange(S, device=input_ids.device)
+    x = embed(input_ids)
+    cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
+    return x, cos, sin, slots, mask
+
+
+def _static_epilogue(norm, lm_head, x):
+    """The final norm and the LM head of a fixed-shape forward: (logits fp32, normed features)."""
+    x = norm(x)
+    return lm_head(x).float(), x
+
+
 @dataclass
 class DecoderOutput:
     logits: Optional[torch.Tensor]  # [B, n, vocab] for the positions asked for
@@ -316,8 +338,9 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # kept in fp32 and off the module's buffers so .to(bf16) cannot round the frequencies
         self.inv_freq = rope_inv_freq(cfg)
-        #: what `forward_static` runs each layer with (a compiled `_call_layer`, see models.graphs)
-        self.static_layer = None
+        #: (prologue, layer, epilogue) that `forward_static` runs: compiled versions of
+        #: `_static_prologue`, `_call_layer`, `_static_epilogue` (models.graphs), or None for those
+        self.static_fns = None
 
     @property
     def device(self):
@@ -388,27 +411,24 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def forward_static(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
-                       block_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+                       block_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       window: Optional[int] = None):
         """The forward with every shape fixed, for CUDA-graph capture (`models.graphs`).
 
         input_ids, positions: [1, S]; start: 0-d long tensor, the cache length before the block;
         block_mask: [S, S] bool among the block's tokens (every row must see at least itself);
-        k_cache, v_cache: [layers, 1, kv_heads, capacity, head_dim], written at start..start+S.
+        k_cache, v_cache: [layers, 1, kv_heads, capacity, head_dim], written at start..start+S;
+        window: attend over the first `window` cache slots only (default all), which must hold
+        start + S: attention then reads window, not capacity, keys per layer.
         Returns (logits [1, S, vocab] fp32, final-norm hidden [1, S, hidden])."""
-        S = input_ids.shape[1]
-        cap = k_cache.shape[3]
-        cols = torch.arange(cap, device=input_ids.device)
-        rel = cols - start
-        in_block = (rel >= 0) & (rel < S)
-        mask = (cols < start).unsqueeze(0) | (block_mask[:, rel.clamp(0, S - 1)] & in_block)  # [S, cap]
-        slots = start + torch.arange(S, device=input_ids.device)
-        cos, sin = self._rope(positions)
-        x = self.embed_tokens(input_ids)
-        run = self.static_layer or _call_layer
+        if self.inv_freq.device != input_ids.device:
+            self.inv_freq = self.inv_freq.to(input_ids.device)
+        prologue, layer_fn, epilogue = self.static_fns or (_static_prologue, _call_layer, _static_epilogue)
+        x, cos, sin, slots, mask = prologue(self.embed_tokens, self.inv_freq, input_ids, positions, start,
+                                            block_mask, window or k_cache.shape[3])
         for i, layer in enumerate(self.layers):
-            x = run(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
-        x = self.norm(x)
-        return self.lm_head(x).float(), x
+            x = layer_fn(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
+        return epilogue(self.norm, self.lm_head, x)
 
     def pack_for_cpu(self, dense_rows: int = 2) -> bool:
         """Replace every linear layer (lm_head included) by its oneDNN-packed form when on a CPU

@@ -24,6 +24,7 @@ Example (needs a CUDA device):
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 import weakref
@@ -66,13 +67,42 @@ class _Captured:
         return self.outputs
 
 
+#: torch.compile backend for `compile=True` (tests use "eager": Dynamo's tracing without codegen)
+COMPILE_BACKEND = "inductor"
+
+
+def compile_static(decoder: Decoder) -> None:
+    """Compile the pieces of `Decoder.forward_static` with torch.compile (Inductor), which fuses the
+    elementwise work around the matrix products (norms in fp32, rotary, the mask and softmax, SiLU,
+    residuals) into a few kernels per layer.
+
+    One layer is compiled, not the whole model: the code serves every layer of the same shapes,
+    since a layer's weights are inputs and not constants, so compiling costs one layer's time (the
+    whole model took ~40 s per block size). Shapes are left to Dynamo's automatic dynamic shapes:
+    the 1-token step is compiled for its exact shape, the first larger block recompiles with the
+    block length symbolic, and that code then serves every other block size."""
+    from .decoder import _call_layer, _static_epilogue, _static_prologue
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    decoder.static_fns = tuple(torch.compile(f, fullgraph=True, backend=COMPILE_BACKEND)
+                               for f in (_static_prologue, _call_layer, _static_epilogue))
+
+
 class GraphedDecoder:
     """A `Decoder` whose fixed-size forwards replay CUDA graphs (see the module doc)."""
 
     def __init__(self, decoder: Decoder, capacity: int = 2048, sizes: Sequence[int] = DEFAULT_SIZES,
-                 compile: bool = False, capture: Optional[bool] = None):
-        """capture: record CUDA graphs (default: when the decoder is on CUDA); without, the same
-        fixed-shape forwards run directly, which is how the CPU tests check the logic."""
+                 compile: bool = False, capture: Optional[bool] = None,
+                 windows: Optional[Sequence[int]] = None):
+        """sizes: the block sizes captured (a block of T tokens replays the smallest size >= T);
+        windows: the attention widths captured for each size (default: 256, 512, ... up to the
+        capacity), so a step attends over the smallest window that holds the cache, not over the
+        whole capacity; capture: record CUDA graphs (default: when the decoder is on CUDA);
+        without, the same fixed-shape forwards run directly, which is how the CPU tests check
+        the logic."""
         capture = decoder.device.type == "cuda" if capture is None else capture
         if capture and decoder.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -86,23 +116,26 @@ class GraphedDecoder:
         self._warned = False
         self._lease = None  # weakref to the KVCache that holds the static storage now
         dev = decoder.device
-        fn = decoder.forward_static
+        if windows is None:
+            windows = [w for w in (256, 512, 1024) if w < capacity]
+        self.windows = sorted(set(int(w) for w in windows if 0 < w < capacity)) + [capacity]
         if compile:
-            # one layer is compiled, not the whole model: the code serves all layers of a size,
-            # so compiling takes one layer's time per size (the whole model took ~40 s per size)
-            from .decoder import _call_layer
-
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(sizes))
-            decoder.static_layer = torch.compile(_call_layer, fullgraph=True, dynamic=False)
-        self.graphs: dict[int, _Captured | _Direct] = {}
+            compile_static(decoder)
+        # per size: input buffers (ids, positions, start, block mask) shared by its windows' graphs
+        self.inputs: dict[int, list[torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], _Captured | _Direct] = {}
         t0 = time.perf_counter()
         for S in self.sizes:
-            inputs = [torch.zeros(1, S, dtype=torch.long, device=dev),  # input ids
-                      torch.zeros(1, S, dtype=torch.long, device=dev),  # positions
-                      torch.zeros((), dtype=torch.long, device=dev),  # start
-                      torch.ones(S, S, dtype=torch.bool, device=dev).tril(),  # block mask
-                      self.cache.k, self.cache.v]
-            self.graphs[S] = _Captured(fn, inputs) if capture else _Direct(fn, inputs)
+            self.inputs[S] = [torch.zeros(1, S, dtype=torch.long, device=dev),  # input ids
+                              torch.zeros(1, S, dtype=torch.long, device=dev),  # positions
+                              torch.zeros((), dtype=torch.long, device=dev),  # start
+                              torch.ones(S, S, dtype=torch.bool, device=dev).tril()]  # block mask
+            for W in self.windows:
+                if W < S:
+                    continue
+                fn = functools.partial(decoder.forward_static, window=W)
+                args = self.inputs[S] + [self.cache.k, self.cache.v]
+                self.graphs[S, W] = _Captured(fn, args) if capture else _Direct(fn, args)
         if capture:
             torch.cuda.synchronize(dev)
         self.capture_seconds = time.perf_counter() - t0
@@ -139,8 +172,9 @@ class GraphedDecoder:
         if (cache.k is not self.cache.k or S is None or B != 1 or attn_mask is not None
                 or start + S > self.capacity or (tree_mask is not None and tree_mask.shape[1] != T)):
             return self.decoder(input_ids, cache, positions, tree_mask, logits_at, return_hidden, attn_mask)
-        g = self.graphs[S]
-        ids_buf, pos_buf, start_buf, mask_buf = g.inputs[:4]
+        W = next(w for w in self.windows if w >= start + S)  # start + S <= capacity: one exists
+        g = self.graphs[S, W]
+        ids_buf, pos_buf, start_buf, mask_buf = self.inputs[S]
         ids_buf[:, :T].copy_(input_ids, non_blocking=True)
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).unsqueeze(0)
