@@ -49,7 +49,7 @@ def check_method(method: str) -> None:
 
 def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | TreeSpec] = None,
                  k: Optional[int] = None, ngram: Optional[int] = None, device: str = "cpu",
-                 dtype=None, corpus_ids=None, drafter=None, cuda_graphs=None) -> Optional[Drafter]:
+                 dtype=None, corpus_ids=None, drafter=None, cuda_graphs=None, compile=False) -> Optional[Drafter]:
     """Build the drafter for `method` (None for `ar`). draft_model: a name/path or a LoadedModel;
     drafter: a trained drafter directory (or a loaded FalconNet) for the learned methods."""
     check_method(method)
@@ -103,7 +103,7 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
         if not isinstance(draft_model, LoadedModel):
             # dense weights only on the CPU: a draft model steps 1-2 tokens at a time (docs/models.md)
             draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype, pack=False,
-                                     cuda_graphs=cuda_graphs)
+                                     cuda_graphs=cuda_graphs, compile=compile)
         s = spec or TreeSpec("chain", k=k or 12)
         if k is not None and s.kind == "chain":
             s = TreeSpec("chain", k=k)

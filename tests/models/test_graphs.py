@@ -57,6 +57,25 @@ def test_attention_windows_follow_the_cache_length():
     assert set(used) == {16, 32, 96}
 
 
+def test_a_long_prompt_is_prefilled_in_graph_sized_chunks():
+    m, g = _pair()  # largest size 8
+    dec = m.decoder
+    prompt = torch.tensor([[(5 * i + 3) % 90 + 2 for i in range(21)]])
+    for logits_at in (None, slice(-1, None), torch.tensor([20, 3, 3, 9])):
+        ref, got = dec.new_cache(64), g.new_cache(64)
+        a = dec(prompt, ref, logits_at=logits_at, return_hidden=True)
+        b = g(prompt, got, logits_at=logits_at, return_hidden=True)
+        assert got.length == ref.length == 21 and b.logits.shape == a.logits.shape
+        assert (a.logits - b.logits).abs().max() < 1e-4 and (a.hidden - b.hidden).abs().max() < 1e-4
+        assert torch.allclose(ref.k[:, :, :, :21], got.k[:, :, :, :21], atol=1e-5)
+    del got  # hand the static cache back
+    calls = []
+    real = g.decoder.forward
+    g.decoder.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    g(prompt, g.new_cache(64))
+    assert not calls  # no eager forward: three replays of the 8-token graph
+
+
 def test_engine_on_static_decoder_matches_eager_greedy_and_sampled():
     m, g = _pair()
     prompt = [3, 9, 4, 1, 7, 2, 3, 9]

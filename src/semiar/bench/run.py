@@ -55,7 +55,7 @@ class BenchConfig:
     chat: bool = True
     allow_near_ties: bool = False
     cuda_graphs: bool = True  # on CUDA: replay forwards as CUDA graphs (models.graphs)
-    compile: bool = False  # on CUDA: torch.compile the forward before capturing it
+    compile: bool = True  # on CUDA: torch.compile the graphed forwards before capturing them
 
     def validate(self) -> None:
         known = list(METHODS) + list(PEERS)
