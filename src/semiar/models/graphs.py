@@ -221,7 +221,8 @@ class GraphedDecoder:
         out_logits = torch.cat(logits, dim=1)
         if wanted is not None:  # back to the order (and repeats) that logits_at asked for
             index = {r: i for i, r in enumerate(wanted)}
-            out_logits = out_logits[:, torch.tensor([index[r] for r in rows.tolist()], device=out_logits.device)]
+            order = torch.tensor([index[r] for r in rows.tolist()], dtype=torch.long, device=out_logits.device)
+            out_logits = out_logits[:, order]
         return DecoderOutput(logits=out_logits, hidden=torch.cat(hidden, dim=1) if return_hidden else None)
 
 
