@@ -81,8 +81,15 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
     if method == "copy":
         from .drafters.copy import CopyDrafter
 
-        if spec is not None and spec.kind != "chain":
-            raise InvalidArgumentError("copy drafts a chain; use --tree chain:K or -k (the longest block)")
+        if spec is not None and spec.kind not in ("chain", "dynamic"):
+            raise InvalidArgumentError("copy drafts a chain (--tree chain:K or -k, the longest block) or a chain "
+                                       "with alternates (--tree dynamic:LEN,ALTS,BUDGET)")
+        if spec is None and k is None:
+            # the widest tree that still pays: a 48-node verification costs ~1.1 steps on an H200,
+            # a 32-node one ~1.8 on a 2-core CPU (docs/benchmarks.md)
+            spec = COPY_GPU_TREE if str(device).startswith("cuda") else COPY_CPU_TREE
+        if spec is not None and spec.kind == "dynamic":
+            return CopyDrafter(k=k or 32, alternates=spec.top_k, alt_len=spec.depth, budget=spec.budget)
         return CopyDrafter(k=k or (spec.k if spec else 32))
     if method == "auto":
         from .drafters.auto import AutoDrafter
@@ -109,6 +116,14 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
             s = TreeSpec("chain", k=k)
         return DraftModelDrafter(draft_model, target=target, tree=s)
     raise AssertionError(method)
+
+
+#: copy's defaults: the pointer's block plus lookup alternates (drafters/copy.py), chosen by replaying
+#: the H200 run's greedy outputs under each device's measured verification cost (docs/benchmarks.md):
+#: on CUDA 8 alternates of 8 tokens in 48 nodes (edit tau 2.30 -> 3.28, code 6.80 -> 7.54), on the
+#: CPU 4 alternates of 4 tokens in 32 nodes (edit 2.30 -> 3.07, code 6.80 -> 7.23)
+COPY_GPU_TREE = TreeSpec("dynamic", depth=8, top_k=8, budget=48)
+COPY_CPU_TREE = TreeSpec("dynamic", depth=4, top_k=4, budget=32)
 
 
 def _pld(k: int, n: int) -> Drafter:

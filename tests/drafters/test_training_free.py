@@ -115,6 +115,67 @@ def test_copy_follows_an_edited_input_in_few_steps():
     assert copy_steps < pld_steps
 
 
+def replay_tree(drafter, source, answer):
+    """Steps to emit `answer` after `source` under greedy verification of whole trees."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from replay_drafts import replay
+
+    return replay(drafter, source, answer)["steps"]
+
+
+def test_copy_alternates_catch_what_the_pointer_misses():
+    # an edit that inserts the same annotation after every argument: the pointer re-aligns after
+    # each one, the alternates propose the annotation the output already wrote
+    code = list(range(100, 300))
+    source = [1, 2, 3] + code + [4, 5]
+    answer = []
+    for i in range(0, 200, 20):
+        answer += code[i:i + 20] + [7, 8, 9]
+    chain = replay_tree(CopyDrafter(k=32), source, answer)
+    tree = replay_tree(CopyDrafter(k=32, alternates=4, alt_len=6, budget=48), source, answer)
+    assert tree < chain
+
+
+def test_copy_tree_is_lossless_and_fits_its_budget():
+    target, _ = tiny_target("qwen2")
+    prompt = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 12, 13, 5, 6]
+    ref = Engine(target).generate(prompt, max_new_tokens=30).run().token_ids
+    d = make_drafter("copy", target, tree="dynamic:4,3,12")
+    assert (d.alternates, d.alt_len, d.budget) == (3, 4, 12)
+    sizes = []
+    propose = d.propose
+    d.propose = lambda toks: sizes.append(len(t := propose(toks))) or t
+    assert Engine(target, d).generate(prompt, max_new_tokens=30).run().token_ids == ref
+    assert max(sizes) <= 12 and max(sizes) > 1
+
+
+def test_copy_default_trees_per_device_and_chains_on_request():
+    target, _ = tiny_target("qwen2")
+    cpu, gpu = make_drafter("copy", target), make_drafter("copy", target, device="cuda")
+    assert (cpu.alt_len, cpu.alternates, cpu.budget) == (4, 4, 32)
+    assert (gpu.alt_len, gpu.alternates, gpu.budget) == (8, 8, 48)
+    assert make_drafter("copy", target, device="cuda", k=8).alternates == 0  # -k: a chain of 8
+    assert make_drafter("copy", target, tree="chain:16").alternates == 0
+    with pytest.raises(InvalidArgumentError):
+        make_drafter("copy", target, tree="static:[[0]]")
+
+
+def test_context_index_lists_earlier_occurrences_longest_match_first():
+    from semiar.drafters.copy import ContextIndex
+
+    idx = ContextIndex(2)
+    toks = [1, 2, 3, 9, 2, 3, 4, 3]
+    idx.sync(toks[:5])
+    idx.sync(toks)  # grows incrementally
+    # last token 3: after "4 3" nothing earlier; after "3": ends 3 and 6 (latest first)
+    assert list(idx.latest_ends(toks)) == [6, 3]
+    idx.sync([5, 5])  # another context: rebuilt
+    assert list(idx.latest_ends([5, 5])) == [1]
+
+
 def test_copy_drafts_nothing_without_an_anchor():
     d = CopyDrafter()
     d.start([1, 2, 3, 4], None)

@@ -250,7 +250,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         runner.target.check_prompt(len(ids))
         encoded.append(ids)
 
-    results = {"settings": asdict(cfg), "machine": machine_info(cfg.device), "target": runner.target.name,
+    machine = machine_info(cfg.device)
+    kernel = getattr(runner.target.decoder, "one_row_kernel", None)
+    if kernel:  # which CPU kernel multiplies one row (models.decoder.PackedLinear): it sets ar's speed
+        machine["cpu_one_row_kernel"] = kernel
+    results = {"settings": asdict(cfg), "machine": machine, "target": runner.target.name,
                "draft_model": runner.draft.name if runner.draft else None, "interrupted": False,
                "prompts": [{"task": p.task, "id": p.id, "prompt_tokens": len(ids)} for p, ids in zip(prompts, encoded)],
                "runs": {m: [] for m in cfg.methods}}

@@ -13,6 +13,15 @@ the context and drafts at most 10 tokens; copy stays anchored to the input (cont
 recency, one-token re-alignment is allowed only near the pointer) and drafts long blocks, growing
 the block while whole blocks are accepted.
 
+With alternates (`alternates > 0`, the tree `dynamic:LEN,ALTS,BUDGET`; the default on CUDA) the
+pointer's block is the main branch of a tree, and up to ALTS other continuations of LEN tokens
+hang beside it: what followed the latest earlier occurrences of the context's last 4, 3, 2, 1
+tokens anywhere in prompt *and* output (merged where they share a prefix, BUDGET nodes in all).
+They catch what one pointer misses: the first tokens after an edit, a pattern the output already
+repeated, a second copy source. On a GPU a 48-node tree costs ~10 % more than one token to verify
+(docs/benchmarks.md), so the side branches are nearly free; on a CPU they are not, and the default
+there stays a chain.
+
 Example:
     >>> from semiar.drafters.copy import CopyDrafter
     >>> d = CopyDrafter(k=4)
@@ -39,21 +48,33 @@ class CopyDrafter(Drafter):
 
     name = "copy"
 
-    def __init__(self, k: int = 32, k_start: int = 16, max_match: int = 6, near: int = 48):
+    def __init__(self, k: int = 32, k_start: int = 16, max_match: int = 6, near: int = 48,
+                 alternates: int = 0, alt_len: int = 8, budget: Optional[int] = None, alt_match: int = 4):
         if k <= 0:
             raise InvalidArgumentError(f"k must be > 0, got {k}")
+        if alternates < 0 or alt_len <= 0 or (budget is not None and budget <= 0):
+            raise InvalidArgumentError("copy alternates need LEN > 0, ALTS >= 0 and BUDGET > 0")
         self.k_max, self.k_start = k, min(k_start, k)
         self.max_match = max_match
         self.near = near  # a match of 1 token only counts within this distance of the pointer
+        self.alternates, self.alt_len, self.alt_match = alternates, alt_len, alt_match
+        # the pointer's block never takes the whole budget: room for the alternates stays
+        self.budget = budget if budget is not None else k + alternates * alt_len
         self.k = self.k_start
         self.source: list[int] = []
         self.index: dict[tuple, list[int]] = {}
+        self.context = ContextIndex(alt_match)
         self.ptr: Optional[int] = None  # source index of the next token to copy
         self.last_proposed = 0
+        self.last_block: list[int] = []
 
     @property
     def max_nodes(self) -> int:
-        return self.k_max
+        return min(self.budget, self.k_max + self.alternates * self.alt_len) if self.alternates else self.k_max
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.k_max, self.alt_len if self.alternates else 0)
 
     def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
         self.source = list(prompt_ids)
@@ -61,9 +82,11 @@ class CopyDrafter(Drafter):
         for end in range(1, len(self.source) + 1):  # n-gram -> where its continuation starts
             for m in range(1, min(self.max_match, end) + 1):
                 self.index.setdefault(tuple(self.source[end - m:end]), []).append(end)
+        self.context = ContextIndex(self.alt_match)
         self.ptr = None
         self.k = self.k_start
         self.last_proposed = 0
+        self.last_block = []
 
     def _aligned(self, tokens: list[int]) -> bool:
         p = self.ptr
@@ -89,22 +112,97 @@ class CopyDrafter(Drafter):
     def propose(self, tokens: list[int]) -> DraftTree:
         if not self._aligned(tokens):
             self.ptr = self._realign(tokens)
-        if self.ptr is None:
-            self.last_proposed = 0
-            return DraftTree.empty()
-        block = self.source[self.ptr:self.ptr + self.k]
+        block = [] if self.ptr is None else self.source[self.ptr:self.ptr + self.k]
+        if self.alternates:
+            block = block[:max(self.budget - self.alt_len, 1)]
+        self.last_block = block
         self.last_proposed = len(block)
-        return DraftTree.chain(block)
+        if not self.alternates:
+            return DraftTree.chain(block)
+        trie = _Trie(self.budget)
+        trie.add(block)
+        self.context.sync(tokens)
+        added = 0
+        for end in self.context.latest_ends(tokens):
+            if trie.add(tokens[end:end + self.alt_len]):
+                added += 1
+            if added >= self.alternates or trie.full:
+                break
+        return DraftTree(trie.tokens, trie.parents)
 
     def observe(self, accepted, n_draft_accepted, hidden=None):
         if self.last_proposed == 0:
             return
-        # the accepted block was source[ptr:ptr+a]; the pointer moves past it and past the target's
-        # own token when that token is the source's next one (propose() re-aligns if it is not)
-        self.ptr += n_draft_accepted
-        if self.ptr < len(self.source) and accepted and accepted[-1] == self.source[self.ptr]:
+        block = self.last_block
+        # how far the accepted path followed the pointer's block (it may have taken a side branch)
+        along = 0
+        while along < min(n_draft_accepted, len(block)) and accepted[along] == block[along]:
+            along += 1
+        # the accepted block was source[ptr:ptr+along]; the pointer moves past it and past the
+        # target's own token when that token is the source's next one (propose() re-aligns if not)
+        self.ptr += along
+        if along == n_draft_accepted and self.ptr < len(self.source) and len(accepted) > along \
+                and accepted[along] == self.source[self.ptr]:
             self.ptr += 1
-        if n_draft_accepted >= self.last_proposed:
+        if along >= self.last_proposed:
             self.k = min(2 * self.k, self.k_max)  # whole block accepted: copying, draft longer
         else:
-            self.k = max(4, min(self.k_start, 2 * (n_draft_accepted + 1)))
+            self.k = max(4, min(self.k_start, 2 * (along + 1)))
+
+
+class ContextIndex:
+    """Where every n-gram (n = 1..max_n) of a growing context ends, kept incrementally."""
+
+    def __init__(self, max_n: int):
+        self.max_n = max_n
+        self.ends: dict[tuple, list[int]] = {}
+        self.tokens: list[int] = []
+
+    def sync(self, tokens: list[int]) -> None:
+        n = len(self.tokens)
+        if n > len(tokens) or tokens[:n] != self.tokens:  # another context: start over
+            self.ends, self.tokens, n = {}, [], 0
+        for end in range(n + 1, len(tokens) + 1):
+            for m in range(1, min(self.max_n, end) + 1):
+                self.ends.setdefault(tuple(tokens[end - m:end]), []).append(end)
+        self.tokens = list(tokens)
+
+    def latest_ends(self, tokens: list[int]):
+        """Ends of earlier occurrences of the context's last max_n..1 tokens, latest first within
+        each length, longest match first; each position once."""
+        seen = set()
+        for m in range(min(self.max_n, len(tokens)), 0, -1):
+            for end in reversed(self.ends.get(tuple(tokens[-m:]), ())):
+                if end < len(tokens) and end not in seen:
+                    seen.add(end)
+                    yield end
+
+
+class _Trie:
+    """Token sequences merged on common prefixes, as a DraftTree's tokens/parents, up to a budget."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.child: dict[tuple[int, int], int] = {}
+
+    @property
+    def full(self) -> bool:
+        return len(self.tokens) >= self.budget
+
+    def add(self, seq) -> bool:
+        """Merge seq below the root; True when it added at least one node."""
+        node, added = -1, False
+        for t in seq:
+            nxt = self.child.get((node, t))
+            if nxt is None:
+                if self.full:
+                    break
+                nxt = len(self.tokens)
+                self.tokens.append(t)
+                self.parents.append(node)
+                self.child[(node, t)] = nxt
+                added = True
+            node = nxt
+        return added

@@ -182,29 +182,67 @@ def cpu_packing_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """A frozen nn.Linear prepacked for oneDNN on the CPU (inference only), keeping the dense weight
-    for inputs of at most `dense_rows` rows.
+    """A frozen nn.Linear prepacked for oneDNN on the CPU (inference only), with a second path for
+    inputs of at most `dense_rows` rows (autoregressive and draft-model steps).
 
-    Measured on this project's 2-core x86 machine (fp32): for 1-2 rows MKL's dense sgemv is ~10%
-    faster than the packed kernel (1.5B one-token step 208 vs 233 ms), for 8 rows the packed kernel
-    is ~2x faster (291 vs 620 ms). Autoregressive steps and draft-model steps (1-2 tokens) take the
-    dense path, tree verification the packed one. Packing for a batch of 8 (not 1) made 2-8 rows
-    15-20% faster at no cost for one row. The price is a second copy of the linear weights."""
+    Blocks of more rows (tree verification) take the weight packed for 8 rows: measured on this
+    project's 2-core x86 machines, a 1.5B forward over 8 tokens then costs ~1.0-1.4x one token
+    instead of 3x with MKL's dense sgemm. Which kernel is fastest for ONE row depends on the
+    processor: MKL's dense sgemv won on the first (Intel) machine (1.5B step 208 vs 233 ms packed
+    for 8), oneDNN's weight packed for one row won by 1.8x on a later AMD EPYC one (156 vs 276 ms,
+    where packed-for-8 took 268). `small` picks it: "dense" keeps the dense weight (also what
+    transformers' peers share), "packed1" a copy packed for one row; `Decoder.pack_for_cpu` times
+    both on the model's largest layer. Either way two copies of the weights are kept."""
 
     PACK_ROWS = 8
 
-    def __init__(self, linear: nn.Linear, dense_rows: int = 2):
+    def __init__(self, linear: nn.Linear, dense_rows: int = 2, small: str = "dense"):
         super().__init__()
+        if small not in ("dense", "packed1"):
+            raise ValueError(f"small must be 'dense' or 'packed1', got {small!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.PACK_ROWS)
-        self.weight = linear.weight.detach() if dense_rows > 0 else None
+        w = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.PACK_ROWS)
+        self.small = small if dense_rows > 0 else None
+        self.weight = w if self.small == "dense" else None  # the dense weight, when kept
+        self.packed1 = torch.ops.mkldnn._reorder_linear_weight(w, 1) if self.small == "packed1" else None
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.dense_rows = dense_rows
 
     def forward(self, x):
-        if self.weight is not None and x.numel() <= self.dense_rows * self.in_features:
-            return F.linear(x, self.weight, self.bias)
+        if self.small is not None and x.numel() <= self.dense_rows * self.in_features:
+            if self.weight is not None:
+                return F.linear(x, self.weight, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed1, self.bias, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def fastest_one_row_kernel(linear: nn.Linear, reps: int = 5) -> str:
+    """'dense' or 'packed1': the faster kernel here for one row times this weight (best of `reps`
+    after a warm-up; packed must win by 10 % to be chosen). SEMIAR_ONE_ROW=dense|packed1 decides
+    without timing."""
+    import os
+    import time
+
+    forced = os.environ.get("SEMIAR_ONE_ROW", "")
+    if forced in ("dense", "packed1"):
+        return forced
+    w = linear.weight.detach()
+    x = torch.randn(1, w.shape[1], dtype=w.dtype)
+    p1 = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+    def best(fn):
+        fn()
+        out = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            out = min(out, time.perf_counter() - t0)
+        return out
+
+    dense = best(lambda: F.linear(x, w))
+    packed = best(lambda: torch.ops.mkldnn._linear_pointwise(x, p1, None, "none", [], ""))
+    return "packed1" if packed < 0.9 * dense else "dense"
 
 
 def rotate_half(x):
@@ -341,6 +379,8 @@ class Decoder(nn.Module):
         #: (prologue, layer, epilogue) that `forward_static` runs: compiled versions of
         #: `_static_prologue`, `_call_layer`, `_static_epilogue` (models.graphs), or None for those
         self.static_fns = None
+        #: how 1-2 row inputs multiply on the CPU after `pack_for_cpu` ("dense", "packed1"), else None
+        self.one_row_kernel = None
 
     @property
     def device(self):
@@ -430,16 +470,21 @@ class Decoder(nn.Module):
             x = layer_fn(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
         return epilogue(self.norm, self.lm_head, x)
 
-    def pack_for_cpu(self, dense_rows: int = 2) -> bool:
+    def pack_for_cpu(self, dense_rows: int = 2, small: Optional[str] = None) -> bool:
         """Replace every linear layer (lm_head included) by its oneDNN-packed form when on a CPU
-        that supports it, keeping the dense weight for inputs of <= dense_rows rows (0: packed
-        only, half the memory). The embedding stays dense. Returns whether it packed."""
+        that supports it, with a second path for inputs of <= dense_rows rows (0: packed for 8
+        rows only, half the memory): `small` = "dense" (the dense weight) or "packed1" (packed for
+        one row); None times both on the largest layer and keeps the faster (`PackedLinear`).
+        The embedding stays dense. Returns whether it packed; `self.one_row_kernel` says which."""
         if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16) or not cpu_packing_available():
             return False
+        if small is None and dense_rows > 0:
+            small = fastest_one_row_kernel(self.layers[0].mlp.gate_up_proj) if len(self.layers) else "dense"
+        self.one_row_kernel = small if dense_rows > 0 else "packed8"
         for module in list(self.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(module, name, PackedLinear(child, dense_rows))
+                    setattr(module, name, PackedLinear(child, dense_rows, small or "dense"))
         return True
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
