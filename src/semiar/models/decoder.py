@@ -481,10 +481,11 @@ class Decoder(nn.Module):
         if small is None and dense_rows > 0:
             small = fastest_one_row_kernel(self.layers[0].mlp.gate_up_proj) if len(self.layers) else "dense"
         self.one_row_kernel = small if dense_rows > 0 else "packed8"
-        for module in list(self.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, PackedLinear(child, dense_rows, small or "dense"))
+        # (parent, name) pairs only: holding the Linear modules themselves would keep every dense
+        # weight alive until the end, three copies of the model at the peak instead of two
+        slots = [(m, n) for m in self.modules() for n, c in m.named_children() if isinstance(c, nn.Linear)]
+        for module, name in slots:
+            setattr(module, name, PackedLinear(getattr(module, name), dense_rows, small or "dense"))
         return True
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:

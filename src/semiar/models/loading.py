@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..errors import ContextLengthError, ModelFileError, SemiarError, UnknownModelError
-from .decoder import Decoder, DecoderConfig
+from .decoder import Decoder, DecoderConfig, cpu_packing_available
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
@@ -232,7 +232,13 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
 
         decoder.inv_freq = rope_inv_freq(cfg)  # was built on the meta device with the modules
         decoder = decoder.to(device).eval()
-        if pack:
+        if pack and decoder.device.type == "cpu" and cpu_packing_available():
+            # the weights still live in safetensors' memory map of the file; the tensors that stay
+            # dense (the embedding) would keep the whole 7 GB map resident next to the packed
+            # copies, so own them first (the packed copies replace the rest)
+            with torch.no_grad():
+                for prm in decoder.parameters():
+                    prm.data = prm.data.clone()
             decoder.pack_for_cpu()
     else:
         raise SemiarError(f"unknown backend {backend!r}; use native or hf")
