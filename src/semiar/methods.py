@@ -84,10 +84,10 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
         if spec is not None and spec.kind not in ("chain", "dynamic"):
             raise InvalidArgumentError("copy drafts a chain (--tree chain:K or -k, the longest block) or a chain "
                                        "with alternates (--tree dynamic:LEN,ALTS,BUDGET)")
-        if spec is None and k is None:
-            # the widest tree that still pays: a 48-node verification costs ~1.1 steps on an H200,
-            # a 32-node one ~1.8 on a 2-core CPU (docs/benchmarks.md)
-            spec = COPY_GPU_TREE if str(device).startswith("cuda") else COPY_CPU_TREE
+        if spec is None and k is None and str(device).startswith("cuda"):
+            # a 48-node verification costs ~1.1 steps on an H200; on a 2-core CPU a 32-row one
+            # costs ~3.3, and the chain paid more there (docs/methods.md)
+            spec = COPY_GPU_TREE
         if spec is not None and spec.kind == "dynamic":
             return CopyDrafter(k=k or 32, alternates=spec.top_k, alt_len=spec.depth, budget=spec.budget)
         return CopyDrafter(k=k or (spec.k if spec else 32))
@@ -108,8 +108,8 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
         if draft_model is None:
             raise InvalidArgumentError("method 'draft' needs --draft-model NAME")
         if not isinstance(draft_model, LoadedModel):
-            # dense weights only on the CPU: a draft model steps 1-2 tokens at a time (docs/models.md)
-            draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype, pack=False,
+            # on the CPU its 1-2 token steps take the kernel timed fastest at load (docs/models.md)
+            draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype,
                                      cuda_graphs=cuda_graphs, compile=compile)
         s = spec or TreeSpec("chain", k=k or 12)
         if k is not None and s.kind == "chain":
@@ -118,12 +118,10 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
     raise AssertionError(method)
 
 
-#: copy's defaults: the pointer's block plus lookup alternates (drafters/copy.py), chosen by replaying
-#: the H200 run's greedy outputs under each device's measured verification cost (docs/benchmarks.md):
-#: on CUDA 8 alternates of 8 tokens in 48 nodes (edit tau 2.30 -> 3.28, code 6.80 -> 7.54), on the
-#: CPU 4 alternates of 4 tokens in 32 nodes (edit 2.30 -> 3.07, code 6.80 -> 7.23)
+#: copy's default on CUDA: the pointer's block plus 8 lookup alternates of 8 tokens in 48 nodes, chosen
+#: by replaying the H200 run's greedy outputs under the measured verification cost (edit tau 2.30 ->
+#: 3.28, code 6.80 -> 7.54; docs/methods.md). On the CPU the default stays the chain of up to 32.
 COPY_GPU_TREE = TreeSpec("dynamic", depth=8, top_k=8, budget=48)
-COPY_CPU_TREE = TreeSpec("dynamic", depth=4, top_k=4, budget=32)
 
 
 def _pld(k: int, n: int) -> Drafter:

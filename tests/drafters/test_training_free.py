@@ -152,13 +152,13 @@ def test_copy_tree_is_lossless_and_fits_its_budget():
     assert max(sizes) <= 12 and max(sizes) > 1
 
 
-def test_copy_default_trees_per_device_and_chains_on_request():
+def test_copy_default_is_a_tree_on_cuda_and_a_chain_on_the_cpu():
     target, _ = tiny_target("qwen2")
     cpu, gpu = make_drafter("copy", target), make_drafter("copy", target, device="cuda")
-    assert (cpu.alt_len, cpu.alternates, cpu.budget) == (4, 4, 32)
+    assert cpu.alternates == 0 and cpu.k_max == 32
     assert (gpu.alt_len, gpu.alternates, gpu.budget) == (8, 8, 48)
     assert make_drafter("copy", target, device="cuda", k=8).alternates == 0  # -k: a chain of 8
-    assert make_drafter("copy", target, tree="chain:16").alternates == 0
+    assert make_drafter("copy", target, tree="dynamic:4,4,32").alternates == 4
     with pytest.raises(InvalidArgumentError):
         make_drafter("copy", target, tree="static:[[0]]")
 

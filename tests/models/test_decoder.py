@@ -80,14 +80,16 @@ def test_packed_cpu_linears_match_dense():
     if not cpu_packing_available():
         pytest.skip("oneDNN weight packing not available on this CPU/torch")
     hf = tiny_hf_model("qwen2")
-    dense, packed, packed1, packed_only = (native_from_hf(hf) for _ in range(4))
+    dense, packed, packed1, packed_only, packed8 = (native_from_hf(hf) for _ in range(5))
     assert packed.pack_for_cpu(small="dense") and packed_only.pack_for_cpu(dense_rows=0)
     assert packed1.pack_for_cpu(small="packed1") and packed1.one_row_kernel == "packed1"
+    assert packed8.pack_for_cpu(small="packed8") and packed8.one_row_kernel == "packed8"
     assert packed_only.layers[0].mlp.down_proj.weight is None
+    assert packed8.layers[0].mlp.down_proj.weight is None and packed8.layers[0].mlp.down_proj.small is None
     assert native_from_hf(hf).pack_for_cpu()  # timed choice
     for ids in (torch.tensor([[4, 8, 15, 16, 23, 42]]), torch.tensor([[7]]), torch.tensor([[7, 9]])):
         a = dense(ids, dense.new_cache(16)).logits
-        for m in (packed, packed1, packed_only):  # 1-2 rows take the small-row path, more rows the packed one
+        for m in (packed, packed1, packed_only, packed8):  # 1-2 rows take the small-row path, more rows the packed one
             assert (a - m(ids, m.new_cache(16)).logits).abs().max().item() < 1e-4
 
 

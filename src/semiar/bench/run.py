@@ -172,8 +172,8 @@ class Runner:
         self.target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype, **fast)
         self.draft = None
         if cfg.draft_model and any(m in ("draft", "hf-assisted", "auto") for m in cfg.methods):
-            # dense weights only on the CPU: a draft model steps 1-2 tokens at a time (models.md)
-            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype, pack=False, **fast)
+            # on the CPU its 1-2 token steps take the kernel timed fastest at load (models.md)
+            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype, **fast)
         self.engines = {}
         self.peers = {}
         trees = tree_per_method(cfg.tree, cfg.methods)

@@ -182,17 +182,18 @@ def cpu_packing_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """A frozen nn.Linear prepacked for oneDNN on the CPU (inference only), with a second path for
-    inputs of at most `dense_rows` rows (autoregressive and draft-model steps).
+    """A frozen nn.Linear prepacked for oneDNN on the CPU (inference only), with an optional second
+    path for inputs of at most `dense_rows` rows (autoregressive and draft-model steps).
 
     Blocks of more rows (tree verification) take the weight packed for 8 rows: measured on this
     project's 2-core x86 machines, a 1.5B forward over 8 tokens then costs ~1.0-1.4x one token
     instead of 3x with MKL's dense sgemm. Which kernel is fastest for ONE row depends on the
     processor: MKL's dense sgemv won on the first (Intel) machine (1.5B step 208 vs 233 ms packed
-    for 8), oneDNN's weight packed for one row won by 1.8x on a later AMD EPYC one (156 vs 276 ms,
-    where packed-for-8 took 268). `small` picks it: "dense" keeps the dense weight (also what
-    transformers' peers share), "packed1" a copy packed for one row; `Decoder.pack_for_cpu` times
-    both on the model's largest layer. Either way two copies of the weights are kept."""
+    for 8); on a later AMD EPYC one the 8-row packing itself was fastest for one row (90 ms, 130
+    packed for one row, 297 dense). `small` picks the second path: "dense" keeps the dense weight
+    (also what transformers' peers share), "packed1" a copy packed for one row; with
+    dense_rows=0 there is none (one copy of the weights). `Decoder.pack_for_cpu` times the three
+    on the model's largest layer."""
 
     PACK_ROWS = 8
 
@@ -218,31 +219,31 @@ class PackedLinear(nn.Module):
 
 
 def fastest_one_row_kernel(linear: nn.Linear, reps: int = 5) -> str:
-    """'dense' or 'packed1': the faster kernel here for one row times this weight (best of `reps`
-    after a warm-up; packed must win by 10 % to be chosen). SEMIAR_ONE_ROW=dense|packed1 decides
-    without timing."""
+    """'dense', 'packed1' or 'packed8': the fastest kernel here for one row times this weight
+    (MKL's dense sgemv, oneDNN's weight packed for 1 or for 8 rows; best of `reps` after a
+    warm-up, interleaved; a packed kernel must win by 10 % over dense, packed1 by 10 % over
+    packed8). SEMIAR_ONE_ROW=dense|packed1|packed8 decides without timing."""
     import os
     import time
 
     forced = os.environ.get("SEMIAR_ONE_ROW", "")
-    if forced in ("dense", "packed1"):
+    if forced in ("dense", "packed1", "packed8"):
         return forced
     w = linear.weight.detach()
     x = torch.randn(1, w.shape[1], dtype=w.dtype)
     p1 = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-
-    def best(fn):
-        fn()
-        out = float("inf")
-        for _ in range(reps):
+    p8 = torch.ops.mkldnn._reorder_linear_weight(w, PackedLinear.PACK_ROWS)
+    kernels = {"dense": lambda: F.linear(x, w),
+               "packed1": lambda: torch.ops.mkldnn._linear_pointwise(x, p1, None, "none", [], ""),
+               "packed8": lambda: torch.ops.mkldnn._linear_pointwise(x, p8, None, "none", [], "")}
+    best = dict.fromkeys(kernels, float("inf"))
+    for _ in range(reps + 1):
+        for name, fn in kernels.items():
             t0 = time.perf_counter()
             fn()
-            out = min(out, time.perf_counter() - t0)
-        return out
-
-    dense = best(lambda: F.linear(x, w))
-    packed = best(lambda: torch.ops.mkldnn._linear_pointwise(x, p1, None, "none", [], ""))
-    return "packed1" if packed < 0.9 * dense else "dense"
+            best[name] = min(best[name], time.perf_counter() - t0)
+    packed = "packed1" if best["packed1"] < 0.9 * best["packed8"] else "packed8"
+    return packed if best[packed] < 0.9 * best["dense"] else "dense"
 
 
 def rotate_half(x):
@@ -473,19 +474,23 @@ class Decoder(nn.Module):
     def pack_for_cpu(self, dense_rows: int = 2, small: Optional[str] = None) -> bool:
         """Replace every linear layer (lm_head included) by its oneDNN-packed form when on a CPU
         that supports it, with a second path for inputs of <= dense_rows rows (0: packed for 8
-        rows only, half the memory): `small` = "dense" (the dense weight) or "packed1" (packed for
-        one row); None times both on the largest layer and keeps the faster (`PackedLinear`).
+        rows only, half the memory): `small` = "dense" (the dense weight), "packed1" (packed for
+        one row) or "packed8" (none: the 8-row packing serves one row too); None times the three on
+        the largest layer and keeps the fastest (`PackedLinear`, `fastest_one_row_kernel`).
         The embedding stays dense. Returns whether it packed; `self.one_row_kernel` says which."""
         if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16) or not cpu_packing_available():
             return False
         if small is None and dense_rows > 0:
             small = fastest_one_row_kernel(self.layers[0].mlp.gate_up_proj) if len(self.layers) else "dense"
+        if small == "packed8":  # the 8-row packing is fastest for one row too: one copy serves all
+            dense_rows = 0
         self.one_row_kernel = small if dense_rows > 0 else "packed8"
         # (parent, name) pairs only: holding the Linear modules themselves would keep every dense
         # weight alive until the end, three copies of the model at the peak instead of two
         slots = [(m, n) for m in self.modules() for n, c in m.named_children() if isinstance(c, nn.Linear)]
         for module, name in slots:
-            setattr(module, name, PackedLinear(getattr(module, name), dense_rows, small or "dense"))
+            setattr(module, name, PackedLinear(getattr(module, name), dense_rows,
+                                               small if small in ("dense", "packed1") else "dense"))
         return True
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
