@@ -51,7 +51,8 @@ def test_generate_chat_sampling_streams(tmp_path, capsys):
     (["--method", "lookahead", "--tree", "lookahead:60,9,60"], "limit is 256"),
     (["--method", "lookahead", "-k", "4"], "lookahead:W,N,G"),
     (["--method", "copy", "-k", "0"], "k must be"),
-    (["--method", "copy", "--tree", "dynamic:3,2,4"], "chain"),
+    (["--method", "pld", "--tree", "dynamic:3,2,4"], "chain"),
+    (["--method", "copy", "--tree", "[[0],[1]]"], "dynamic:LEN,ALTS,BUDGET"),
     (["--method", "auto", "-k", "4"], "auto runs each method"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
