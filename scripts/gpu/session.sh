@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU lease for issues 6-9, as back-to-back calls (an idle machine is given back after 30 s):
+# One GPU lease, as back-to-back calls (an idle machine is given back after 30 s):
 #   stage the GGUFs (../shared/gpu/stage-file; q15.gguf, q05.gguf, s135.gguf pieces into /root/stash; a call
 #   carries at most 64 MiB with the checkout, which holds the 15 MB shipped drafter: PIECE_MB=45), then
 #   scripts/gpu/session.sh smol      SmolLM2-135M: self-distilled data + the Falcon drafter the README's
@@ -9,8 +9,9 @@
 #   scripts/gpu/session.sh greedy    one greedy bench: every engine method, the four drafters, the peers
 #   scripts/gpu/session.sh t1        one T=1 bench of the sampling-capable methods (+ medusa-typical, lossy)
 #   scripts/gpu/session.sh step      decode / verify step cost: eager, CUDA graphs (whole cache / windows), per-layer
-#                                    torch.compile (+ coordinate-descent tuning), kernel profiles (scripts/gpu/step_cost.py)
-# COMPILE=1 makes the benches load the models with --compile; TREES sets per-method trees (default: each method's own).
+#                                    torch.compile (+ coordinate-descent tuning; AUTOTUNE=1: + Triton mm autotuning),
+#                                    kernel profiles (scripts/gpu/step_cost.py)
+# The benches compile the models (semiar bench's default on CUDA); TREES sets per-method trees (default: each method's own).
 # Each step leaves a results tarball (and drafter weights) under $OUT; docs/benchmarks.md quotes them.
 set -uo pipefail
 STASH=${STASH:-/root/stash}
@@ -103,7 +104,7 @@ case "${1:-}" in
     pack t1
     ;;
   step)
-    timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "$T15" --compile --cdt --profile --out "$RUNS/step" \
+    timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "$T15" --compile --cdt ${AUTOTUNE:+--autotune} --profile --out "$RUNS/step" \
       2>&1 | grep -v -i 'warn\|Loading weights'
     cp "$RUNS/step/step_cost.json" "$OUT/" 2>/dev/null
     pack step

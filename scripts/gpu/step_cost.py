@@ -1,6 +1,6 @@
 """Cost of one decode step and of tree verification on CUDA: eager, CUDA graphs, compiled + graphs.
 
-usage: python scripts/gpu/step_cost.py --model MODEL [--compile] [--cdt] [--sizes 16,32,64] [--context 300]
+usage: python scripts/gpu/step_cost.py --model MODEL [--compile] [--cdt] [--autotune] [--sizes 16,32,64] [--context 300]
 
 Prints a table and writes step_cost.json to --out. The bound: every decode step reads all weights
 once; at the GPU's memory bandwidth (--bandwidth; default the datasheet figure of the GPU found:
@@ -116,6 +116,8 @@ ap.add_argument("--reps", type=int, default=200)
 ap.add_argument("--compile", action="store_true", help="add per-layer torch.compile + graphs")
 ap.add_argument("--cdt", action="store_true", help="add a compiled variant with Inductor's coordinate-descent tuning")
 ap.add_argument("--sdpa", action="store_true", help="add graphs with SDPA attention instead of explicit matmuls")
+ap.add_argument("--autotune", action="store_true",
+                help="add a compiled variant whose matrix products Inductor autotunes against its Triton templates")
 ap.add_argument("--bandwidth", type=float, default=None)
 ap.add_argument("--out", default="runs/step_cost")
 ap.add_argument("--profile", action="store_true", help="also profile the kernels of a 1-token step")
@@ -165,10 +167,15 @@ report("eager")
 
 def measure(name, comp):
     Attention.static_sdpa = name == "graphs-sdpa"
-    if name.startswith("compiled-cdt"):
+    if name.startswith("compiled-cdt") or name.startswith("compiled-autotune"):
         import torch._inductor.config as ic
 
-        ic.coordinate_descent_tuning = True
+        if name.startswith("compiled-cdt"):
+            ic.coordinate_descent_tuning = True
+        else:  # one-row products: cuBLAS vs Triton's mm templates, the faster kept per shape
+            ic.coordinate_descent_tuning = False
+            ic.max_autotune_gemm = True
+            ic.max_autotune_gemm_backends = "ATEN,TRITON"
         torch._dynamo.reset()
     t0 = time.perf_counter()
     g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp,
@@ -211,3 +218,5 @@ if a.compile:
         profile_step("compiled+graphs", True)
 if a.cdt:
     measure("compiled-cdt+graphs", True)
+if a.autotune:
+    measure("compiled-autotune+graphs", True)
