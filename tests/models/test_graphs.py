@@ -124,6 +124,25 @@ def test_compiled_layer_path_matches_and_compiles_once_per_size():
     assert counters["stats"]["unique_graphs"] - before <= 6
 
 
+def test_a_failing_compiler_falls_back_to_the_uncompiled_forward(monkeypatch):
+    import pytest
+
+    import semiar.models.graphs as graphs
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", broken)
+    m, _ = tiny_target("qwen2")
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        g = GraphedDecoder(m.decoder, capacity=64, sizes=(1, 4), compile=True, capture=False)
+    assert not g.compiled and m.decoder.static_fns is None
+    ref, got = m.decoder.new_cache(32), g.new_cache(32)
+    for ids in ([[3, 9, 4]], [[5]]):
+        x = torch.tensor(ids)
+        assert (m.decoder(x, ref).logits - g(x, got).logits).abs().max() < 1e-4
+
+
 def test_a_finished_request_hands_the_draft_models_static_cache_back():
     # two methods drafting with one graphed draft model (the bench's `draft` and `auto`'s draft arm):
     # the second must get the static cache too, or its draft model runs eagerly

@@ -41,10 +41,13 @@ DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
 class _Direct:
-    """The same static-shape call without a graph (CPU: tests and the fallback's logic)."""
+    """The same static-shape call without a graph (CPU: tests and the fallback's logic); `warm`
+    runs it once at once, as a capture's warm-up does (compilation then happens here too)."""
 
-    def __init__(self, fn, inputs: list[torch.Tensor]):
+    def __init__(self, fn, inputs: list[torch.Tensor], warm: bool = False):
         self.fn, self.inputs = fn, inputs
+        if warm:
+            fn(*inputs)
 
     def replay(self):
         return self.fn(*self.inputs)
@@ -122,12 +125,30 @@ class GraphedDecoder:
         if windows is None:
             windows = [w for w in (256, 512, 1024) if w < capacity]
         self.windows = sorted(set(int(w) for w in windows if 0 < w < capacity)) + [capacity]
+        t0 = time.perf_counter()
         if compile:
             compile_static(decoder)
+        try:
+            self._capture(capture)
+        except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the graphs can do without it
+            if not compile:
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+                          "replaying CUDA graphs of the uncompiled forward instead", stacklevel=2)
+            decoder.static_fns = None
+            self.compiled = False
+            self._capture(capture)
+        if capture:
+            torch.cuda.synchronize(dev)
+        self.capture_seconds = time.perf_counter() - t0
+        self.cache.length = 0
+
+    def _capture(self, capture: bool) -> None:
+        """Record (or, without capture, prepare) a graph per block size and attention window."""
+        dev = self.decoder.device
         # per size: input buffers (ids, positions, start, block mask) shared by its windows' graphs
         self.inputs: dict[int, list[torch.Tensor]] = {}
         self.graphs: dict[tuple[int, int], _Captured | _Direct] = {}
-        t0 = time.perf_counter()
         for S in self.sizes:
             self.inputs[S] = [torch.zeros(1, S, dtype=torch.long, device=dev),  # input ids
                               torch.zeros(1, S, dtype=torch.long, device=dev),  # positions
@@ -136,13 +157,9 @@ class GraphedDecoder:
             for W in self.windows:
                 if W < S:
                     continue
-                fn = functools.partial(decoder.forward_static, window=W)
+                fn = functools.partial(self.decoder.forward_static, window=W)
                 args = self.inputs[S] + [self.cache.k, self.cache.v]
-                self.graphs[S, W] = _Captured(fn, args) if capture else _Direct(fn, args)
-        if capture:
-            torch.cuda.synchronize(dev)
-        self.capture_seconds = time.perf_counter() - t0
-        self.cache.length = 0
+                self.graphs[S, W] = _Captured(fn, args) if capture else _Direct(fn, args, warm=self.compiled)
 
     # the decoder's attributes (device, dtype, embed_tokens, lm_head, ...) as the decoder's
     def __getattr__(self, name):
