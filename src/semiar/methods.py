@@ -71,7 +71,7 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
         s = spec or TreeSpec("dynamic", depth=k or 6, top_k=2, budget=10)
         return NgramDrafter(n=ngram or 3, depth=s.depth, top_k=s.top_k, budget=s.budget, corpus_ids=corpus_ids)
     if method in LEARNED:
-        return _learned(method, target, drafter, spec, k)
+        return _learned(method, target, drafter, spec, k, compile=compile)
     if method == "lookahead":
         from .drafters.lookahead import LookaheadDrafter, parse_lookahead_spec
 
@@ -100,7 +100,7 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
             drafter = shipped_drafter("falcon", target.name)
         names = list(TRAINING_FREE) + (["draft"] if draft_model is not None else []) + (["falcon"] if drafter is not None else [])
         return AutoDrafter({m: make_drafter(m, target, draft_model=draft_model, device=device, dtype=dtype,
-                                            corpus_ids=corpus_ids, drafter=drafter) for m in names})
+                                            corpus_ids=corpus_ids, drafter=drafter, compile=compile) for m in names})
     if method == "draft":
         from .drafters.draft_model import DraftModelDrafter
         from .models.loading import LoadedModel, load_model
@@ -130,8 +130,10 @@ def _pld(k: int, n: int) -> Drafter:
     return PromptLookupDrafter(k=k, max_ngram=n)
 
 
-def _learned(method: str, target, drafter, spec: Optional[TreeSpec], k: Optional[int]) -> Drafter:
-    """A trained drafter: `drafter` is its directory (or an already built network)."""
+def _learned(method: str, target, drafter, spec: Optional[TreeSpec], k: Optional[int],
+             compile: bool = False) -> Drafter:
+    """A trained drafter: `drafter` is its directory (or an already built network); compile: on
+    CUDA, Falcon/EAGLE compile their graphed passes."""
     kind = LEARNED[method]
     if drafter is None:
         drafter = shipped_drafter(kind, target.name)
@@ -149,7 +151,7 @@ def _learned(method: str, target, drafter, spec: Optional[TreeSpec], k: Optional
             raise InvalidArgumentError(f"{kind} builds a dynamic tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
         load, cls = (load_falcon, FalconDrafter) if kind == "falcon" else (load_eagle, EagleDrafter)
         net = drafter if isinstance(drafter, FalconNet) else load(drafter, target)
-        return cls(net, target, spec)
+        return cls(net, target, spec, compile=compile)
     from .drafters.hydra import HydraDrafter, load_hydra
     from .drafters.medusa import MedusaDrafter, MedusaNet, load_medusa
 

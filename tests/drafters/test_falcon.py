@@ -83,6 +83,31 @@ def test_static_graph_path_drafts_the_same_trees(k, tree):
         assert static.cache.k is static.graphs.cache.k  # the static cache was used
 
 
+def test_compiled_static_path_drafts_the_same_trees_or_falls_back(monkeypatch):
+    import semiar.models.graphs as graphs
+
+    target, _ = tiny_target()
+    net = make_net(target, k=2, std=0.3)
+    spec = TreeSpec("dynamic", depth=6, top_k=3, budget=12)
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", "eager")  # Dynamo's tracing, no code generation
+    eager = FalconDrafter(net, target, spec, graphs=False)
+    comp = FalconDrafter(net, target, spec, graphs=True, compile=True)
+    assert comp.graphs.compiled
+    prompt = PROMPTS[0]
+    ref = Engine(target, eager).generate(prompt, max_new_tokens=24).run()
+    got = Engine(target, comp).generate(prompt, max_new_tokens=24).run()
+    assert (got.token_ids, got.stats.target_forwards) == (ref.token_ids, ref.stats.target_forwards)
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", broken)
+    with pytest.warns(UserWarning, match="torch.compile failed for the drafter"):
+        fallback = FalconDrafter(net, target, spec, graphs=True, compile=True)
+    assert not fallback.graphs.compiled
+    assert Engine(target, fallback).generate(prompt, max_new_tokens=24).run().token_ids == ref.token_ids
+
+
 def test_a_drafter_that_learned_the_target_is_accepted():
     """Train briefly on the target's own greedy text: acceptance must rise well above chance."""
     from semiar.train.csgd import csgd_step, make_batch

@@ -183,7 +183,7 @@ class Runner:
                 # auto chooses among the training-free methods, the draft model and a Falcon drafter
                 mine = drafters.get("falcon") if m == "auto" else drafters.get(m)
                 drafter = make_drafter(m, self.target, draft_model=self.draft, tree=trees.get(m), k=cfg.k,
-                                       device=cfg.device, drafter=mine)
+                                       device=cfg.device, drafter=mine, compile=cfg.compile)
                 self.engines[m] = Engine(self.target, drafter)
             elif m.startswith("hf-"):
                 self.peers[m] = HFPeer(m, self.target, cfg.device, self.target.dtype, self.target.eos_ids,

@@ -59,7 +59,8 @@ class EagleDrafter(FalconDrafter):
 
     name = METHOD
 
-    def __init__(self, net: FalconNet, target, tree: Optional[TreeSpec] = None, min_score: float = 0.0):
+    def __init__(self, net: FalconNet, target, tree: Optional[TreeSpec] = None, min_score: float = 0.0,
+                 graphs: Optional[bool] = None, compile: bool = False):
         if net.config.k != 1:
             raise InvalidArgumentError(f"eagle drafts one token per pass; this network has k={net.config.k} (use falcon)")
-        super().__init__(net, target, tree or DEFAULT_TREE, min_score)
+        super().__init__(net, target, tree or DEFAULT_TREE, min_score, graphs=graphs, compile=compile)

@@ -150,7 +150,6 @@ class FalconNet(nn.Module):
             cache.length = start + x.shape[1]
         return x
 
-
     @torch.no_grad()
     def forward_static(self, feats, tok_emb, positions, slots, mask, k_cache, v_cache):
         """Fixed-shape forward for CUDA-graph capture: S rows written to cache slots `slots` [S],
@@ -162,35 +161,56 @@ class FalconNet(nn.Module):
         return x
 
 
+def _static_pass(net, embed, lm_head, feats, ids, positions, slots, mask, k_cache, v_cache):
+    """One fixed-shape drafter pass: the network, the target's LM head, the softmax. A free
+    function so that torch.compile traces it once for every drafter (see FalconGraphs)."""
+    x = net.forward_static(feats, embed(ids), positions, slots, mask, k_cache, v_cache)
+    return x, lm_head(x).float().softmax(-1)
+
+
 class FalconGraphs:
     """The drafter's forwards (network + the target's LM head + softmax) as CUDA graphs over one
     static drafter cache, one graph per row count; `capture=False` runs the same fixed-shape code
     directly (CPU tests). Masks are full [rows, capacity] masks: tree passes attend to ancestor
-    blocks scattered through the cache, which a length alone cannot express."""
+    blocks scattered through the cache, which a length alone cannot express. `compile=True`
+    compiles the pass with torch.compile first (fused norms, rotary, softmax), falling back to the
+    uncompiled pass, with a warning, if the compiler fails."""
 
     def __init__(self, net: FalconNet, embed, lm_head, capacity: int = 2048,
-                 sizes=(2, 4, 8, 16, 32, 64), capture: Optional[bool] = None):
-        from ..models.graphs import _Captured, _Direct
+                 sizes=(2, 4, 8, 16, 32, 64), capture: Optional[bool] = None, compile: bool = False):
+        from ..models.graphs import compile_failed, compiled
 
         dev = net.device
         capture = dev.type == "cuda" if capture is None else capture
         self.capacity, self.sizes = capacity, sorted(sizes)
         self.cache = net.new_cache(capacity)
-        H = net.config.hidden_size
-
-        def run(feats, ids, positions, slots, mask):
-            x = net.forward_static(feats, embed(ids), positions, slots, mask, self.cache.k, self.cache.v)
-            return x, lm_head(x).float().softmax(-1)
-
-        self.graphs = {}
+        self.compiled = compile
         if net.inv_freq.device != dev:
             net.inv_freq = net.inv_freq.to(dev)
+        try:
+            self._capture(net, embed, lm_head, capture, compiled(_static_pass) if compile else _static_pass)
+        except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the graphs can do without it
+            if not compile:
+                raise
+            compile_failed(e, "the drafter")
+            self.compiled = False
+            self._capture(net, embed, lm_head, capture, _static_pass)
+        self.cache.length = 0
+
+    def _capture(self, net, embed, lm_head, capture: bool, step) -> None:
+        from ..models.graphs import _Captured, _Direct
+
+        dev, H = net.device, net.config.hidden_size
+
+        def run(feats, ids, positions, slots, mask):
+            return step(net, embed, lm_head, feats, ids, positions, slots, mask, self.cache.k, self.cache.v)
+
+        self.graphs = {}
         for S in self.sizes:
             inputs = [torch.zeros(1, S, H, dtype=net.dtype, device=dev), torch.zeros(1, S, dtype=torch.long, device=dev),
                       torch.zeros(1, S, dtype=torch.long, device=dev), torch.arange(S, device=dev),
-                      torch.eye(S, capacity, dtype=torch.bool, device=dev)]
-            self.graphs[S] = _Captured(run, inputs) if capture else _Direct(run, inputs)
-        self.cache.length = 0
+                      torch.eye(S, self.capacity, dtype=torch.bool, device=dev)]
+            self.graphs[S] = _Captured(run, inputs) if capture else _Direct(run, inputs, warm=self.compiled)
 
     def fits(self, cache: KVCache, rows: int) -> bool:
         return cache.k is self.cache.k and rows <= self.sizes[-1] and cache.length + self.sizes[-1] <= self.capacity
@@ -255,7 +275,7 @@ class FalconDrafter(Drafter):
     needs_hidden = True
 
     def __init__(self, net: FalconNet, target, tree: Optional[TreeSpec] = None, min_score: float = 0.0,
-                 graphs: Optional[bool] = None):
+                 graphs: Optional[bool] = None, compile: bool = False):
         self.net = net.eval()
         self.target = target
         self.k = net.config.k
@@ -271,9 +291,10 @@ class FalconDrafter(Drafter):
         self.hidden: list[torch.Tensor] = []  # target features h_0.. of the context, in chunks
         self.n_hidden = 0
         self.fed = 0  # context pairs whose K/V in self.cache were computed from true features
-        # on CUDA the drafter's passes replay CUDA graphs (graphs=False: eager)
+        # on CUDA the drafter's passes replay CUDA graphs (graphs=False: eager), compiled first on request
         use = net.device.type == "cuda" if graphs is None else graphs
-        self.graphs = FalconGraphs(net, self.embed, self.lm_head, capture=net.device.type == "cuda") if use else None
+        self.graphs = FalconGraphs(net, self.embed, self.lm_head, capture=net.device.type == "cuda",
+                                   compile=compile) if use else None
 
     @property
     def forwards(self) -> int:

@@ -89,12 +89,24 @@ def compile_static(decoder: Decoder) -> None:
     block length symbolic, and that code then serves every other block size."""
     from .decoder import _call_layer, _static_epilogue, _static_prologue
 
+    decoder.static_fns = tuple(compiled(f) for f in (_static_prologue, _call_layer, _static_epilogue))
+
+
+def compiled(fn):
+    """`fn` under torch.compile as the static paths use it (whole graph, `COMPILE_BACKEND`,
+    automatic dynamic shapes; room for the recompiles of several models and block sizes)."""
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
-    decoder.static_fns = tuple(torch.compile(f, fullgraph=True, backend=COMPILE_BACKEND)
-                               for f in (_static_prologue, _call_layer, _static_epilogue))
+    return torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)
+
+
+def compile_failed(e: Exception, what: str) -> None:
+    """Warn that compiling `what` failed and that it runs uncompiled (graphs still replay)."""
+    warnings.warn(f"torch.compile failed for {what} ({type(e).__name__}: "
+                  f"{(str(e).splitlines() or [''])[0][:200]}); replaying CUDA graphs of the uncompiled forward "
+                  "instead", stacklevel=3)
 
 
 class GraphedDecoder:
@@ -133,8 +145,7 @@ class GraphedDecoder:
         except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the graphs can do without it
             if not compile:
                 raise
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
-                          "replaying CUDA graphs of the uncompiled forward instead", stacklevel=2)
+            compile_failed(e, "the model")
             decoder.static_fns = None
             self.compiled = False
             self._capture(capture)
