@@ -123,10 +123,12 @@ class CopyDrafter(Drafter):
         trie.add(block)
         self.context.sync(tokens)
         added = 0
-        for end in self.context.latest_ends(tokens):
+        # a common last token (a newline) can have hundreds of earlier ends with the same few
+        # continuations: look at a bounded number, so a step's host cost stays small
+        for tried, end in enumerate(self.context.latest_ends(tokens)):
             if trie.add(tokens[end:end + self.alt_len]):
                 added += 1
-            if added >= self.alternates or trie.full:
+            if added >= self.alternates or trie.full or tried >= 4 * self.alternates:
                 break
         return DraftTree(trie.tokens, trie.parents)
 
