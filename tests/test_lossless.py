@@ -81,10 +81,11 @@ def test_oracle_tree_greedy_identity(family, p_wrong, width):
     lambda t: LookaheadDrafter(window=5, ngram=4, candidates=5),
     lambda t: LookaheadDrafter(window=2, ngram=2, candidates=0, pool_from_context=False),
     lambda t: CopyDrafter(k=8),
+    lambda t: CopyDrafter(k=16, alternates=4, alt_len=4, budget=24),
     lambda t: AutoDrafter({"copy": CopyDrafter(), "pld": PromptLookupDrafter(), "lookahead": LookaheadDrafter(),
                            "draft": DraftModelDrafter(tiny_target("qwen2", seed=1)[0], target=t)}),
 ], ids=["pld", "ngram", "draft-self", "draft-other", "draft-tree-other", "draft-tree-self",
-        "lookahead-3-3-3", "lookahead-5-4-5", "lookahead-jacobi-only", "copy", "auto"])
+        "lookahead-3-3-3", "lookahead-5-4-5", "lookahead-jacobi-only", "copy", "copy-tree", "auto"])
 def test_drafters_greedy_identity(make):
     target, _ = tiny_target("qwen2")
     for prompt in PROMPTS:

@@ -78,8 +78,8 @@ def eagle_drafter(target):
     return EagleDrafter(net, target, TreeSpec("dynamic", depth=2, top_k=2, budget=5))
 
 
-@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram", "falcon", "lookahead", "copy", "auto",
-                                    "medusa", "hydra", "eagle"])
+@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram", "falcon", "lookahead", "copy", "copy-tree",
+                                    "auto", "medusa", "hydra", "eagle"])
 def test_first_two_tokens_follow_target(method):
     target, _ = tiny_target("qwen2", vocab=V)
     draft, _ = tiny_target("qwen2", seed=5, vocab=V)
@@ -91,6 +91,7 @@ def test_first_two_tokens_follow_target(method):
         "falcon": lambda: falcon_drafter(target),
         "lookahead": lambda: LookaheadDrafter(window=3, ngram=3, candidates=3),
         "copy": lambda: CopyDrafter(k=4),
+        "copy-tree": lambda: CopyDrafter(k=4, alternates=3, alt_len=2, budget=8),  # deterministic siblings
         "auto": lambda: AutoDrafter({"copy": CopyDrafter(k=4), "lookahead": LookaheadDrafter(window=2, ngram=2, candidates=2),
                                      "draft": DraftModelDrafter(draft, target=target, tree=TreeSpec("chain", k=2))}),
         "medusa": lambda: heads_drafter(target, "medusa"),
