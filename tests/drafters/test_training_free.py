@@ -164,16 +164,16 @@ def test_copy_default_is_a_tree_on_cuda_and_a_chain_on_the_cpu():
 
 
 def test_context_index_lists_earlier_occurrences_longest_match_first():
-    from semiar.drafters.copy import ContextIndex
+    from semiar.drafters.lookup import NgramIndex
 
-    idx = ContextIndex(2)
+    idx = NgramIndex(1, 2)
     toks = [1, 2, 3, 9, 2, 3, 4, 3]
     idx.sync(toks[:5])
     idx.sync(toks)  # grows incrementally
     # last token 3: after "4 3" nothing earlier; after "3": ends 3 and 6 (latest first)
-    assert list(idx.latest_ends(toks)) == [6, 3]
+    assert list(idx.latest_ends()) == [6, 3]
     idx.sync([5, 5])  # another context: rebuilt
-    assert list(idx.latest_ends([5, 5])) == [1]
+    assert list(idx.latest_ends()) == [1]
 
 
 def test_copy_drafts_nothing_without_an_anchor():

@@ -41,6 +41,7 @@ from typing import Optional
 from ..errors import InvalidArgumentError
 from ..tree import DraftTree
 from .base import Drafter
+from .lookup import NgramIndex
 
 
 class CopyDrafter(Drafter):
@@ -62,8 +63,8 @@ class CopyDrafter(Drafter):
         self.budget = budget if budget is not None else k + alternates * alt_len
         self.k = self.k_start
         self.source: list[int] = []
-        self.index: dict[tuple, list[int]] = {}
-        self.context = ContextIndex(alt_match)
+        # every n-gram of prompt + output and where it ends: anchors (in the prompt) and alternates
+        self.index = NgramIndex(1, max(max_match, alt_match))
         self.ptr: Optional[int] = None  # source index of the next token to copy
         self.last_proposed = 0
         self.last_block: list[int] = []
@@ -78,11 +79,8 @@ class CopyDrafter(Drafter):
 
     def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):
         self.source = list(prompt_ids)
-        self.index = {}
-        for end in range(1, len(self.source) + 1):  # n-gram -> where its continuation starts
-            for m in range(1, min(self.max_match, end) + 1):
-                self.index.setdefault(tuple(self.source[end - m:end]), []).append(end)
-        self.context = ContextIndex(self.alt_match)
+        self.index = NgramIndex(1, max(self.max_match, self.alt_match))
+        self.index.sync(self.source)
         self.ptr = None
         self.k = self.k_start
         self.last_proposed = 0
@@ -99,10 +97,7 @@ class CopyDrafter(Drafter):
         the occurrence nearest to the pointer (a step back costs twice a step forward)."""
         expected = self.ptr if self.ptr is not None else 0
         for m in range(min(self.max_match, len(tokens)), 0, -1):
-            ends = self.index.get(tuple(tokens[-m:]))
-            if not ends:
-                continue
-            ends = [e for e in ends if e < len(self.source)]
+            ends = [e for e in self.index.ends.get(tuple(tokens[-m:]), ()) if e < len(self.source)]
             if m == 1:  # one token is too common to trust, except next to where the copy was
                 ends = [e for e in ends if self.ptr is not None and abs(e - expected) <= self.near]
             if ends:
@@ -110,6 +105,7 @@ class CopyDrafter(Drafter):
         return None
 
     def propose(self, tokens: list[int]) -> DraftTree:
+        self.index.sync(tokens)
         if not self._aligned(tokens):
             self.ptr = self._realign(tokens)
         block = [] if self.ptr is None else self.source[self.ptr:self.ptr + self.k]
@@ -121,11 +117,10 @@ class CopyDrafter(Drafter):
             return DraftTree.chain(block)
         trie = _Trie(self.budget)
         trie.add(block)
-        self.context.sync(tokens)
         added = 0
         # a common last token (a newline) can have hundreds of earlier ends with the same few
         # continuations: look at a bounded number, so a step's host cost stays small
-        for tried, end in enumerate(self.context.latest_ends(tokens)):
+        for tried, end in enumerate(self.index.latest_ends(self.alt_match)):
             if trie.add(tokens[end:end + self.alt_len]):
                 added += 1
             if added >= self.alternates or trie.full or tried >= 4 * self.alternates:
@@ -150,34 +145,6 @@ class CopyDrafter(Drafter):
             self.k = min(2 * self.k, self.k_max)  # whole block accepted: copying, draft longer
         else:
             self.k = max(4, min(self.k_start, 2 * (along + 1)))
-
-
-class ContextIndex:
-    """Where every n-gram (n = 1..max_n) of a growing context ends, kept incrementally."""
-
-    def __init__(self, max_n: int):
-        self.max_n = max_n
-        self.ends: dict[tuple, list[int]] = {}
-        self.tokens: list[int] = []
-
-    def sync(self, tokens: list[int]) -> None:
-        n = len(self.tokens)
-        if n > len(tokens) or tokens[:n] != self.tokens:  # another context: start over
-            self.ends, self.tokens, n = {}, [], 0
-        for end in range(n + 1, len(tokens) + 1):
-            for m in range(1, min(self.max_n, end) + 1):
-                self.ends.setdefault(tuple(tokens[end - m:end]), []).append(end)
-        self.tokens = list(tokens)
-
-    def latest_ends(self, tokens: list[int]):
-        """Ends of earlier occurrences of the context's last max_n..1 tokens, latest first within
-        each length, longest match first; each position once."""
-        seen = set()
-        for m in range(min(self.max_n, len(tokens)), 0, -1):
-            for end in reversed(self.ends.get(tuple(tokens[-m:]), ())):
-                if end < len(tokens) and end not in seen:
-                    seen.add(end)
-                    yield end
 
 
 class _Trie:

@@ -19,43 +19,41 @@ from .base import DraftLength, Drafter
 
 
 class NgramIndex:
-    """Positions where each n-gram (min_n..max_n) ends in a growing token list, kept incrementally."""
+    """Where each n-gram (min_n..max_n) ends in a growing token list, every occurrence, kept
+    incrementally (`pld`'s latest match, `copy`'s anchors and alternates)."""
 
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n
-        self.last_end: dict[tuple, int] = {}  # n-gram -> end index (exclusive) of its latest occurrence
-        self.prev_end: dict[tuple, int] = {}  # the occurrence before that
+        self.ends: dict[tuple, list[int]] = {}  # n-gram -> end indices (exclusive), ascending
         self.tokens: list[int] = []
 
     def sync(self, tokens: list[int]) -> None:
-        n_common = 0
-        limit = min(len(self.tokens), len(tokens))
-        while n_common < limit and self.tokens[n_common] == tokens[n_common]:
-            n_common += 1
-        if n_common < len(self.tokens):  # context rewound (a new request): rebuild
-            self.last_end.clear()
-            self.prev_end.clear()
-            self.tokens = []
-            n_common = 0
-        for end in range(len(self.tokens) + 1, len(tokens) + 1):
-            for n in range(self.min_n, self.max_n + 1):
-                if end - n < 0:
-                    break
-                key = tuple(tokens[end - n:end])
-                if key in self.last_end:
-                    self.prev_end[key] = self.last_end[key]
-                self.last_end[key] = end
+        n = len(self.tokens)
+        if n > len(tokens) or tokens[:n] != self.tokens:  # context rewound (a new request): rebuild
+            self.ends, n = {}, 0
+        for end in range(n + 1, len(tokens) + 1):
+            for m in range(self.min_n, min(self.max_n, end) + 1):
+                self.ends.setdefault(tuple(tokens[end - m:end]), []).append(end)
         self.tokens = list(tokens)
 
     def earlier_match(self, n: int) -> int | None:
         """End index of the latest occurrence of the last n tokens before the current end."""
         if len(self.tokens) < n:
             return None
-        key = tuple(self.tokens[-n:])
-        end = self.last_end.get(key)
-        if end == len(self.tokens):
-            end = self.prev_end.get(key)
-        return end
+        ends = self.ends.get(tuple(self.tokens[-n:]), ())
+        earlier = [e for e in ends[-2:] if e < len(self.tokens)]
+        return earlier[-1] if earlier else None
+
+    def latest_ends(self, max_n: int | None = None):
+        """Ends of earlier occurrences of the last max_n..min_n tokens (max_n: at most the
+        index's): longest match first, latest first within a length, each position once."""
+        seen = set()
+        top = min(self.max_n if max_n is None else max_n, self.max_n, len(self.tokens))
+        for m in range(top, self.min_n - 1, -1):
+            for end in reversed(self.ends.get(tuple(self.tokens[-m:]), ())):
+                if end < len(self.tokens) and end not in seen:
+                    seen.add(end)
+                    yield end
 
 
 class PromptLookupDrafter(Drafter):
