@@ -178,26 +178,22 @@ class FalconGraphs:
 
     def __init__(self, net: FalconNet, embed, lm_head, capacity: int = 2048,
                  sizes=(2, 4, 8, 16, 32, 64), capture: Optional[bool] = None, compile: bool = False):
-        from ..models.graphs import compile_failed, compiled
+        from ..models.graphs import build_with_compile_fallback, compiled
 
         dev = net.device
         capture = dev.type == "cuda" if capture is None else capture
         self.capacity, self.sizes = capacity, sorted(sizes)
         self.cache = net.new_cache(capacity)
-        self.compiled = compile
         if net.inv_freq.device != dev:
             net.inv_freq = net.inv_freq.to(dev)
-        try:
-            self._capture(net, embed, lm_head, capture, compiled(_static_pass) if compile else _static_pass)
-        except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the graphs can do without it
-            if not compile:
-                raise
-            compile_failed(e, "the drafter")
-            self.compiled = False
-            self._capture(net, embed, lm_head, capture, _static_pass)
+
+        def build(comp: bool) -> None:
+            self._capture(net, embed, lm_head, capture, compiled(_static_pass) if comp else _static_pass, warm=comp)
+
+        self.compiled = build_with_compile_fallback(build, compile, "the drafter")
         self.cache.length = 0
 
-    def _capture(self, net, embed, lm_head, capture: bool, step) -> None:
+    def _capture(self, net, embed, lm_head, capture: bool, step, warm: bool) -> None:
         from ..models.graphs import _Captured, _Direct
 
         dev, H = net.device, net.config.hidden_size
@@ -210,7 +206,7 @@ class FalconGraphs:
             inputs = [torch.zeros(1, S, H, dtype=net.dtype, device=dev), torch.zeros(1, S, dtype=torch.long, device=dev),
                       torch.zeros(1, S, dtype=torch.long, device=dev), torch.arange(S, device=dev),
                       torch.eye(S, self.capacity, dtype=torch.bool, device=dev)]
-            self.graphs[S] = _Captured(run, inputs) if capture else _Direct(run, inputs, warm=self.compiled)
+            self.graphs[S] = _Captured(run, inputs) if capture else _Direct(run, inputs, warm=warm)
 
     def fits(self, cache: KVCache, rows: int) -> bool:
         return cache.k is self.cache.k and rows <= self.sizes[-1] and cache.length + self.sizes[-1] <= self.capacity

@@ -380,7 +380,7 @@ class Decoder(nn.Module):
         #: (prologue, layer, epilogue) that `forward_static` runs: compiled versions of
         #: `_static_prologue`, `_call_layer`, `_static_epilogue` (models.graphs), or None for those
         self.static_fns = None
-        #: how 1-2 row inputs multiply on the CPU after `pack_for_cpu` ("dense", "packed1"), else None
+        #: how 1-2 row inputs multiply on the CPU after `pack_for_cpu` ("dense", "packed1", "packed8"), else None
         self.one_row_kernel = None
 
     @property
@@ -395,10 +395,13 @@ class Decoder(nn.Module):
         c = self.config
         return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity, self.dtype, self.device, batch)
 
+    def _inv_freq_on(self, device) -> torch.Tensor:
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
+
     def _rope(self, positions):
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        return rope_cos_sin(self.inv_freq, positions, self.dtype)
+        return rope_cos_sin(self._inv_freq_on(positions.device), positions, self.dtype)
 
     @torch.no_grad()
     def forward(
@@ -462,11 +465,9 @@ class Decoder(nn.Module):
         window: attend over the first `window` cache slots only (default all), which must hold
         start + S: attention then reads window, not capacity, keys per layer.
         Returns (logits [1, S, vocab] fp32, final-norm hidden [1, S, hidden])."""
-        if self.inv_freq.device != input_ids.device:
-            self.inv_freq = self.inv_freq.to(input_ids.device)
         prologue, layer_fn, epilogue = self.static_fns or (_static_prologue, _call_layer, _static_epilogue)
-        x, cos, sin, slots, mask = prologue(self.embed_tokens, self.inv_freq, input_ids, positions, start,
-                                            block_mask, window or k_cache.shape[3])
+        x, cos, sin, slots, mask = prologue(self.embed_tokens, self._inv_freq_on(input_ids.device), input_ids,
+                                            positions, start, block_mask, window or k_cache.shape[3])
         for i, layer in enumerate(self.layers):
             x = layer_fn(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
         return epilogue(self.norm, self.lm_head, x)

@@ -102,11 +102,20 @@ def compiled(fn):
     return torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)
 
 
-def compile_failed(e: Exception, what: str) -> None:
-    """Warn that compiling `what` failed and that it runs uncompiled (graphs still replay)."""
-    warnings.warn(f"torch.compile failed for {what} ({type(e).__name__}: "
-                  f"{(str(e).splitlines() or [''])[0][:200]}); replaying CUDA graphs of the uncompiled forward "
-                  "instead", stacklevel=3)
+def build_with_compile_fallback(build, compile: bool, what: str) -> bool:
+    """Run `build(compile)`; if compiling made it fail, warn and run `build(False)` (graphs of the
+    uncompiled forward). Returns whether the result is compiled."""
+    try:
+        build(compile)
+        return compile
+    except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the graphs can do without it
+        if not compile:
+            raise
+        warnings.warn(f"torch.compile failed for {what} ({type(e).__name__}: "
+                      f"{(str(e).splitlines() or [''])[0][:200]}); replaying CUDA graphs of the uncompiled "
+                      "forward instead", stacklevel=3)
+    build(False)
+    return False
 
 
 class GraphedDecoder:
@@ -129,7 +138,6 @@ class GraphedDecoder:
         self.sizes = sorted(set(int(s) for s in sizes))
         self.capacity = capacity
         self.cache = decoder.new_cache(capacity)
-        self.compiled = compile
         self.capture_seconds = 0.0
         self._warned = False
         self._lease = None  # weakref to the KVCache that holds the static storage now
@@ -138,24 +146,23 @@ class GraphedDecoder:
             windows = [w for w in (256, 512, 1024) if w < capacity]
         self.windows = sorted(set(int(w) for w in windows if 0 < w < capacity)) + [capacity]
         t0 = time.perf_counter()
-        if compile:
-            compile_static(decoder)
-        try:
-            self._capture(capture)
-        except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the graphs can do without it
-            if not compile:
-                raise
-            compile_failed(e, "the model")
-            decoder.static_fns = None
-            self.compiled = False
-            self._capture(capture)
+
+        def build(comp: bool) -> None:
+            if comp:
+                compile_static(decoder)
+            else:
+                decoder.static_fns = None
+            self._capture(capture, warm=comp)
+
+        self.compiled = build_with_compile_fallback(build, compile, "the model")
         if capture:
             torch.cuda.synchronize(dev)
         self.capture_seconds = time.perf_counter() - t0
         self.cache.length = 0
 
-    def _capture(self, capture: bool) -> None:
-        """Record (or, without capture, prepare) a graph per block size and attention window."""
+    def _capture(self, capture: bool, warm: bool) -> None:
+        """Record (or, without capture, prepare) a graph per block size and attention window;
+        warm: run the uncaptured ones once too (compilation happens then, as in a capture)."""
         dev = self.decoder.device
         # per size: input buffers (ids, positions, start, block mask) shared by its windows' graphs
         self.inputs: dict[int, list[torch.Tensor]] = {}
@@ -170,7 +177,7 @@ class GraphedDecoder:
                     continue
                 fn = functools.partial(self.decoder.forward_static, window=W)
                 args = self.inputs[S] + [self.cache.k, self.cache.v]
-                self.graphs[S, W] = _Captured(fn, args) if capture else _Direct(fn, args, warm=self.compiled)
+                self.graphs[S, W] = _Captured(fn, args) if capture else _Direct(fn, args, warm=warm)
 
     # the decoder's attributes (device, dtype, embed_tokens, lm_head, ...) as the decoder's
     def __getattr__(self, name):

@@ -235,7 +235,9 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
         if pack and decoder.device.type == "cpu" and cpu_packing_available():
             # the weights still live in safetensors' memory map of the file; the tensors that stay
             # dense (the embedding) would keep the whole 7 GB map resident next to the packed
-            # copies, so own them first (the packed copies replace the rest)
+            # copies, so own them first (the packed copies replace the rest). Owning only what
+            # stays dense, after packing, copies less but peaks higher: 20 vs 14 GB for the 1.5B
+            # when the dense one-row kernel is kept
             with torch.no_grad():
                 for prm in decoder.parameters():
                     prm.data = prm.data.clone()
