@@ -66,3 +66,15 @@ def test_parse_tree_spec(spec, kind):
 def test_bad_tree_specs(spec):
     with pytest.raises(InvalidArgumentError):
         parse_tree_spec(spec)
+
+
+def test_tree_builder_merges_common_prefixes_within_its_budget():
+    from semiar.tree import TreeBuilder
+
+    b = TreeBuilder(budget=5)
+    assert b.add([7, 8, 9]) and b.add([7, 8, 4])  # shares "7 8": one new node
+    assert not b.add([7, 8])  # nothing new
+    assert b.add([5, 6, 1])  # one node left in the budget: "5" only
+    t = b.tree()
+    assert t.tokens == [7, 8, 9, 4, 5] and t.parents == [-1, 0, 1, 1, -1] and b.full
+    assert b.node(-1, 3) is None and b.node(0, 8) == 1

@@ -252,6 +252,43 @@ def dynamic_tree(expand: Callable[[list[int], list[int], list[int]], torch.Tenso
     return best_nodes(tokens, parents, scores, budget)
 
 
+class TreeBuilder:
+    """Grows a DraftTree from token sequences, merging equal tokens under the same parent (a
+    trie), up to `budget` nodes (None: no limit). Deterministic drafters that gather several
+    candidate continuations (lookahead, copy's alternates) build their trees with it."""
+
+    def __init__(self, budget: Optional[int] = None):
+        self.budget = budget
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self._child: dict[tuple[int, int], int] = {}
+
+    @property
+    def full(self) -> bool:
+        return self.budget is not None and len(self.tokens) >= self.budget
+
+    def node(self, parent: int, token: int) -> Optional[int]:
+        """The node for `token` below `parent` (-1: the root), added if new; None when full."""
+        n = self._child.get((parent, token))
+        if n is None and not self.full:
+            n = self._child[(parent, token)] = len(self.tokens)
+            self.tokens.append(token)
+            self.parents.append(parent)
+        return n
+
+    def add(self, seq: Sequence[int], parent: int = -1) -> bool:
+        """Merge `seq` below `parent` (as far as the budget allows); True if it added a node."""
+        before = len(self.tokens)
+        for t in seq:
+            parent = self.node(parent, t)
+            if parent is None:
+                break
+        return len(self.tokens) > before
+
+    def tree(self) -> DraftTree:
+        return DraftTree(list(self.tokens), list(self.parents))
+
+
 def best_nodes(tokens: list[int], parents: list[int], scores: list[float], budget: int) -> DraftTree:
     """The `budget` highest-scoring nodes of a candidate tree (nodes in topological order), as a
     DraftTree. Path scores are products of probabilities, so a kept node's ancestors score at

@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..errors import InvalidArgumentError
-from ..tree import DraftTree
+from ..tree import DraftTree, TreeBuilder
 from .base import Drafter
 from .lookup import NgramIndex
 
@@ -115,7 +115,7 @@ class CopyDrafter(Drafter):
         self.last_proposed = len(block)
         if not self.alternates:
             return DraftTree.chain(block)
-        trie = _Trie(self.budget)
+        trie = TreeBuilder(self.budget)
         trie.add(block)
         added = 0
         # a common last token (a newline) can have hundreds of earlier ends with the same few
@@ -125,7 +125,7 @@ class CopyDrafter(Drafter):
                 added += 1
             if added >= self.alternates or trie.full or tried >= 4 * self.alternates:
                 break
-        return DraftTree(trie.tokens, trie.parents)
+        return trie.tree()
 
     def observe(self, accepted, n_draft_accepted, hidden=None):
         if self.last_proposed == 0:
@@ -145,33 +145,3 @@ class CopyDrafter(Drafter):
             self.k = min(2 * self.k, self.k_max)  # whole block accepted: copying, draft longer
         else:
             self.k = max(4, min(self.k_start, 2 * (along + 1)))
-
-
-class _Trie:
-    """Token sequences merged on common prefixes, as a DraftTree's tokens/parents, up to a budget."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.tokens: list[int] = []
-        self.parents: list[int] = []
-        self.child: dict[tuple[int, int], int] = {}
-
-    @property
-    def full(self) -> bool:
-        return len(self.tokens) >= self.budget
-
-    def add(self, seq) -> bool:
-        """Merge seq below the root; True when it added at least one node."""
-        node, added = -1, False
-        for t in seq:
-            nxt = self.child.get((node, t))
-            if nxt is None:
-                if self.full:
-                    break
-                nxt = len(self.tokens)
-                self.tokens.append(t)
-                self.parents.append(node)
-                self.child[(node, t)] = nxt
-                added = True
-            node = nxt
-        return added

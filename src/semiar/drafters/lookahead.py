@@ -42,7 +42,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from ..errors import InvalidArgumentError
-from ..tree import DraftTree
+from ..tree import DraftTree, TreeBuilder
 from .base import Drafter
 
 
@@ -132,17 +132,8 @@ class LookaheadDrafter(Drafter):
         if self.pool_from_context and len(tokens) > self.seen:
             self.context_pool.add_sequence(tokens, start=self.seen)  # n-grams ending in new tokens
         self.seen = len(tokens)
-        toks: list[int] = []
-        parents: list[int] = []
-        index: dict[tuple[int, int], int] = {}
-
-        def node(parent: int, tok: int) -> int:
-            key = (parent, tok)
-            if key not in index:
-                index[key] = len(toks)
-                toks.append(tok)
-                parents.append(parent)
-            return index[key]
+        tree = TreeBuilder()
+        node = tree.node
 
         # the window; built level by level, so every node comes after its parent
         self.window_nodes = []
@@ -164,11 +155,9 @@ class LookaheadDrafter(Drafter):
                 continue
             seen_cont.add(cont)
             n_cand += 1
-            p = -1
-            for t in cont:
-                p = node(p, t)
-        self.tree_len = len(toks)
-        return DraftTree(toks, parents)
+            tree.add(cont)
+        self.tree_len = len(tree.tokens)
+        return tree.tree()
 
     def observe(self, accepted, n_draft_accepted, hidden=None, node_argmax: Optional[list[int]] = None):
         if node_argmax is None or len(node_argmax) != self.tree_len + 1:
