@@ -229,6 +229,11 @@ def fastest_one_row_kernel(linear: nn.Linear, reps: int = 5) -> str:
     forced = os.environ.get("SEMIAR_ONE_ROW", "")
     if forced in ("dense", "packed1", "packed8"):
         return forced
+    if forced:
+        import warnings
+
+        warnings.warn(f"SEMIAR_ONE_ROW={forced!r} is not dense, packed1 or packed8; timing the kernels instead",
+                      stacklevel=3)
     w = linear.weight.detach()
     x = torch.randn(1, w.shape[1], dtype=w.dtype)
     p1 = torch.ops.mkldnn._reorder_linear_weight(w, 1)
