@@ -2,7 +2,7 @@
 # The GPU fast path (CUDA graphs) on one GPU: the commands behind docs/benchmarks.md's GPU tables.
 #   scripts/gpu/fast.sh setup   install carried wheels, join the staged GGUF pieces
 #   scripts/gpu/fast.sh step    decode-step and tree-verification cost: eager vs CUDA graphs, kernel profile
-#   COMPILE=1 adds torch.compile (per layer) before the graphs are captured
+#   VARIANTS= the forwards measured (step_cost.py --variants); COMPILE=1 compiles the bench's models
 #   scripts/gpu/fast.sh bench   greedy bench on code and edit: ar, draft, pld, ngram vs hf-ar, hf-assisted, hf-pld
 # Stage the GGUFs first (../shared/gpu/stage-file FILE NAME, names q15.gguf and q05.gguf) and run the
 # calls back to back: an idle machine is given back after 30 s, and a fresh one starts bare.
@@ -25,7 +25,7 @@ case "${1:-}" in
     ls -la "$STASH"
     ;;
   step)
-    python3 scripts/gpu/step_cost.py --model "$T15" --profile ${COMPILE:+--compile} --out "$OUT" 2>&1 | grep -v -i 'warn\|Loading weights'
+    python3 scripts/gpu/step_cost.py --model "$T15" --profile --variants "${VARIANTS:-graphs,compiled,compiled-gemv}" --out "$OUT" 2>&1 | grep -v -i 'warn\|Loading weights'
     ;;
   bench)
     python3 -m semiar.cli bench --device cuda --target "$T15" --draft-model "$T05" \

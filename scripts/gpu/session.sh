@@ -8,9 +8,10 @@
 #   scripts/gpu/session.sh heads     the same data: eagle, medusa, hydra (same epochs as falcon)
 #   scripts/gpu/session.sh greedy    one greedy bench: every engine method, the four drafters, the peers
 #   scripts/gpu/session.sh t1        one T=1 bench of the sampling-capable methods (+ medusa-typical, lossy)
-#   scripts/gpu/session.sh step      decode / verify step cost: eager, CUDA graphs (whole cache / windows), per-layer
-#                                    torch.compile (+ coordinate-descent tuning; AUTOTUNE=1: + Triton mm autotuning),
-#                                    kernel profiles (scripts/gpu/step_cost.py)
+#   scripts/gpu/session.sh step      decode / verify step cost: eager, CUDA graphs, per-layer torch.compile, with
+#                                    cuBLAS / the one-row Triton kernel / Inductor's multiply+sum for one-row products
+#                                    (AUTOTUNE=1: + Triton mm autotuning; VARIANTS= any of step_cost.py's), kernel
+#                                    profiles (scripts/gpu/step_cost.py)
 # The benches compile the models (semiar bench's default on CUDA); TREES sets per-method trees (default: each method's own).
 # Each step leaves a results tarball (and drafter weights) under $OUT; docs/benchmarks.md quotes them.
 set -uo pipefail
@@ -104,7 +105,8 @@ case "${1:-}" in
     pack t1
     ;;
   step)
-    timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "$T15" --compile --cdt ${AUTOTUNE:+--autotune} --profile --out "$RUNS/step" \
+    timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "$T15" --profile --out "$RUNS/step" \
+      --variants "${VARIANTS:-graphs,compiled,compiled-gemv,compiled-rowsum${AUTOTUNE:+,compiled-autotune}}" \
       2>&1 | grep -v -i 'warn\|Loading weights'
     cp "$RUNS/step/step_cost.json" "$OUT/" 2>/dev/null
     pack step

@@ -52,3 +52,27 @@ print("compiled graphs, 300-token prompt == eager (AR):", a == b)
 for method in ("pld", "ngram", "copy", "lookahead"):
     gen = Engine(compiled, make_drafter(method, compiled, device="cuda")).generate(long_ids, max_new_tokens=60).run()
     print(f"compiled {method} == AR:", gen.token_ids == b, "tau", round(gen.stats.tau, 2))
+
+# the one-row Triton kernel (models.gemv) on this GPU: against cuBLAS at the 1.5B's shapes, then
+# forced on for every layer of compiled graphs (SEMIAR_GEMV=1)
+import os  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from semiar.models import gemv  # noqa: E402
+
+for N, K in [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960), (151936, 1536)]:
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x.float(), w.float())
+    print(f"gemv {N}x{K}: max |err| vs fp32 {(gemv.gemv(x, w).float() - ref).abs().max().item():.4f}, "
+          f"cuBLAS {(F.linear(x, w).float() - ref).abs().max().item():.4f}; "
+          f"ms cuBLAS {gemv._graph_ms(lambda: F.linear(x, w)):.4f} gemv {gemv._graph_ms(lambda: gemv.gemv(x, w)):.4f}")
+os.environ["SEMIAR_GEMV"] = "1"
+rows = load_model(str(d), device="cuda", compile=True)
+print("row kernel:", rows.decoder.gpu_row_kernel)
+c = Engine(rows).generate(long_ids, max_new_tokens=60).run().token_ids
+print("compiled graphs + gemv, AR == eager AR:", c == a, "(bf16: may differ at near-ties)")
+for method in ("pld", "copy"):
+    gen = Engine(rows, make_drafter(method, rows, device="cuda")).generate(long_ids, max_new_tokens=60).run()
+    print(f"compiled + gemv {method} == AR:", gen.token_ids == c, "tau", round(gen.stats.tau, 2))

@@ -1,6 +1,7 @@
 """Cost of one decode step and of tree verification on CUDA: eager, CUDA graphs, compiled + graphs.
 
-usage: python scripts/gpu/step_cost.py --model MODEL [--compile] [--cdt] [--autotune] [--sizes 16,32,64] [--context 300]
+usage: python scripts/gpu/step_cost.py --model MODEL [--variants graphs,compiled,compiled-gemv,...] [--sizes 16,32,64]
+       [--context 300] [--profile]
 
 Prints a table and writes step_cost.json to --out. The bound: every decode step reads all weights
 once; at the GPU's memory bandwidth (--bandwidth; default the datasheet figure of the GPU found:
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from semiar.models import gemv
 from semiar.models.decoder import Attention
 from semiar.models.graphs import GraphedDecoder, _Captured
 from semiar.models.loading import load_model
@@ -61,7 +63,7 @@ def copy_bandwidth():
     return 2 * (2 << 30) / (ms / 1e3)
 
 
-def matmuls_alone(dec, reps):
+def matmuls_alone(dec, reps, product=F.linear):
     """ms of one 1-token step's matrix products alone (every linear layer + the LM head, one CUDA
     graph): what the step would cost if nothing but the weight reads took time."""
     linears = [m for m in dec.modules() if isinstance(m, torch.nn.Linear)]
@@ -69,17 +71,18 @@ def matmuls_alone(dec, reps):
 
     def run():
         for m, x in zip(linears, xs):
-            F.linear(x, m.weight, m.bias)
+            product(x, m.weight, m.bias)
 
     g = _Captured(run, [])
     return timed(g.graph.replay, reps), len(linears)
 
 
-def kernel_profile(dec, context, compiled):
+def kernel_profile(dec, context, compiled, row_kernel):
     """Kernels of one 1-token fixed-shape step (no graph: the same kernels a replay runs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1], capture=False, compile=compiled)
+    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1], capture=False, compile=compiled,
+                       row_kernel=row_kernel)
     cache = g.new_cache(context + 100)
     step_costs(g, cache, context, [], 5)
     ids = torch.randint(100, 1000, (1, 1), device="cuda")
@@ -113,11 +116,12 @@ ap.add_argument("--sizes", default="16,32,64")
 ap.add_argument("--context", type=int, default=300)
 ap.add_argument("--capacity", type=int, default=2048)
 ap.add_argument("--reps", type=int, default=200)
-ap.add_argument("--compile", action="store_true", help="add per-layer torch.compile + graphs")
-ap.add_argument("--cdt", action="store_true", help="add a compiled variant with Inductor's coordinate-descent tuning")
-ap.add_argument("--sdpa", action="store_true", help="add graphs with SDPA attention instead of explicit matmuls")
-ap.add_argument("--autotune", action="store_true",
-                help="add a compiled variant whose matrix products Inductor autotunes against its Triton templates")
+ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv",
+                help="comma-separated, measured in this order: graphs-full (attention over the whole cache), graphs, "
+                     "graphs-sdpa, compiled (torch.compile + graphs, cuBLAS for every product), compiled-gemv (+ the "
+                     "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-rowsum (one-row products "
+                     "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
+                     "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
 ap.add_argument("--bandwidth", type=float, default=None)
 ap.add_argument("--out", default="runs/step_cost")
 ap.add_argument("--profile", action="store_true", help="also profile the kernels of a 1-token step")
@@ -139,6 +143,10 @@ res = {"model": m.name, "gpu": gpu, "dtype": str(m.dtype), "torch": torch.__vers
 copy_bw = copy_bandwidth()
 mm_ms, n_linear = matmuls_alone(dec, a.reps)
 res.update(copy_bandwidth=copy_bw, copy_bound_ms=weight_bytes / copy_bw * 1e3, matmuls_alone_ms=mm_ms, linears=n_linear)
+try:  # the same products through the one-row Triton kernel (autotuned per shape on first use)
+    res["gemv_alone_ms"] = matmuls_alone(dec, a.reps, gemv.gemv)[0]
+except Exception as e:  # noqa: BLE001
+    res["gemv_alone_error"] = f"{type(e).__name__}: {e}"[:300]
 
 
 def save():
@@ -160,27 +168,44 @@ def report(name):
 print(f"{res['model']} on {gpu}, {res['dtype']}, weights {weight_bytes / 1e9:.2f} GB, "
       f"bound {bound_ms:.3f} ms/step ({1e3 / bound_ms:.0f} steps/s at {bandwidth / 1e12:.2f} TB/s datasheet); "
       f"copy {copy_bw / 1e12:.2f} TB/s here -> {res['copy_bound_ms']:.3f} ms; "
-      f"the {n_linear} matrix products alone {mm_ms:.3f} ms ({weight_bytes / mm_ms / 1e9:.2f} TB/s)", flush=True)
+      f"the {n_linear} matrix products alone {mm_ms:.3f} ms ({weight_bytes / mm_ms / 1e9:.2f} TB/s), through the "
+      f"Triton kernel {res.get('gemv_alone_ms', float('nan')):.3f} ms {res.get('gemv_alone_error', '')}", flush=True)
 res["eager"] = step_costs(dec, dec.new_cache(a.capacity), a.context, sizes, max(20, a.reps // 10))
 report("eager")
 
 
-def measure(name, comp):
-    Attention.static_sdpa = name == "graphs-sdpa"
-    if name.startswith("compiled-cdt") or name.startswith("compiled-autotune"):
-        import torch._inductor.config as ic
+def rowsum_forward(self, x):
+    """RowLinear's one-row product as multiply + sum, which Inductor turns into its own reduction kernel."""
+    if x.numel() == x.shape[-1]:
+        y = (x.float() * self.weight.float()).sum(-1)
+        return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+    return F.linear(x, self.weight, self.bias)
 
-        if name.startswith("compiled-cdt"):
-            ic.coordinate_descent_tuning = True
-        else:  # one-row products: cuBLAS vs Triton's mm templates, the faster kept per shape
-            ic.coordinate_descent_tuning = False
-            ic.max_autotune_gemm = True
-            ic.max_autotune_gemm_backends = "ATEN,TRITON"
-        torch._dynamo.reset()
+
+def configure(name):
+    """Inductor's settings and the product path for a variant; returns (compile, row_kernel)."""
+    import torch._inductor.config as ic
+
+    Attention.static_sdpa = name == "graphs-sdpa"
+    ic.coordinate_descent_tuning = name == "compiled-cdt"
+    ic.max_autotune_gemm = name == "compiled-autotune"
+    if name == "compiled-autotune":  # one-row products: cuBLAS vs Triton's mm templates, the faster kept per shape
+        ic.max_autotune_gemm_backends = "ATEN,TRITON"
+    gemv.RowLinear.forward = rowsum_forward if name == "compiled-rowsum" else ROW_FORWARD
+    torch._dynamo.reset()
+    row_kernel = {"compiled-gemv": None, "compiled-rowsum": True}.get(name, False)
+    return name.startswith("compiled"), row_kernel
+
+
+def measure(name):
+    comp, row_kernel = configure(name)
     t0 = time.perf_counter()
-    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp,
+    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp, row_kernel=row_kernel,
                        windows=() if name == "graphs-full" else None)
     res[name + "_capture_s"] = time.perf_counter() - t0
+    if dec.gpu_row_kernel:
+        res[name + "_row_kernel"] = dec.gpu_row_kernel
+        print(f"{name}: one-row kernel per weight shape {dec.gpu_row_kernel}", flush=True)
     cache = g.new_cache(a.context + 100)
     res[name] = step_costs(g, cache, a.context, sizes, a.reps)
     # the replay alone (no input copies, no Python around it): what the GPU itself takes
@@ -188,14 +213,16 @@ def measure(name, comp):
     W = next(w for w in g.windows if w > a.context)
     res[name + "_replay_ms"] = timed(lambda: g.graphs[1, W].replay(), a.reps)
     report(name)
+    if a.profile and name in ("graphs", "compiled", "compiled-gemv"):
+        del g, cache
+        profile_step(name, comp, row_kernel)
+    gemv.uninstall(dec)
     dec.static_fns = None
-    Attention.static_sdpa = False
-    del g, cache
     torch.cuda.empty_cache()
 
 
-def profile_step(name, comp):
-    p = res[name + "_profile"] = kernel_profile(dec, a.context, comp)
+def profile_step(name, comp, row_kernel):
+    p = res[name + "_profile"] = kernel_profile(dec, a.context, comp, row_kernel)
     print(f"\n{name}: per 1-token step, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
           f"{p['matmul']['gpu_ms_per_step']:.3f} ms, everything else {p['other']['kernels_per_step']:.0f} kernels "
           f"{p['other']['gpu_ms_per_step']:.3f} ms", flush=True)
@@ -204,19 +231,17 @@ def profile_step(name, comp):
     save()
 
 
-# graphs-full: attention over the whole capacity (as before windows); the others over a window.
-# Ordered so that a run stopped at its time limit keeps the most: the slow tuning comes last.
-measure("graphs-full", False)
-measure("graphs", False)
-if a.sdpa:
-    measure("graphs-sdpa", False)
-if a.profile:
-    profile_step("graphs", False)
-if a.compile:
-    measure("compiled+graphs", True)
-    if a.profile:
-        profile_step("compiled+graphs", True)
-if a.cdt:
-    measure("compiled-cdt+graphs", True)
-if a.autotune:
-    measure("compiled-autotune+graphs", True)
+ROW_FORWARD = gemv.RowLinear.forward
+# Ordered so that a run stopped at its time limit keeps the most: put the slow tuning last.
+for variant in a.variants.split(","):
+    try:
+        measure(variant)
+    except Exception as e:  # noqa: BLE001 - one failed variant must not lose the others' numbers
+        import traceback
+
+        traceback.print_exc()
+        res[variant + "_error"] = f"{type(e).__name__}: {e}"[:500]
+        print(f"!! {variant} failed: {res[variant + '_error']}", flush=True)
+        gemv.uninstall(dec)
+        dec.static_fns = None
+        save()

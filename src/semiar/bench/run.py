@@ -254,6 +254,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     kernel = getattr(runner.target.decoder, "one_row_kernel", None)
     if kernel:  # which CPU kernel multiplies one row (models.decoder.PackedLinear): it sets ar's speed
         machine["cpu_one_row_kernel"] = kernel
+    gpu_rows = getattr(runner.target.decoder, "gpu_row_kernel", None)
+    if gpu_rows:  # per weight shape: one-row products through the Triton kernel or cuBLAS (models.gemv)
+        machine["gpu_row_kernel"] = gpu_rows
     results = {"settings": asdict(cfg), "machine": machine, "target": runner.target.name,
                "draft_model": runner.draft.name if runner.draft else None, "interrupted": False,
                "prompts": [{"task": p.task, "id": p.id, "prompt_tokens": len(ids)} for p, ids in zip(prompts, encoded)],

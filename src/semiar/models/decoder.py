@@ -387,6 +387,8 @@ class Decoder(nn.Module):
         self.static_fns = None
         #: how 1-2 row inputs multiply on the CPU after `pack_for_cpu` ("dense", "packed1", "packed8"), else None
         self.one_row_kernel = None
+        #: on CUDA: per weight shape, whether one-row products use the Triton kernel (models.gemv.install)
+        self.gpu_row_kernel = {}
 
     @property
     def device(self):
