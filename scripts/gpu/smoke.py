@@ -53,8 +53,8 @@ for method in ("pld", "ngram", "copy", "lookahead"):
     gen = Engine(compiled, make_drafter(method, compiled, device="cuda")).generate(long_ids, max_new_tokens=60).run()
     print(f"compiled {method} == AR:", gen.token_ids == b, "tau", round(gen.stats.tau, 2))
 
-# the Triton row kernels (models.gemv) on this GPU: against cuBLAS at the 1.5B's shapes, then
-# forced on for every layer and row count of compiled graphs (SEMIAR_GEMV=1)
+# the one-row Triton kernel (models.gemv) on this GPU: against cuBLAS at the 1.5B's shapes, then
+# forced on for every layer of compiled graphs (SEMIAR_GEMV=1)
 import os  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
@@ -62,16 +62,15 @@ import torch.nn.functional as F  # noqa: E402
 from semiar.models import gemv  # noqa: E402
 
 for N, K in [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960), (151936, 1536)]:
+    # errors against fp32, then ms per product over distinct weights (L2-cold, as in a step)
     ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5 for _ in range(2 if N > 100000 else 16)]
-    for R in (1, 16, 48, 64):  # errors against fp32, then ms per product over distinct weights (L2-cold)
-        x = torch.randn(R, K, device="cuda", dtype=torch.bfloat16)
-        mine = gemv.gemv if R == 1 else gemv.few_rows
-        ref = F.linear(x.float(), ws[0].float())
-        cublas_ms = gemv._graph_ms(lambda: [F.linear(x, w) for w in ws], 2) / len(ws)
-        mine_ms = gemv._graph_ms(lambda: [mine(x, w) for w in ws], 2) / len(ws)
-        print(f"{N}x{K} rows {R}: max |err| Triton {(mine(x, ws[0]).float() - ref).abs().max().item():.4f} "
-              f"cuBLAS {(F.linear(x, ws[0]).float() - ref).abs().max().item():.4f}; ms cuBLAS {cublas_ms:.4f} "
-              f"Triton {mine_ms:.4f} ({N * K * 2 / mine_ms / 1e9:.2f} TB/s)", flush=True)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x.float(), ws[0].float())
+    cublas_ms = gemv._graph_ms(lambda: [F.linear(x, w) for w in ws], 2) / len(ws)
+    mine_ms = gemv._graph_ms(lambda: [gemv.gemv(x, w) for w in ws], 2) / len(ws)
+    print(f"{N}x{K}: max |err| Triton {(gemv.gemv(x, ws[0]).float() - ref).abs().max().item():.4f} "
+          f"cuBLAS {(F.linear(x, ws[0]).float() - ref).abs().max().item():.4f}; ms cuBLAS {cublas_ms:.4f} "
+          f"Triton {mine_ms:.4f} ({N * K * 2 / mine_ms / 1e9:.2f} TB/s)", flush=True)
     del ws
 os.environ["SEMIAR_GEMV"] = "1"
 rows = load_model(str(d), device="cuda", compile=True)

@@ -32,39 +32,16 @@ def test_gemv_equals_linear(dtype, N, K, bias):
 
 
 @needs_triton
-@pytest.mark.parametrize("rows", [2, 16, 17, 40, 64])
-def test_few_rows_equals_linear(rows):
-    torch.manual_seed(1)
-    w = torch.randn(70, 300)
-    b = torch.randn(70)
-    x = torch.randn(1, rows, 300)
-    assert (gemv.few_rows(x, w, b) - F.linear(x, w, b)).abs().max() < 1e-3
-    xb, wb = x.bfloat16(), w.bfloat16()
-    ref = F.linear(xb.float(), wb.float())
-    assert (gemv.few_rows(xb, wb).float() - ref).abs().max() < ref.abs().max() / 64
-    with pytest.raises(ValueError, match="rows"):
-        gemv.few_rows(torch.randn(65, 300), w)
-
-
-@needs_triton
-def test_row_linear_sends_the_chosen_row_counts_to_the_kernels(monkeypatch):
+def test_row_linear_sends_only_one_row_to_the_kernel(monkeypatch):
     lin = torch.nn.Linear(50, 20)
-    calls = []
-    for name in ("gemv", "few_rows"):
-        real = getattr(gemv, name)
-        monkeypatch.setattr(gemv, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
-    x = torch.randn(1, 40, 50)
-    with torch.no_grad():
-        one_only = gemv.RowLinear(lin, kernels=1)
-        assert torch.equal(one_only(x[:, :3]), lin(x[:, :3])) and not calls
-        assert (one_only(x[:, :1]) - lin(x[:, :1])).abs().max() < 1e-5 and calls == ["gemv"]
-        calls.clear()
-        up_to_32 = gemv.RowLinear(lin, kernels=1 | 2 | 4)  # 1 row, <= 16, <= 32
-        for T, kernel in [(3, "few_rows"), (32, "few_rows"), (33, None), (40, None)]:
-            assert (up_to_32(x[:, :T]) - lin(x[:, :T])).abs().max() < 1e-4
-            assert calls == ([kernel] if kernel else []), T
-            calls.clear()
     r = gemv.RowLinear(lin)
+    calls = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 3, 50)
+    with torch.no_grad():
+        assert torch.equal(r(x), lin(x)) and not calls
+        assert (r(x[:, :1]) - lin(x[:, :1])).abs().max() < 1e-5 and calls
     assert r.unwrap() is lin and set(dict(r.named_parameters())) == {"weight", "bias"}
 
 
@@ -75,7 +52,7 @@ def test_installed_kernel_keeps_weights_and_greedy_output():
     ref = Engine(m).generate(prompt, max_new_tokens=12).run().token_ids
     keys = set(m.decoder.state_dict())
     report = gemv.install(m.decoder, force=True)
-    assert report and all(e["used"] for r in report.values() for e in r["rows"].values())
+    assert report and all(r["used"] for r in report.values())
     assert isinstance(m.decoder.lm_head, gemv.RowLinear)
     assert m.decoder.lm_head.weight is m.decoder.embed_tokens.weight  # still tied
     assert set(m.decoder.state_dict()) == keys
@@ -106,8 +83,6 @@ def test_a_kernel_that_fails_leaves_cublas(monkeypatch):
         raise RuntimeError("no Triton here")
 
     monkeypatch.setattr(gemv, "gemv", broken)
-    monkeypatch.setattr(gemv, "few_rows", broken)
-    with pytest.warns(UserWarning, match="Triton kernel for 1 row"):
-        report = gemv.install(m.decoder, force=True)
-    assert report and not any(e["used"] for r in report.values() for e in r["rows"].values())
+    with pytest.warns(UserWarning, match="one-row Triton kernel failed"):
+        assert gemv.install(m.decoder, force=True) == {}
     assert type(m.decoder.lm_head) is torch.nn.Linear

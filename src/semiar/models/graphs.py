@@ -10,8 +10,8 @@ length, and a block of T < S tokens is padded to S. A step is then a few small h
 copies and one graph replay; a prompt longer than the largest size is several replays.
 Optionally the forward is compiled first (`compile=True`, torch.compile/Inductor, `compile_static`),
 which fuses the elementwise work (norms, rotary, mask and softmax, SiLU, residuals): on the H200
-3.65 -> 1.91 ms per step. Products of 1..64 rows go through Triton kernels where they beat cuBLAS
-for the weight's shape (`models.gemv`).
+3.65 -> 1.91 ms per step. One-row products go through a Triton kernel where it beats cuBLAS for
+the weight's shape (`models.gemv`): 1.87 -> 1.64 ms.
 
 It has the decoder's call signature, so the engine and the drafters use it without knowing:
 anything it cannot replay (another cache, a full prefix mask, a batch, a request past the static
@@ -131,9 +131,8 @@ class GraphedDecoder:
         capacity), so a step attends over the smallest window that holds the cache, not over the
         whole capacity; capture: record CUDA graphs (default: when the decoder is on CUDA);
         without, the same fixed-shape forwards run directly, which is how the CPU tests check
-        the logic; row_kernel: products of 1..64 rows through the Triton kernels (`models.gemv`;
-        default: on CUDA, for the weight shapes and row counts where they beat cuBLAS; False:
-        cuBLAS only)."""
+        the logic; row_kernel: one-row products through the Triton kernel (`models.gemv`; default:
+        on CUDA, for the weight shapes where it beats cuBLAS; False: cuBLAS only)."""
         capture = decoder.device.type == "cuda" if capture is None else capture
         if capture and decoder.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -150,7 +149,7 @@ class GraphedDecoder:
             windows = [w for w in (256, 512, 1024) if w < capacity]
         self.windows = sorted(set(int(w) for w in windows if 0 < w < capacity)) + [capacity]
         t0 = time.perf_counter()
-        # before compiling: the compiled layer calls the kernels as one opaque op (CUDA only, unless forced)
+        # before compiling: the compiled layer calls the kernel as one opaque op (CUDA only, unless forced)
         gemv.install(decoder, force=row_kernel)
 
         def build(comp: bool) -> None:
