@@ -29,6 +29,10 @@ multi-row kernels).
 
 Needs Triton (which CUDA builds of PyTorch bring); tests run the kernel on CPU under Triton's
 interpreter (TRITON_INTERPRET=1).
+
+Example (needs a CUDA device):
+    >>> from semiar.models import gemv                                     # doctest: +SKIP
+    >>> gemv.install(model.decoder)  # {"2048x1536": {"cublas_ms": ..., "gemv_ms": ..., "used": True}, ...}  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -163,11 +167,11 @@ def _graph_ms(fn, reps: int = 20, rounds: int = 5) -> float:
 def install(decoder: nn.Module, force: Optional[bool] = None) -> dict:
     """Wrap the decoder's linear layers (LM head included) in `RowLinear` where the kernel serves a
     one-row input faster than cuBLAS, timed per weight shape over all the layers of that shape
-    (must win by 3 %); force=True wraps
-    all (on any device: the CPU tests run it under Triton's interpreter), False none (default:
-    SEMIAR_GEMV=1/0, else timed on CUDA). Returns {"NxK": {"cublas_ms",
-    "gemv_ms", "used"}} and records it as `decoder.gpu_row_kernel`; {} when the decoder is not
-    on CUDA or Triton is missing."""
+    (it must win by 3 %). force=True wraps them all (on any device: the CPU tests run the kernel
+    under Triton's interpreter), False none; the default is SEMIAR_GEMV=1/0, else timed on CUDA.
+    Starts from the plain layers (a second call re-decides). Returns {"NxK": {"layers",
+    "cublas_ms", "gemv_ms", "used"}}, also kept as `decoder.gpu_row_kernel`; {} when the decoder
+    is not on CUDA or Triton is missing."""
     env = os.environ.get("SEMIAR_GEMV", "")
     if force is None and env in ("0", "1"):
         force = env == "1"

@@ -164,7 +164,7 @@ def argmax_tokens(feats: torch.Tensor, lm_head_weight: torch.Tensor, chunk: int 
 
 
 def autocast_ctx(device_type: str, dtype: Optional[torch.dtype]):
-    """bf16 autocast on GPUs, a no-op context elsewhere."""
+    """bf16 autocast when asked for (GPUs, bf16 targets on the CPU), else a no-op context."""
     return torch.autocast(device_type, dtype=dtype) if dtype else torch.autocast(device_type, enabled=False)
 
 

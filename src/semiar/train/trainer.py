@@ -200,7 +200,9 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     embed = target.decoder.embed_tokens
     lm_w = target.decoder.lm_head.weight
-    autocast = torch.bfloat16 if device.startswith("cuda") else None
+    # bf16 autocast on GPUs, and on a CPU whose target runs in bf16 (its features and the shared
+    # embedding and LM head are bf16 then); the drafter's own weights stay fp32 for the optimizer
+    autocast = torch.bfloat16 if device.startswith("cuda") or target.dtype == torch.bfloat16 else None
     feat_dtype = target.dtype
 
     def seq(i: int):  # one training sequence: ids, features, response mask
