@@ -10,10 +10,6 @@ if not os.path.exists("/dev/nvidia0"):
 
 import torch  # noqa: E402
 
-# the suite's tolerances are fp32's: keep the CPU default there even on CPUs with native bf16
-# (where semiar defaults to bf16; tests/models/test_dtype.py checks that rule)
-os.environ.setdefault("SEMIAR_CPU_DTYPE", "fp32")
-
 sys.path.insert(0, str(Path(__file__).parent))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -90,7 +90,7 @@ def generate(
     system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16, fp16 (default: bf16 on CUDA and on CPUs with native bf16, else fp32)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default; on CPUs with native bf16 ~1.7x faster, near-ties may differ), fp16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
     compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first "
@@ -142,7 +142,7 @@ def bench(
     k: Optional[int] = typer.Option(None, "-k", help="Draft length for chain drafters."),
     out: str = typer.Option("runs/bench", "--out", help="Output directory."),
     device: str = typer.Option("cpu", "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16, fp16 (default: bf16 on CUDA and on CPUs with native bf16, else fp32)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default; on CPUs with native bf16 ~1.7x faster, near-ties may differ), fp16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Feed prompts raw, without the chat template."),
     allow_near_ties: bool = typer.Option(False, "--allow-near-ties",
@@ -208,7 +208,7 @@ def train_drafter(
     save_every: int = typer.Option(200, "--save-every", help="Checkpoint every N steps (resumable)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (bf16 autocast on cuda)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Target dtype (default: bf16 on CUDA and on CPUs with native bf16, else fp32)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Target dtype (fp32 CPU default, bf16 CUDA default)."),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ):
     """Train a drafter for TARGET on the target's own answers (self-distillation); resumable.
