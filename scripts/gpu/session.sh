@@ -14,6 +14,8 @@
 #                                    profiles (scripts/gpu/step_cost.py)
 # The benches compile the models (semiar bench's default on CUDA); TREES sets per-method trees (default: each method's own).
 # Each step leaves a results tarball (and drafter weights) under $OUT; docs/benchmarks.md quotes them.
+# Set SECS below the device time left: a command the lease cuts off returns only what is under $OUT
+# by then (the benches and step_cost.py write there as they go).
 set -uo pipefail
 STASH=${STASH:-/root/stash}
 OUT=${OUT:-runs/gpu-session}
@@ -69,9 +71,12 @@ pack() { tar czf "$OUT/$1.tgz" -C "$STASH" runs && ls -la "$OUT"; }
 
 bench() {  # bench NAME SECONDS [bench args]: stopped with SIGINT at SECONDS, keeping the prompts that finished
   local name=$1 secs=$2; shift 2
-  timeout -s INT "$secs" python3 -m semiar.cli bench --device "${DEVICE:-cuda}" --out "$RUNS/$name" "$@" \
+  # straight under $OUT: a command cut off by the lease's limit still returns the prompts that
+  # finished (results.partial.json, written after each prompt)
+  timeout -s INT "$secs" python3 -m semiar.cli bench --device "${DEVICE:-cuda}" --out "$OUT/$name" "$@" \
     2>&1 | tr '\r' '\n' | grep -v 'Loading weights' | grep -v '^\s*$' | tail -70
-  rm -f "$RUNS/$name"/*.png.tmp
+  rm -f "$OUT/$name"/*.png.tmp
+  cp -r "$OUT/$name" "$RUNS/"
 }
 
 case "${1:-}" in
@@ -105,10 +110,10 @@ case "${1:-}" in
     pack t1
     ;;
   step)
-    timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "$T15" --profile --out "$RUNS/step" \
+    timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "$T15" --profile --out "$OUT/step" \
       --variants "${VARIANTS:-graphs,compiled,compiled-gemv,compiled-rowsum${AUTOTUNE:+,compiled-autotune}}" \
       2>&1 | grep -v -i 'warn\|Loading weights'
-    cp "$RUNS/step/step_cost.json" "$OUT/" 2>/dev/null
+    cp -r "$OUT/step" "$RUNS/" 2>/dev/null
     pack step
     ;;
   *) echo "usage: $0 smol|falcon|heads|greedy|t1|step" >&2; exit 2 ;;

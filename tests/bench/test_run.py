@@ -119,6 +119,27 @@ def test_bench_interrupt_keeps_partial_results(tmp_path, model_dirs, monkeypatch
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["interrupted"] and len(data["runs"]["ar"]) == 1 and res["interrupted"]
     assert "Interrupted" in (tmp_path / "out" / "report.md").read_text()
+    assert not (tmp_path / "out" / "results.partial.json").exists()  # written per prompt, gone at the end
+
+
+def test_a_run_killed_outright_leaves_the_finished_prompts(tmp_path, model_dirs, monkeypatch):
+    import semiar.bench.run as run_mod
+
+    real_run = run_mod.Runner.run
+    calls = {"n": 0}
+
+    def killed(self, method, ids, max_new, seed):  # SIGKILL has no handler: nothing after it runs
+        calls["n"] += 1
+        if calls["n"] > 2 + 2:
+            raise SystemExit(137)
+        return real_run(self, method, ids, max_new, seed)
+
+    monkeypatch.setattr(run_mod.Runner, "run", killed)
+    with pytest.raises(SystemExit):
+        run_bench(config(tmp_path, model_dirs, methods=["ar", "pld"], repeats=1), progress=False)
+    assert not (tmp_path / "out" / "results.json").exists()
+    data = json.loads((tmp_path / "out" / "results.partial.json").read_text())
+    assert len(data["runs"]["ar"]) == len(data["runs"]["pld"]) == 1
 
 
 def test_bench_leaves_out_a_method_that_fails(tmp_path, model_dirs, monkeypatch):

@@ -304,6 +304,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                     rec = _median_record(per_method[m])
                     rec.update(task=p.task, prompt_id=p.id)
                     results["runs"][m].append(rec)
+                # the prompts so far, for a run killed outright (no signal to catch): the same
+                # records as results.json, without the identity check and the summary
+                (out / "results.partial.json").write_text(json.dumps(results))
     except KeyboardInterrupt:
         results["interrupted"] = True
         console.print("[yellow]interrupted: writing the prompts that finished[/]")
@@ -429,6 +432,7 @@ def _pooled_accept(runs):
 def write_outputs(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.partial.json").unlink(missing_ok=True)
     (out / "report.md").write_text(render_report(results))
     try:
         from .plots import plot_acceptance, plot_speedup
