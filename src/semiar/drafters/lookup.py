@@ -28,13 +28,17 @@ class NgramIndex:
         self.tokens: list[int] = []
 
     def sync(self, tokens: list[int]) -> None:
+        """Index the tokens added since the last call. Within a request the context only grows
+        (drafters start a new index per request), so only its length and the last token known
+        are checked, not the whole prefix: comparing and copying the context on every step cost
+        ~15 µs at 2000 tokens. A context that is shorter or differs there is indexed anew."""
         n = len(self.tokens)
-        if n > len(tokens) or tokens[:n] != self.tokens:  # context rewound (a new request): rebuild
-            self.ends, n = {}, 0
+        if n > len(tokens) or (n and tokens[n - 1] != self.tokens[-1]):
+            self.ends, self.tokens, n = {}, [], 0
         for end in range(n + 1, len(tokens) + 1):
             for m in range(self.min_n, min(self.max_n, end) + 1):
                 self.ends.setdefault(tuple(tokens[end - m:end]), []).append(end)
-        self.tokens = list(tokens)
+        self.tokens.extend(tokens[n:])
 
     def earlier_match(self, n: int) -> int | None:
         """End index of the latest occurrence of the last n tokens before the current end."""

@@ -144,16 +144,9 @@ def _graph_ms(fn, reps: int = 20, rounds: int = 5) -> float:
     time as a decode step's graph sees it, without Python's launch cost."""
     import time
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+    from .graphs import _Captured  # (graphs imports this module)
+
+    graph = _Captured(lambda: [fn() for _ in range(reps)], []).graph
     best = float("inf")
     for _ in range(rounds):
         torch.cuda.synchronize()
