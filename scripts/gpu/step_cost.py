@@ -127,6 +127,11 @@ ap.add_argument("--out", default="runs/step_cost")
 ap.add_argument("--profile", action="store_true", help="also profile the kernels of a 1-token step")
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
+VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "compiled", "compiled-gemv", "compiled-rowsum", "compiled-cdt",
+            "compiled-autotune")
+unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+if unknown:
+    ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
 m = load_model(a.model, device="cuda", cuda_graphs=False)
 dec = m.decoder

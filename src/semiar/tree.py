@@ -79,8 +79,8 @@ class DraftTree:
         """[n+1, n+1] bool: row r may attend to column c (root + nodes; ancestors and itself)."""
         n = len(self) + 1
         # built in numpy, one host-to-device copy: row by row in torch it was ~100 small tensor
-        # ops per tree (165 µs for 48 nodes on this project's CPU, 11 µs this way), paid on every
-        # verification
+        # ops per tree (168 µs for 48 nodes on this project's CPU, 10 µs this way; scripts/host_cost.py
+        # mask), paid on every verification
         mask = np.zeros((n, n), dtype=bool)
         mask[:, 0] = True
         for i, p in enumerate(self.parents):
