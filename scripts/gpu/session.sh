@@ -110,7 +110,7 @@ case "${1:-}" in
     pack t1
     ;;
   step)
-    timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "$T15" --profile --out "$OUT/step" \
+    timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "${MODEL:-$T15}" --profile --out "$OUT/step" \
       --variants "${VARIANTS:-graphs,compiled,compiled-gemv,compiled-rowsum${AUTOTUNE:+,compiled-autotune}}" \
       2>&1 | grep -v -i 'warn\|Loading weights'
     cp -r "$OUT/step" "$RUNS/" 2>/dev/null

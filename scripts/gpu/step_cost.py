@@ -3,6 +3,10 @@
 usage: python scripts/gpu/step_cost.py --model MODEL [--variants graphs,compiled,compiled-gemv,...] [--sizes 16,32,64]
        [--context 300] [--profile]
 
+MODEL is a name or path as `semiar` takes it, or random:qwen2.5-1.5b / random:qwen2.5-0.5b: the same
+architecture with random bf16 weights, which costs what the real model costs (nothing here depends
+on the values) and needs no model file on the GPU machine.
+
 Prints a table and writes step_cost.json to --out. The bound: every decode step reads all weights
 once; at the GPU's memory bandwidth (--bandwidth; default the datasheet figure of the GPU found:
 3.35e12 B/s for an H100 SXM, 4.8e12 for an H200) that allows bandwidth / weight_bytes steps per
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from semiar.models import gemv
-from semiar.models.decoder import Attention
+from semiar.models.decoder import Attention, Decoder, DecoderConfig
 from semiar.models.graphs import GraphedDecoder, _Captured
 from semiar.models.loading import load_model
 
@@ -77,12 +81,12 @@ def matmuls_alone(dec, reps, product=F.linear):
     return timed(g.graph.replay, reps), len(linears)
 
 
-def kernel_profile(dec, context, compiled, row_kernel):
+def kernel_profile(dec, context, compiled, row_kernel, fused_step):
     """Kernels of one 1-token fixed-shape step (no graph: the same kernels a replay runs)."""
     from torch.profiler import ProfilerActivity, profile
 
     g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1], capture=False, compile=compiled,
-                       row_kernel=row_kernel)
+                       row_kernel=row_kernel, fused_step=fused_step)
     cache = g.new_cache(context + 100)
     step_costs(g, cache, context, [], 5)
     ids = torch.randint(100, 1000, (1, 1), device="cuda")
@@ -119,7 +123,9 @@ ap.add_argument("--reps", type=int, default=200)
 ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv",
                 help="comma-separated, measured in this order: graphs-full (attention over the whole cache), graphs, "
                      "graphs-sdpa, compiled (torch.compile + graphs, cuBLAS for every product), compiled-gemv (+ the "
-                     "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-rowsum (one-row products "
+                     "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-fused (+ one-token steps as five "
+                     "fused Triton kernels per layer, models.fused; graphs-fused: the same without torch.compile "
+                     "for the larger blocks), compiled-rowsum (one-row products "
                      "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
                      "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
 ap.add_argument("--bandwidth", type=float, default=None)
@@ -127,13 +133,38 @@ ap.add_argument("--out", default="runs/step_cost")
 ap.add_argument("--profile", action="store_true", help="also profile the kernels of a 1-token step")
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
-VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "compiled", "compiled-gemv", "compiled-rowsum", "compiled-cdt",
-            "compiled-autotune")
+VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
+            "compiled-rowsum", "compiled-cdt", "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
     ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
-m = load_model(a.model, device="cuda", cuda_graphs=False)
+# the shapes of the real models (their config.json), for random:NAME
+RANDOM = {"qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                               num_heads=12, num_kv_heads=2),
+          "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                               num_heads=14, num_kv_heads=2)}
+
+
+def random_model(name):
+    if name not in RANDOM:
+        ap.error(f"unknown random model {name!r}; choose from {', '.join(RANDOM)}")
+    cfg = DecoderConfig(**RANDOM[name], attention_bias=True, tie_word_embeddings=True, rope_theta=1e6,
+                        model_type="qwen2", max_position_embeddings=32768)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        d = Decoder(cfg).to(torch.bfloat16).eval()
+    for layer in d.layers:  # weights of a trained model's scale (~0.02), norms at one
+        for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            torch.nn.init.normal_(lin.weight, std=0.02)
+    torch.nn.init.normal_(d.embed_tokens.weight, std=0.02)
+    return type("Random", (), {"name": f"random:{name}", "dtype": d.dtype, "decoder": d})()
+
+
+if a.model.startswith("random:"):
+    m = random_model(a.model.split(":", 1)[1])
+else:
+    m = load_model(a.model, device="cuda", cuda_graphs=False)
 dec = m.decoder
 gpu = torch.cuda.get_device_name(0)
 bandwidth = a.bandwidth or next((bw for k, bw in DATASHEET.items() if k in gpu), 3.35e12)
@@ -188,7 +219,7 @@ def rowsum_forward(self, x):
 
 
 def configure(name):
-    """Inductor's settings and the product path for a variant; returns (compile, row_kernel)."""
+    """Inductor's settings and the product path for a variant; returns (compile, row_kernel, fused_step)."""
     import torch._inductor.config as ic
 
     Attention.static_sdpa = name == "graphs-sdpa"
@@ -198,15 +229,16 @@ def configure(name):
         ic.max_autotune_gemm_backends = "ATEN,TRITON"
     gemv.RowLinear.forward = rowsum_forward if name == "compiled-rowsum" else ROW_FORWARD
     torch._dynamo.reset()
-    row_kernel = {"compiled-gemv": None, "compiled-rowsum": True}.get(name, False)
-    return name.startswith("compiled"), row_kernel
+    row_kernel = {"compiled-gemv": None, "compiled-fused": None, "graphs-fused": None,
+                  "compiled-rowsum": True}.get(name, False)
+    return name.startswith("compiled"), row_kernel, name.endswith("-fused")
 
 
 def measure(name):
-    comp, row_kernel = configure(name)
+    comp, row_kernel, fused_step = configure(name)
     t0 = time.perf_counter()
     g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp, row_kernel=row_kernel,
-                       windows=() if name == "graphs-full" else None)
+                       windows=() if name == "graphs-full" else None, fused_step=fused_step)
     res[name + "_capture_s"] = time.perf_counter() - t0
     if dec.gpu_row_kernel:
         res[name + "_row_kernel"] = dec.gpu_row_kernel
@@ -218,16 +250,43 @@ def measure(name):
     W = next(w for w in g.windows if w > a.context)
     res[name + "_replay_ms"] = timed(lambda: g.graphs[1, W].replay(), a.reps)
     report(name)
-    if a.profile and name in ("graphs", "compiled", "compiled-gemv"):
-        del g, cache
-        profile_step(name, comp, row_kernel)
+    del cache  # (the graphs' static cache is free again)
+    if fused_step:
+        agreement(name, g)
+    if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "graphs-fused"):
+        del g
+        profile_step(name, comp, row_kernel, fused_step)
     gemv.uninstall(dec)
     dec.static_fns = None
+    dec.fused_row_step = False
     torch.cuda.empty_cache()
 
 
-def profile_step(name, comp, row_kernel):
-    p = res[name + "_profile"] = kernel_profile(dec, a.context, comp, row_kernel)
+def agreement(name, g, steps=64):
+    """Greedy steps of the graphed one-token forward (fused) against the eager decoder from the same
+    prompt: how many next tokens agree and the largest logit difference (bf16 near-ties may differ)."""
+    prompt = torch.randint(100, 1000, (1, a.context), device="cuda")
+    outs = []
+    for runner in (g, dec):
+        cache = runner.new_cache(a.context + steps + 8)
+        logits = runner(prompt, cache, logits_at=slice(-1, None)).logits[:, -1]
+        toks, rows = [], []
+        for _ in range(steps):
+            tok = logits.argmax(-1, keepdim=True)
+            toks.append(tok.item())
+            logits = runner(tok, cache).logits[:, -1]
+            rows.append(logits)
+        outs.append((toks, torch.cat(rows)))
+    (t1, l1), (t2, l2) = outs
+    same = next((i for i, (x, y) in enumerate(zip(t1, t2)) if x != y), steps)
+    res[name + "_agreement"] = {"steps": steps, "same_prefix": same,
+                                "max_logit_diff_over_same_prefix": (l1[:same] - l2[:same]).abs().max().item() if same else None}
+    print(f"{name}: greedy one-token steps vs the eager decoder: {res[name + '_agreement']}", flush=True)
+    save()
+
+
+def profile_step(name, comp, row_kernel, fused_step):
+    p = res[name + "_profile"] = kernel_profile(dec, a.context, comp, row_kernel, fused_step)
     print(f"\n{name}: per 1-token step, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
           f"{p['matmul']['gpu_ms_per_step']:.3f} ms, everything else {p['other']['kernels_per_step']:.0f} kernels "
           f"{p['other']['gpu_ms_per_step']:.3f} ms", flush=True)
@@ -249,4 +308,5 @@ for variant in a.variants.split(","):
         print(f"!! {variant} failed: {res[variant + '_error']}", flush=True)
         gemv.uninstall(dec)
         dec.static_fns = None
+        dec.fused_row_step = False
         save()

@@ -389,6 +389,8 @@ class Decoder(nn.Module):
         self.one_row_kernel = None
         #: on CUDA: per weight shape, whether one-row products use the Triton kernel (models.gemv.install)
         self.gpu_row_kernel = {}
+        #: one-token fixed-shape forwards run each layer as five fused Triton kernels (models.fused.install)
+        self.fused_row_step = False
 
     @property
     def device(self):
@@ -473,6 +475,10 @@ class Decoder(nn.Module):
         start + S: attention then reads window, not capacity, keys per layer.
         Returns (logits [1, S, vocab] fp32, final-norm hidden [1, S, hidden])."""
         prologue, layer_fn, epilogue = self.static_fns or (_static_prologue, _call_layer, _static_epilogue)
+        if self.fused_row_step and input_ids.shape[1] == 1:
+            from .fused import row_layer
+
+            layer_fn = row_layer
         x, cos, sin, slots, mask = prologue(self.embed_tokens, self._inv_freq_on(input_ids.device), input_ids,
                                             positions, start, block_mask, window or k_cache.shape[3])
         for i, layer in enumerate(self.layers):

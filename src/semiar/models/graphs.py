@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import gemv
+from . import fused, gemv
 from .decoder import Decoder, DecoderOutput, KVCache
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -125,14 +125,16 @@ class GraphedDecoder:
 
     def __init__(self, decoder: Decoder, capacity: int = 2048, sizes: Sequence[int] = DEFAULT_SIZES,
                  compile: bool = False, capture: Optional[bool] = None,
-                 windows: Optional[Sequence[int]] = None, row_kernel: Optional[bool] = None):
+                 windows: Optional[Sequence[int]] = None, row_kernel: Optional[bool] = None,
+                 fused_step: Optional[bool] = None):
         """sizes: the block sizes captured (a block of T tokens replays the smallest size >= T);
         windows: the attention widths captured for each size (default: 256, 512, ... up to the
         capacity), so a step attends over the smallest window that holds the cache, not over the
         whole capacity; capture: record CUDA graphs (default: when the decoder is on CUDA);
         without, the same fixed-shape forwards run directly, which is how the CPU tests check
         the logic; row_kernel: one-row products through the Triton kernel (`models.gemv`; default:
-        on CUDA, for the weight shapes where it beats cuBLAS; False: cuBLAS only)."""
+        on CUDA, for the weight shapes where it beats cuBLAS; False: cuBLAS only); fused_step: one-token
+        steps as five fused Triton kernels per layer (`models.fused`; default: on CUDA)."""
         capture = decoder.device.type == "cuda" if capture is None else capture
         if capture and decoder.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -151,6 +153,7 @@ class GraphedDecoder:
         t0 = time.perf_counter()
         # before compiling: the compiled layer calls the kernel as one opaque op (CUDA only, unless forced)
         gemv.install(decoder, force=row_kernel)
+        fused.install(decoder, force=fused_step)
 
         def build(comp: bool) -> None:
             if comp:

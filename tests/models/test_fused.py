@@ -1,0 +1,121 @@
+"""The fused one-token layer (models.fused). Without CUDA the kernels run under Triton's interpreter
+(conftest sets TRITON_INTERPRET); without Triton (CI) only the fallbacks are checked."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semiar.engine import Engine
+from semiar.models import fused, gemv
+from semiar.models.decoder import Attention, DecoderConfig, RMSNorm, rope_cos_sin, rope_inv_freq
+from semiar.models.graphs import GraphedDecoder
+
+from tiny import tiny_target
+
+needs_triton = pytest.mark.skipif(not gemv.triton_available(), reason="Triton is not installed")
+
+
+def _close(y, ref, dtype):
+    # bf16: a few units in the last place of the largest value (Triton's interpreter truncates
+    # fp32 -> bf16 conversions where the GPU rounds them, so the CPU runs need the margin)
+    tol = 1e-4 if dtype == torch.float32 else ref.abs().max().item() / 32
+    return (y.float() - ref.float()).abs().max().item() < tol
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm,swiglu,residual,bias", [(True, False, False, True), (False, False, True, False),
+                                                       (True, True, False, False), (False, False, False, False)])
+def test_row_product_equals_the_unfused_layer_work(dtype, norm, swiglu, residual, bias):
+    torch.manual_seed(0)
+    N, K = 37, 70
+    w = (torch.randn(2 * N if swiglu else N, K) / 8).to(dtype)
+    b = torch.randn(w.shape[0]).to(dtype) if bias else None
+    x = torch.randn(1, 1, K).to(dtype)
+    r = torch.randn(1, 1, N).to(dtype) if residual else None
+    nrm = RMSNorm(K, 1e-6).to(dtype)
+    with torch.no_grad():
+        nrm.weight.copy_(torch.rand(K) + 0.5)
+        h = nrm(x) if norm else x
+        ref = F.linear(h, w, b)
+        if swiglu:
+            g, u = ref.split(N, dim=-1)
+            ref = F.silu(g) * u
+        if residual:
+            ref = ref + r
+    y = fused.row_product(x, w, b, norm_weight=nrm.weight if norm else None, eps=1e-6, swiglu=swiglu, residual=r)
+    assert y.shape == (1, 1, N) and y.dtype == dtype
+    assert _close(y, ref, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start", [0, 5, 37])
+def test_decode_attention_equals_the_attention_layer(dtype, start):
+    torch.manual_seed(1)
+    cfg = DecoderConfig(vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=16, attention_bias=True, rope_theta=10000.0)
+    att = Attention(cfg).to(dtype).eval()
+    cap = 48
+    kc = torch.randn(1, 2, cap, 16).to(dtype)
+    vc = torch.randn(1, 2, cap, 16).to(dtype)
+    x = torch.randn(1, 1, 64).to(dtype)
+    cos, sin = rope_cos_sin(rope_inv_freq(cfg), torch.tensor([[start]]), dtype)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    with torch.no_grad():
+        qkv = att.qkv_proj(x)
+        # the reference without its output projection: the attention output itself
+        o_proj, att.o_proj = att.o_proj, torch.nn.Identity()
+        ref = att(x, cos, sin, k_ref, v_ref, start, None)
+        att.o_proj = o_proj
+    out = fused.decode_attention(qkv, cos, sin, kc, vc, torch.tensor([start]), 4, 2)
+    assert out.shape == ref.shape and _close(out, ref, dtype)
+    # the new key and value are written at slot `start`, nothing else moves
+    assert _close(kc[:, :, start], k_ref[:, :, start], dtype) and torch.equal(vc[:, :, start], v_ref[:, :, start])
+    assert torch.equal(kc[:, :, :start], k_ref[:, :, :start]) and torch.equal(kc[:, :, start + 1:], k_ref[:, :, start + 1:])
+
+
+@needs_triton
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_fused_step_keeps_logits_and_greedy_output(family):
+    m, _ = tiny_target(family)
+    prompt = [3, 9, 4, 1, 7, 2, 3, 9]
+    ref = Engine(m).generate(prompt, max_new_tokens=12).run().token_ids
+    dec = m.decoder
+    # one token after a prompt, through the static forward, with and without the fused layer
+    g = GraphedDecoder(dec, capacity=64, sizes=(1, 4, 8), capture=False, fused_step=False)
+    cache = g.new_cache(40)
+    g(torch.tensor([prompt]), cache)
+    plain = g(torch.tensor([[5]]), cache).logits
+    k_plain = cache.k[:, :, :, :cache.length].clone()
+    g = GraphedDecoder(dec, capacity=64, sizes=(1, 4, 8), capture=False, fused_step=True)
+    assert dec.fused_row_step
+    cache = g.new_cache(40)
+    g(torch.tensor([prompt]), cache)
+    out = g(torch.tensor([[5]]), cache).logits
+    assert (out - plain).abs().max() < 1e-4
+    assert (cache.k[:, :, :, :cache.length] - k_plain).abs().max() < 1e-5
+    m.runner = g
+    assert Engine(m).generate(prompt, max_new_tokens=12).run().token_ids == ref
+
+
+def test_off_the_gpu_it_is_off_unless_forced(monkeypatch):
+    m, _ = tiny_target("qwen2")
+    assert fused.install(m.decoder) is False and m.decoder.fused_row_step is False
+    monkeypatch.setenv("SEMIAR_FUSED", "0")
+    assert fused.install(m.decoder, force=None) is False
+    monkeypatch.setenv("SEMIAR_FUSED", "yes")
+    with pytest.warns(UserWarning, match="SEMIAR_FUSED"):
+        fused.install(m.decoder)
+
+
+def test_unsupported_shapes_are_refused_with_a_reason(monkeypatch):
+    monkeypatch.setattr(fused, "triton_available", lambda: True)
+    m, _ = tiny_target("qwen2")
+    m.decoder.config.head_dim = 24
+    assert "power of two" in fused.supported(m.decoder)
+    with pytest.warns(UserWarning, match="cannot serve"):
+        assert fused.install(m.decoder, force=True) is False
+    with pytest.raises(ValueError, match="power-of-two"):
+        fused.decode_attention(torch.zeros(1, 1, 24 * 8), None, None, None, None, None, 4, 2)
+    with pytest.raises(ValueError, match="one row"):
+        fused.row_product(torch.zeros(2, 8), torch.zeros(4, 8))
