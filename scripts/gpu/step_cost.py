@@ -253,6 +253,10 @@ def measure(name):
     del cache  # (the graphs' static cache is free again)
     if fused_step:
         agreement(name, g)
+        try:
+            fused_parts()
+        except Exception as e:  # noqa: BLE001
+            print(f"!! fused parts: {type(e).__name__}: {e}"[:300], flush=True)
     if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "graphs-fused"):
         del g
         profile_step(name, comp, row_kernel, fused_step)
@@ -263,25 +267,65 @@ def measure(name):
 
 
 def agreement(name, g, steps=64):
-    """Greedy steps of the graphed one-token forward (fused) against the eager decoder from the same
-    prompt: how many next tokens agree and the largest logit difference (bf16 near-ties may differ)."""
+    """The graphed one-token forward (fused) against the eager decoder, in lockstep on the eager
+    decoder's greedy tokens from the same prompt: steps whose next token differs, the eager logit gap
+    between the two tokens there (bf16 near-ties may differ), the largest logit difference and the
+    logits' spread to judge it by."""
     prompt = torch.randint(100, 1000, (1, a.context), device="cuda")
-    outs = []
-    for runner in (g, dec):
-        cache = runner.new_cache(a.context + steps + 8)
-        logits = runner(prompt, cache, logits_at=slice(-1, None)).logits[:, -1]
-        toks, rows = [], []
-        for _ in range(steps):
-            tok = logits.argmax(-1, keepdim=True)
-            toks.append(tok.item())
-            logits = runner(tok, cache).logits[:, -1]
-            rows.append(logits)
-        outs.append((toks, torch.cat(rows)))
-    (t1, l1), (t2, l2) = outs
-    same = next((i for i, (x, y) in enumerate(zip(t1, t2)) if x != y), steps)
-    res[name + "_agreement"] = {"steps": steps, "same_prefix": same,
-                                "max_logit_diff_over_same_prefix": (l1[:same] - l2[:same]).abs().max().item() if same else None}
-    print(f"{name}: greedy one-token steps vs the eager decoder: {res[name + '_agreement']}", flush=True)
+    caches = [r.new_cache(a.context + steps + 8) for r in (g, dec)]
+    lg = [r(prompt, c, logits_at=slice(-1, None)).logits[:, -1] for r, c in zip((g, dec), caches)]
+    differ, gaps, diff, spread = 0, [], 0.0, 0.0
+    for _ in range(steps):
+        mine, ref = lg[0][0].float(), lg[1][0].float()
+        tok = int(ref.argmax())
+        if int(mine.argmax()) != tok:
+            differ += 1
+            gaps.append(round((ref[tok] - ref[int(mine.argmax())]).item(), 4))
+        diff = max(diff, (mine - ref).abs().max().item())
+        spread = max(spread, ref.std().item())
+        ids = torch.tensor([[tok]], device="cuda")
+        lg = [r(ids, c).logits[:, -1] for r, c in zip((g, dec), caches)]
+    res[name + "_agreement"] = {"steps": steps, "steps_with_another_token": differ, "eager_gaps_there": gaps,
+                                "max_logit_diff": diff, "logit_std": spread}
+    print(f"{name}: one-token steps vs the eager decoder (lockstep): {res[name + '_agreement']}", flush=True)
+    save()
+
+
+def fused_parts():
+    """GPU time of each fused kernel of a layer against the plain one-row kernel for the same weights,
+    over all the layers (as a step reads them, so no weight sits in L2), one CUDA graph each."""
+    from semiar.models import fused
+
+    L = dec.layers
+    h = torch.randn(1, 1, dec.config.hidden_size, device="cuda", dtype=dec.dtype)
+    qkv = torch.randn(1, 1, L[0].self_attn.qkv_proj.out_features, device="cuda", dtype=dec.dtype)
+    act = torch.randn(1, 1, dec.config.intermediate_size, device="cuda", dtype=dec.dtype)
+    cache = dec.new_cache(a.capacity)
+    start = torch.tensor([a.context], device="cuda")
+    cos, sin = torch.ones(1, 1, dec.config.head_dim, device="cuda", dtype=dec.dtype), torch.zeros_like(h[..., :dec.config.head_dim])
+    W = next(w for w in (256, 512, 1024, a.capacity) if w > a.context)
+    n = len(L)
+    parts = {
+        "qkv+norm": (lambda: [fused.row_product(h, l.self_attn.qkv_proj.weight, l.self_attn.qkv_proj.bias,
+                                                norm_weight=l.input_layernorm.weight) for l in L],
+                     lambda: [gemv.gemv(h, l.self_attn.qkv_proj.weight, l.self_attn.qkv_proj.bias) for l in L]),
+        "o+residual": (lambda: [fused.row_product(qkv[..., :h.shape[-1]], l.self_attn.o_proj.weight, residual=h) for l in L],
+                       lambda: [gemv.gemv(qkv[..., :h.shape[-1]], l.self_attn.o_proj.weight) for l in L]),
+        "gate_up+norm+swiglu": (lambda: [fused.row_product(h, l.mlp.gate_up_proj.weight, norm_weight=l.post_attention_layernorm.weight,
+                                                           swiglu=True) for l in L],
+                                lambda: [gemv.gemv(h, l.mlp.gate_up_proj.weight) for l in L]),
+        "down+residual": (lambda: [fused.row_product(act, l.mlp.down_proj.weight, residual=h) for l in L],
+                          lambda: [gemv.gemv(act, l.mlp.down_proj.weight) for l in L]),
+        "attention": (lambda: [fused.decode_attention(qkv, cos, sin, cache.k[i], cache.v[i], start, dec.config.num_heads,
+                                                      dec.config.num_kv_heads, window=W) for i in range(n)], None),
+    }
+    out = {}
+    for k, (mine, plain) in parts.items():
+        out[k] = {"fused_us": round(gemv._graph_ms(mine, 1) / n * 1e3, 2)}
+        if plain is not None:
+            out[k]["gemv_us"] = round(gemv._graph_ms(plain, 1) / n * 1e3, 2)
+    res["fused_parts_us_per_layer"] = out
+    print(f"fused kernels per layer (us): {out}", flush=True)
     save()
 
 

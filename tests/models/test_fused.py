@@ -49,8 +49,10 @@ def test_row_product_equals_the_unfused_layer_work(dtype, norm, swiglu, residual
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("start", [0, 5, 37])
-def test_decode_attention_equals_the_attention_layer(dtype, start):
+@pytest.mark.parametrize("start", [0, 5, 16, 37])
+@pytest.mark.parametrize("split", [16, 64])
+def test_decode_attention_equals_the_attention_layer(dtype, start, split, monkeypatch):
+    monkeypatch.setattr(fused, "ATTENTION_SPLIT", split)  # 16: three splits merged
     torch.manual_seed(1)
     cfg = DecoderConfig(vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1, num_heads=4,
                         num_kv_heads=2, head_dim=16, attention_bias=True, rope_theta=10000.0)
@@ -67,7 +69,7 @@ def test_decode_attention_equals_the_attention_layer(dtype, start):
         o_proj, att.o_proj = att.o_proj, torch.nn.Identity()
         ref = att(x, cos, sin, k_ref, v_ref, start, None)
         att.o_proj = o_proj
-    out = fused.decode_attention(qkv, cos, sin, kc, vc, torch.tensor([start]), 4, 2)
+    out = fused.decode_attention(qkv, cos, sin, kc, vc, torch.tensor([start]), 4, 2, window=48)
     assert out.shape == ref.shape and _close(out, ref, dtype)
     # the new key and value are written at slot `start`, nothing else moves
     assert _close(kc[:, :, start], k_ref[:, :, start], dtype) and torch.equal(vc[:, :, start], v_ref[:, :, start])

@@ -57,91 +57,125 @@ def _kernels():
         dt = y_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        if NORM:
-            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-                ss += x * x
-            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if NORM:  # RMSNorm: the normed row in the model's dtype, times the weight, rounded again
-                g = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-                x = (g * (x * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
             ok = row_ok[:, None] & col_ok[None, :]
+            # the weight loads first: nothing they need waits on the row's norm
             w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0,
                         eviction_policy="evict_first")
-            acc += w.to(tl.float32) * x[None, :]
             if SWIGLU:
                 wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
                              eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if NORM:  # RMSNorm's scale is one number per row: summed alongside, applied at the end
+                ss += x * x
+                x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+            if SWIGLU:
                 acc_up += wu.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        if NORM:
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            y = y * rstd
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if SWIGLU:  # the gate/up product's outputs are rounded, silu(g) * u is not (one fused kernel)
+            up = tl.sum(acc_up, axis=1)
+            if NORM:
+                up = up * rstd
             gate = y.to(dt).to(tl.float32)
-            up = tl.sum(acc_up, axis=1).to(dt).to(tl.float32)
+            up = up.to(dt).to(tl.float32)
             y = gate / (1.0 + tl.exp(-gate)) * up
         if RESIDUAL:
             y = y.to(dt).to(tl.float32) + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(dt), mask=row_ok)
 
     @triton.jit
-    def decode_attention(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, start_ptr, out_ptr, stride_kh, stride_ks,
-                         scale, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
-        # one program per query head; qkv: [(H + 2 KVH) * D] of the new token; caches: [KVH, capacity, D]
-        dt = out_ptr.dtype.element_ty
-        h = tl.program_id(0)
-        kvh = h // (H // KVH)
+    def attention_split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, start_ptr, m_ptr, l_ptr, acc_ptr,
+                        stride_kh, stride_ks, scale, NS, H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr,
+                        GP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr):
+        # program (kv head, split): the G query heads of one kv head over cache slots [split*C, split*C + C)
+        # qkv: [(H + 2 KVH) * D] of the new token; caches: [KVH, capacity, D]; writes per query head
+        # and split the scores' max m, the sum l of exp(s - m) and acc = sum exp(s - m) v
+        dt = qkv_ptr.dtype.element_ty
+        kvh = tl.program_id(0)
+        split = tl.program_id(1)
         start = tl.load(start_ptr)
-        d = tl.arange(0, D)
-        rot = (d + D // 2) % D  # rotate_half: [-x2, x1]
-        sign = tl.where(d < D // 2, -1.0, 1.0)
-        cos = tl.load(cos_ptr + d).to(tl.float32)
-        sin = tl.load(sin_ptr + d).to(tl.float32)
-        q = tl.load(qkv_ptr + h * D + d).to(tl.float32)
-        q_rot = tl.load(qkv_ptr + h * D + rot).to(tl.float32)
-        q = (q * cos + sign * q_rot * sin).to(dt).to(tl.float32)
-        k_at = qkv_ptr + (H + kvh) * D
-        k = (tl.load(k_at + d).to(tl.float32) * cos + sign * tl.load(k_at + rot).to(tl.float32) * sin).to(dt)
-        v = tl.load(qkv_ptr + (H + KVH + kvh) * D + d)
-        kc = kc_ptr + kvh * stride_kh
-        vc = vc_ptr + kvh * stride_kh
-        if h % (H // KVH) == 0:  # one program per kv head writes the new key and value; the others
-            tl.store(kc + start * stride_ks + d, k)  # take them from registers, never from the cache
-            tl.store(vc + start * stride_ks + d, v)
-        # scores as the block forward rounds them: q.k in the model's dtype, then scaled in fp32
-        s_new = tl.sum(q * k.to(tl.float32), axis=0).to(dt).to(tl.float32) * scale
-        m = s_new
-        l = s_new * 0.0 + 1.0
-        for s0 in range(0, start, BLOCK_S):  # pass 1: max and normaliser over the cached positions
-            pos = s0 + tl.arange(0, BLOCK_S)
-            ok = pos < start
-            kb = tl.load(kc + pos[:, None] * stride_ks + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(kb * q[None, :], axis=1).to(dt).to(tl.float32) * scale
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
-            m = m_new
-        # pass 2: probabilities rounded to the model's dtype, as the block forward multiplies them
-        acc = (tl.exp(s_new - m) / l).to(dt).to(tl.float32) * v.to(tl.float32)
-        for s0 in range(0, start, BLOCK_S):
-            pos = s0 + tl.arange(0, BLOCK_S)
-            ok = pos < start
-            kb = tl.load(kc + pos[:, None] * stride_ks + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(kb * q[None, :], axis=1).to(dt).to(tl.float32) * scale
-            p = tl.where(ok, (tl.exp(s - m) / l).to(dt).to(tl.float32), 0.0)
-            vb = tl.load(vc + pos[:, None] * stride_ks + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            acc += tl.sum(p[:, None] * vb, axis=0)
-        tl.store(out_ptr + h * D + d, acc.to(dt))
+        c0 = split * C
+        if c0 <= start:  # splits past the new token have nothing to read (and are never combined)
+            d = tl.arange(0, D)
+            rot = (d + D // 2) % D  # rotate_half: [-x2, x1]
+            sign = tl.where(d < D // 2, -1.0, 1.0)
+            cos = tl.load(cos_ptr + d).to(tl.float32)
+            sin = tl.load(sin_ptr + d).to(tl.float32)
+            gi = tl.arange(0, GP)
+            g_ok = gi < G
+            heads = kvh * G + gi
+            q = tl.load(qkv_ptr + heads[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+            q_rot = tl.load(qkv_ptr + heads[:, None] * D + rot[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+            q = (q * cos[None, :] + sign[None, :] * q_rot * sin[None, :]).to(dt)  # [GP, D]
+            pos = c0 + tl.arange(0, C)
+            kc = kc_ptr + kvh * stride_kh
+            vc = vc_ptr + kvh * stride_kh
+            old = pos < start
+            kb = tl.load(kc + pos[:, None] * stride_ks + d[None, :], mask=old[:, None], other=0.0)  # [C, D]
+            vb = tl.load(vc + pos[:, None] * stride_ks + d[None, :], mask=old[:, None], other=0.0)
+            if start < c0 + C:  # this split holds the new token: its rotated key and its value, also
+                k_at = qkv_ptr + (H + kvh) * D  # written to the caches (one program per kv head does)
+                k_new = (tl.load(k_at + d).to(tl.float32) * cos
+                         + sign * tl.load(k_at + rot).to(tl.float32) * sin).to(dt)
+                v_new = tl.load(qkv_ptr + (H + KVH + kvh) * D + d)
+                tl.store(kc + start * stride_ks + d, k_new)
+                tl.store(vc + start * stride_ks + d, v_new)
+                new = pos[:, None] == start
+                kb = tl.where(new, k_new[None, :], kb)
+                vb = tl.where(new, v_new[None, :], vb)
+            # scores as the block forward rounds them: q.k in the model's dtype, then scaled in fp32
+            if IEEE:  # fp32 models (and Triton's interpreter, whose bf16 dot is broken): exact fp32 products
+                s = tl.dot(q.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kb))
+            s = s.to(dt).to(tl.float32) * scale
+            s = tl.where((pos <= start)[None, :], s, float("-inf"))  # [GP, C]
+            m = tl.max(s, axis=1)
+            p = tl.exp(s - m[:, None])
+            if IEEE:
+                acc = tl.dot(p.to(dt).to(tl.float32), vb.to(tl.float32), input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(dt), vb)  # [GP, D]
+            row = heads * NS + split
+            tl.store(m_ptr + row, m, mask=g_ok)
+            tl.store(l_ptr + row, tl.sum(p, axis=1), mask=g_ok)
+            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
 
-    return row_product, decode_attention
+    @triton.jit
+    def attention_combine(m_ptr, l_ptr, acc_ptr, start_ptr, out_ptr, NS, D: tl.constexpr, C: tl.constexpr,
+                          SB: tl.constexpr):
+        # program per query head: the splits that hold slots [0, start] merged by their maxima
+        h = tl.program_id(0)
+        n = tl.load(start_ptr) // C + 1
+        d = tl.arange(0, D)
+        big_m = tl.max(tl.full((SB,), float("-inf"), tl.float32), axis=0)
+        big_l = tl.sum(tl.zeros((SB,), dtype=tl.float32), axis=0)
+        out = tl.zeros((D,), dtype=tl.float32)
+        for s0 in range(0, n, SB):
+            sp = s0 + tl.arange(0, SB)
+            ok = sp < n
+            m = tl.load(m_ptr + h * NS + sp, mask=ok, other=float("-inf"))
+            m_new = tl.maximum(big_m, tl.max(m, axis=0))
+            w = tl.where(ok, tl.exp(m - m_new), 0.0)
+            old = tl.exp(big_m - m_new)
+            big_l = big_l * old + tl.sum(w * tl.load(l_ptr + h * NS + sp, mask=ok, other=0.0), axis=0)
+            a = tl.load(acc_ptr + (h * NS + sp[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
+            out = out * old + tl.sum(w[:, None] * a, axis=0)
+            big_m = m_new
+        tl.store(out_ptr + h * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
+
+    return row_product, attention_split, attention_combine
 
 
 def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -166,22 +200,42 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return y
 
 
+#: cache slots per attention program (a split); a step reads only the splits up to the new token
+ATTENTION_SPLIT = 64
+
+
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, start: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                     v_cache: torch.Tensor, start: torch.Tensor, num_heads: int, num_kv_heads: int,
+                     window: Optional[int] = None) -> torch.Tensor:
     """Attention of one new token: rotary on its q and k, k and v written to the caches at slot
     `start` (a 0-d or 1-element long tensor on the device, so a CUDA graph replays any length), and
-    attention over slots [0, start]. qkv: [1, 1, (heads + 2 kv_heads) * head_dim]; cos, sin: [1, 1,
-    head_dim]; caches: [1, kv_heads, capacity, head_dim]. Returns [1, 1, heads * head_dim]."""
+    attention over slots [0, start], which must lie within the first `window` slots (default: the
+    capacity). qkv: [1, 1, (heads + 2 kv_heads) * head_dim]; cos, sin: [1, 1, head_dim]; caches:
+    [1, kv_heads, capacity, head_dim]. Returns [1, 1, heads * head_dim].
+
+    Flash-decoding: a program per kv head and split of ATTENTION_SPLIT slots takes all the query
+    heads of its group through two small tensor-core products, and a second kernel merges the
+    splits. The probabilities are rounded to the model's dtype before they multiply the values
+    unnormalised (the block forward rounds them normalised): another rounding of the same size."""
     D = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
-    if D & (D - 1) or num_heads % num_kv_heads:
-        raise ValueError(f"decode_attention needs a power-of-two head size and whole query groups, got "
-                         f"head size {D}, {num_heads} heads over {num_kv_heads} kv heads")
-    out = torch.empty(*qkv.shape[:-1], num_heads * D, dtype=qkv.dtype, device=qkv.device)
-    kernel = _kernels()[1]
-    kernel[(num_heads,)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), k_cache, v_cache, start, out,
-                         k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(D),
-                         H=num_heads, KVH=num_kv_heads, D=D, BLOCK_S=16 if os.environ.get("TRITON_INTERPRET") == "1" else 64,
-                         num_warps=4)
+    if D & (D - 1) or D < 16 or num_heads % num_kv_heads:
+        raise ValueError(f"decode_attention needs a power-of-two head size of at least 16 and whole query "
+                         f"groups, got head size {D}, {num_heads} heads over {num_kv_heads} kv heads")
+    G = num_heads // num_kv_heads
+    C = ATTENTION_SPLIT
+    NS = -(-(window or k_cache.shape[2]) // C)
+    dev = qkv.device
+    m = torch.empty(num_heads, NS, dtype=torch.float32, device=dev)
+    l = torch.empty(num_heads, NS, dtype=torch.float32, device=dev)
+    acc = torch.empty(num_heads, NS, D, dtype=torch.float32, device=dev)
+    out = torch.empty(*qkv.shape[:-1], num_heads * D, dtype=qkv.dtype, device=dev)
+    _, split, combine = _kernels()
+    split[(num_kv_heads, NS)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), k_cache, v_cache, start, m, l, acc,
+                              k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(D), NS,
+                              H=num_heads, KVH=num_kv_heads, G=G, GP=max(16, 1 << (G - 1).bit_length()), D=D, C=C,
+                              IEEE=qkv.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+                              num_warps=4)
+    combine[(num_heads,)](m, l, acc, start, out, NS, D=D, C=C, SB=16, num_warps=4)
     return out
 
 
@@ -191,7 +245,7 @@ def row_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask):
     attn, mlp = layer.self_attn, layer.mlp
     n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
     qkv = row_product(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
-    a = decode_attention(qkv, cos, sin, k_cache, v_cache, slots, attn.h, attn.kvh)
+    a = decode_attention(qkv, cos, sin, k_cache, v_cache, slots, attn.h, attn.kvh, window=mask.shape[-1])
     x = row_product(a, attn.o_proj.weight, attn.o_proj.bias, residual=x)
     act = row_product(x, mlp.gate_up_proj.weight, None, norm_weight=n2.weight, eps=n2.eps, swiglu=True)
     return row_product(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
@@ -202,8 +256,8 @@ def supported(decoder) -> Optional[str]:
     cfg = decoder.config
     if not triton_available():
         return "Triton is not installed"
-    if cfg.head_dim & (cfg.head_dim - 1):
-        return f"head size {cfg.head_dim} is not a power of two"
+    if cfg.head_dim & (cfg.head_dim - 1) or cfg.head_dim < 16:
+        return f"head size {cfg.head_dim} is not a power of two of at least 16"
     if cfg.num_heads % cfg.num_kv_heads:
         return "query heads are not a multiple of kv heads"
     if decoder.dtype not in (torch.float32, torch.bfloat16, torch.float16):
