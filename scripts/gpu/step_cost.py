@@ -124,8 +124,8 @@ ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv
                 help="comma-separated, measured in this order: graphs-full (attention over the whole cache), graphs, "
                      "graphs-sdpa, compiled (torch.compile + graphs, cuBLAS for every product), compiled-gemv (+ the "
                      "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-fused (+ one-token steps as five "
-                     "fused Triton kernels per layer, models.fused; graphs-fused: the same without torch.compile "
-                     "for the larger blocks), compiled-rowsum (one-row products "
+                     "fused Triton kernels per layer, models.fused; compiled-fused-nopdl: without programmatic dependent "
+                     "launch; graphs-fused: without torch.compile for the larger blocks), compiled-rowsum (one-row products "
                      "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
                      "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
 ap.add_argument("--bandwidth", type=float, default=None)
@@ -134,7 +134,7 @@ ap.add_argument("--profile", action="store_true", help="also profile the kernels
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
-            "compiled-rowsum", "compiled-cdt", "compiled-autotune")
+            "compiled-fused-nopdl", "compiled-rowsum", "compiled-cdt", "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
     ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -229,9 +229,12 @@ def configure(name):
         ic.max_autotune_gemm_backends = "ATEN,TRITON"
     gemv.RowLinear.forward = rowsum_forward if name == "compiled-rowsum" else ROW_FORWARD
     torch._dynamo.reset()
-    row_kernel = {"compiled-gemv": None, "compiled-fused": None, "graphs-fused": None,
+    row_kernel = {"compiled-gemv": None, "compiled-fused": None, "compiled-fused-nopdl": None, "graphs-fused": None,
                   "compiled-rowsum": True}.get(name, False)
-    return name.startswith("compiled"), row_kernel, name.endswith("-fused")
+    from semiar.models import fused
+
+    fused.PDL = False if name.endswith("-nopdl") else None  # None: on where the GPU and Triton have it
+    return name.startswith("compiled"), row_kernel, "-fused" in name
 
 
 def measure(name):
@@ -252,12 +255,15 @@ def measure(name):
     report(name)
     del cache  # (the graphs' static cache is free again)
     if fused_step:
+        from semiar.models import fused
+
+        res[name + "_pdl"] = fused.PDL
         agreement(name, g)
         try:
             fused_parts()
         except Exception as e:  # noqa: BLE001
             print(f"!! fused parts: {type(e).__name__}: {e}"[:300], flush=True)
-    if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "graphs-fused"):
+    if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "compiled-fused-nopdl", "graphs-fused"):
         del g
         profile_step(name, comp, row_kernel, fused_step)
     gemv.uninstall(dec)
@@ -324,7 +330,7 @@ def fused_parts():
         out[k] = {"fused_us": round(gemv._graph_ms(mine, 1) / n * 1e3, 2)}
         if plain is not None:
             out[k]["gemv_us"] = round(gemv._graph_ms(plain, 1) / n * 1e3, 2)
-    res["fused_parts_us_per_layer"] = out
+    res.setdefault("fused_parts_us_per_layer", {})[f"pdl={fused.PDL}"] = out
     print(f"fused kernels per layer (us): {out}", flush=True)
     save()
 

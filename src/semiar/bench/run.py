@@ -257,6 +257,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     gpu_rows = getattr(runner.target.decoder, "gpu_row_kernel", None)
     if gpu_rows:  # per weight shape: one-row products through the Triton kernel or cuBLAS (models.gemv)
         machine["gpu_row_kernel"] = gpu_rows
+    if getattr(runner.target.decoder, "fused_row_step", False):  # one-token steps as fused kernels (models.fused)
+        from ..models import fused
+
+        machine["gpu_fused_step"] = {"on": True, "pdl": bool(fused.PDL)}
     results = {"settings": asdict(cfg), "machine": machine, "target": runner.target.name,
                "draft_model": runner.draft.name if runner.draft else None, "interrupted": False,
                "prompts": [{"task": p.task, "id": p.id, "prompt_tokens": len(ids)} for p, ids in zip(prompts, encoded)],

@@ -17,6 +17,11 @@ and gate/up outputs, rotated q and k, the attention scores and probabilities, ea
 output before the residual add), with fp32 arithmetic in between; the summation order differs, so
 a fused step may differ from the block forward in the last bf16 bit, as the one-row kernel does.
 
+On Hopper and later the kernels are launched with programmatic dependent launch (PDL): each lets
+the next one start as soon as all its own programs run, and each reads its first weights (attention:
+the cached keys and values) before it waits for the previous kernel's results, so one kernel's
+start-up overlaps the last one's tail. SEMIAR_PDL=0 turns that off.
+
 `install(decoder)` turns it on for `Decoder.forward_static`'s one-token blocks (CUDA and Triton,
 a head size that is a power of two); `SEMIAR_FUSED=0/1` turns it off / forces it (the CPU tests run
 it under Triton's interpreter). The choice is kept as `decoder.fused_row_step`.
@@ -37,145 +42,24 @@ from .gemv import triton_available
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    import triton
-    import triton.language as tl
+    from . import fused_kernels as k
 
-    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-               for n, k, w in [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
-                               (8, 512, 8), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (16, 1024, 8), (32, 128, 4),
-                               (32, 256, 8)]]
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU tests: one small config, no timing
-        configs = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 32}, num_warps=1)]
+    return k.row_product, k.attention_split, k.attention_combine, k.HAS_GDC
 
-    @triton.autotune(configs=configs, key=["N", "K", "NORM", "SWIGLU", "RESIDUAL"])
-    @triton.jit
-    def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
-                    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # y[N] = x[K] @ W.T (+ b); NORM: x := rmsnorm(x) * nw; SWIGLU: W holds [gate; up] (2N rows)
-        # and y = silu(gate) * up; RESIDUAL: y += r
-        dt = y_ptr.dtype.element_ty
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            ok = row_ok[:, None] & col_ok[None, :]
-            # the weight loads first: nothing they need waits on the row's norm
-            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0,
-                        eviction_policy="evict_first")
-            if SWIGLU:
-                wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
-                             eviction_policy="evict_first")
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if NORM:  # RMSNorm's scale is one number per row: summed alongside, applied at the end
-                ss += x * x
-                x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
-            if SWIGLU:
-                acc_up += wu.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1)
-        if NORM:
-            rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-            y = y * rstd
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if SWIGLU:  # the gate/up product's outputs are rounded, silu(g) * u is not (one fused kernel)
-            up = tl.sum(acc_up, axis=1)
-            if NORM:
-                up = up * rstd
-            gate = y.to(dt).to(tl.float32)
-            up = up.to(dt).to(tl.float32)
-            y = gate / (1.0 + tl.exp(-gate)) * up
-        if RESIDUAL:
-            y = y.to(dt).to(tl.float32) + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(dt), mask=row_ok)
 
-    @triton.jit
-    def attention_split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, start_ptr, m_ptr, l_ptr, acc_ptr,
-                        stride_kh, stride_ks, scale, NS, H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr,
-                        GP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr):
-        # program (kv head, split): the G query heads of one kv head over cache slots [split*C, split*C + C)
-        # qkv: [(H + 2 KVH) * D] of the new token; caches: [KVH, capacity, D]; writes per query head
-        # and split the scores' max m, the sum l of exp(s - m) and acc = sum exp(s - m) v
-        dt = qkv_ptr.dtype.element_ty
-        kvh = tl.program_id(0)
-        split = tl.program_id(1)
-        start = tl.load(start_ptr)
-        c0 = split * C
-        if c0 <= start:  # splits past the new token have nothing to read (and are never combined)
-            d = tl.arange(0, D)
-            rot = (d + D // 2) % D  # rotate_half: [-x2, x1]
-            sign = tl.where(d < D // 2, -1.0, 1.0)
-            cos = tl.load(cos_ptr + d).to(tl.float32)
-            sin = tl.load(sin_ptr + d).to(tl.float32)
-            gi = tl.arange(0, GP)
-            g_ok = gi < G
-            heads = kvh * G + gi
-            q = tl.load(qkv_ptr + heads[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-            q_rot = tl.load(qkv_ptr + heads[:, None] * D + rot[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-            q = (q * cos[None, :] + sign[None, :] * q_rot * sin[None, :]).to(dt)  # [GP, D]
-            pos = c0 + tl.arange(0, C)
-            kc = kc_ptr + kvh * stride_kh
-            vc = vc_ptr + kvh * stride_kh
-            old = pos < start
-            kb = tl.load(kc + pos[:, None] * stride_ks + d[None, :], mask=old[:, None], other=0.0)  # [C, D]
-            vb = tl.load(vc + pos[:, None] * stride_ks + d[None, :], mask=old[:, None], other=0.0)
-            if start < c0 + C:  # this split holds the new token: its rotated key and its value, also
-                k_at = qkv_ptr + (H + kvh) * D  # written to the caches (one program per kv head does)
-                k_new = (tl.load(k_at + d).to(tl.float32) * cos
-                         + sign * tl.load(k_at + rot).to(tl.float32) * sin).to(dt)
-                v_new = tl.load(qkv_ptr + (H + KVH + kvh) * D + d)
-                tl.store(kc + start * stride_ks + d, k_new)
-                tl.store(vc + start * stride_ks + d, v_new)
-                new = pos[:, None] == start
-                kb = tl.where(new, k_new[None, :], kb)
-                vb = tl.where(new, v_new[None, :], vb)
-            # scores as the block forward rounds them: q.k in the model's dtype, then scaled in fp32
-            if IEEE:  # fp32 models (and Triton's interpreter, whose bf16 dot is broken): exact fp32 products
-                s = tl.dot(q.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(kb))
-            s = s.to(dt).to(tl.float32) * scale
-            s = tl.where((pos <= start)[None, :], s, float("-inf"))  # [GP, C]
-            m = tl.max(s, axis=1)
-            p = tl.exp(s - m[:, None])
-            if IEEE:
-                acc = tl.dot(p.to(dt).to(tl.float32), vb.to(tl.float32), input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(dt), vb)  # [GP, D]
-            row = heads * NS + split
-            tl.store(m_ptr + row, m, mask=g_ok)
-            tl.store(l_ptr + row, tl.sum(p, axis=1), mask=g_ok)
-            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
+#: programmatic dependent launch between the fused kernels (see row_product's kernel); None: not
+#: decided yet (on at first use where the GPU and Triton have it, unless SEMIAR_PDL=0)
+PDL: Optional[bool] = None
 
-    @triton.jit
-    def attention_combine(m_ptr, l_ptr, acc_ptr, start_ptr, out_ptr, NS, D: tl.constexpr, C: tl.constexpr,
-                          SB: tl.constexpr):
-        # program per query head: the splits that hold slots [0, start] merged by their maxima
-        h = tl.program_id(0)
-        n = tl.load(start_ptr) // C + 1
-        d = tl.arange(0, D)
-        big_m = tl.max(tl.full((SB,), float("-inf"), tl.float32), axis=0)
-        big_l = tl.sum(tl.zeros((SB,), dtype=tl.float32), axis=0)
-        out = tl.zeros((D,), dtype=tl.float32)
-        for s0 in range(0, n, SB):
-            sp = s0 + tl.arange(0, SB)
-            ok = sp < n
-            m = tl.load(m_ptr + h * NS + sp, mask=ok, other=float("-inf"))
-            m_new = tl.maximum(big_m, tl.max(m, axis=0))
-            w = tl.where(ok, tl.exp(m - m_new), 0.0)
-            old = tl.exp(big_m - m_new)
-            big_l = big_l * old + tl.sum(w * tl.load(l_ptr + h * NS + sp, mask=ok, other=0.0), axis=0)
-            a = tl.load(acc_ptr + (h * NS + sp[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
-            out = out * old + tl.sum(w[:, None] * a, axis=0)
-            big_m = m_new
-        tl.store(out_ptr + h * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
 
-    return row_product, attention_split, attention_combine
+def _pdl_on(device: torch.device) -> bool:
+    global PDL
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if PDL is None:
+        PDL = (os.environ.get("SEMIAR_PDL", "1") != "0" and _kernels()[3]
+               and torch.cuda.get_device_capability(device)[0] >= 9)
+    return bool(PDL)
 
 
 def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -194,9 +78,11 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     kernel = _kernels()[0]
     grid = lambda meta: ((N + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)  # noqa: E731
+    pdl = _pdl_on(x.device)
     kernel[grid](x, weight, weight if bias is None else bias, x if norm_weight is None else norm_weight,
                  y if residual is None else residual.contiguous(), y, N, K, weight.stride(0), float(eps),
-                 HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None)
+                 HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+                 PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
@@ -229,13 +115,15 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     l = torch.empty(num_heads, NS, dtype=torch.float32, device=dev)
     acc = torch.empty(num_heads, NS, D, dtype=torch.float32, device=dev)
     out = torch.empty(*qkv.shape[:-1], num_heads * D, dtype=qkv.dtype, device=dev)
-    _, split, combine = _kernels()
+    _, split, combine, _ = _kernels()
+    pdl = _pdl_on(dev)
+    launch = {"launch_pdl": True} if pdl else {}
     split[(num_kv_heads, NS)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), k_cache, v_cache, start, m, l, acc,
                               k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(D), NS,
                               H=num_heads, KVH=num_kv_heads, G=G, GP=max(16, 1 << (G - 1).bit_length()), D=D, C=C,
                               IEEE=qkv.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
-                              num_warps=4)
-    combine[(num_heads,)](m, l, acc, start, out, NS, D=D, C=C, SB=16, num_warps=4)
+                              PDL=pdl, num_warps=4, **launch)
+    combine[(num_heads,)](m, l, acc, start, out, NS, D=D, C=C, SB=16, PDL=pdl, num_warps=4, **launch)
     return out
 
 
@@ -282,5 +170,33 @@ def install(decoder, force: Optional[bool] = None) -> bool:
     on = force is not False and why is None and (force or decoder.device.type == "cuda")
     if force and why:
         warnings.warn(f"the fused one-token step cannot serve this model ({why}); using the plain layers", stacklevel=2)
+    if on and decoder.device.type == "cuda":
+        on = _works_on(decoder.device)
     decoder.fused_row_step = on
     return on
+
+
+def _works_on(device) -> bool:
+    """Run the kernels once on small inputs; a Triton that cannot launch them with PDL gets them
+    without, one that cannot build them leaves the plain layers (with a warning)."""
+    global PDL
+    for attempt in range(2):
+        try:
+            x = torch.randn(1, 1, 64, device=device, dtype=torch.bfloat16)
+            w = torch.randn(32, 64, device=device, dtype=torch.bfloat16)
+            row_product(x, w, norm_weight=x[0, 0], residual=x[..., :32])
+            cache = torch.zeros(1, 1, 64, 16, device=device, dtype=torch.bfloat16)
+            decode_attention(x[..., :48], x[..., :16], x[..., :16], cache, cache.clone(),
+                             torch.tensor([3], device=device), 1, 1)
+            torch.cuda.synchronize(device)
+            return True
+        except Exception as e:  # noqa: BLE001 - whatever Triton raised, the plain layers still work
+            if attempt == 0 and _pdl_on(device):
+                warnings.warn(f"the fused kernels failed with programmatic dependent launch ({type(e).__name__}: "
+                              f"{str(e)[:200]}); launching them without", stacklevel=3)
+                PDL = False
+                continue
+            warnings.warn(f"the fused one-token kernels failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "using the plain layers", stacklevel=3)
+            return False
+    return False

@@ -1,0 +1,183 @@
+"""The Triton kernels of `models.fused` (imported only where Triton is installed; see that module)."""
+
+import os
+
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: PDL stays off (`_pdl_on`)
+    gdc_launch_dependents = gdc_wait = None
+
+configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+           for n, k, w in [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
+                           (8, 512, 8), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (16, 1024, 8), (32, 128, 4),
+                           (32, 256, 8)]]
+if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU tests: one small config, no timing
+    configs = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 32}, num_warps=1)]
+
+
+@triton.jit
+def _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM: tl.constexpr, SWIGLU: tl.constexpr):
+    # one BLOCK_K chunk of the row against its weight rows w (and the up rows wu)
+    x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if NORM:  # RMSNorm's scale is one number per row: summed alongside, applied at the end
+        ss += x * x
+        x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc += w.to(tl.float32) * x[None, :]
+    if SWIGLU:
+        acc_up += wu.to(tl.float32) * x[None, :]
+    return acc, acc_up, ss
+
+
+@triton.autotune(configs=configs, key=["N", "K", "NORM", "SWIGLU", "RESIDUAL"])
+@triton.jit
+def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
+                HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y[N] = x[K] @ W.T (+ b); NORM: x := rmsnorm(x) * nw; SWIGLU: W holds [gate; up] (2N rows)
+    # and y = silu(gate) * up; RESIDUAL: y += r.
+    # PDL (programmatic dependent launch): the next kernel may start once every program here has
+    # begun, and this one reads its first weight chunk before it waits for the previous kernel's
+    # results: the weights never depend on them, so a kernel's start overlaps the last one's tail
+    if PDL:
+        gdc_launch_dependents()
+    dt = y_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    ok = row_ok[:, None] & col_ok[None, :]
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
+    wu = w
+    if SWIGLU:
+        wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
+                     eviction_policy="evict_first")
+    if PDL:
+        gdc_wait()  # from here on: the row, the residual, and every store
+    acc, acc_up, ss = _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM, SWIGLU)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        ok = row_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0,
+                    eviction_policy="evict_first")
+        if SWIGLU:
+            wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
+                         eviction_policy="evict_first")
+        acc, acc_up, ss = _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM, SWIGLU)
+    y = tl.sum(acc, axis=1)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        y = y * rstd
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if SWIGLU:  # the gate/up product's outputs are rounded, silu(g) * u is not (one fused kernel)
+        up = tl.sum(acc_up, axis=1)
+        if NORM:
+            up = up * rstd
+        gate = y.to(dt).to(tl.float32)
+        up = up.to(dt).to(tl.float32)
+        y = gate / (1.0 + tl.exp(-gate)) * up
+    if RESIDUAL:
+        y = y.to(dt).to(tl.float32) + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(dt), mask=row_ok)
+
+
+@triton.jit
+def attention_split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, start_ptr, m_ptr, l_ptr, acc_ptr,
+                    stride_kh, stride_ks, scale, NS, H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr,
+                    GP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    # program (kv head, split): the G query heads of one kv head over cache slots [split*C, split*C + C)
+    # qkv: [(H + 2 KVH) * D] of the new token; caches: [KVH, capacity, D]; writes per query head
+    # and split the scores' max m, the sum l of exp(s - m) and acc = sum exp(s - m) v
+    # PDL: the cached slots before `start` were written by earlier steps, and `start` before the
+    # first layer, so they are read before waiting on the qkv product
+    if PDL:
+        gdc_launch_dependents()
+    dt = qkv_ptr.dtype.element_ty
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    start = tl.load(start_ptr)
+    c0 = split * C
+    d = tl.arange(0, D)
+    pos = c0 + tl.arange(0, C)
+    kc = kc_ptr + kvh * stride_kh
+    vc = vc_ptr + kvh * stride_kh
+    old = pos < start
+    kb = tl.load(kc + pos[:, None] * stride_ks + d[None, :], mask=old[:, None], other=0.0)  # [C, D]
+    vb = tl.load(vc + pos[:, None] * stride_ks + d[None, :], mask=old[:, None], other=0.0)
+    if PDL:
+        gdc_wait()  # every program waits, so this kernel ends after the one before it
+    if c0 <= start:  # splits past the new token have nothing to read (and are never combined)
+        rot = (d + D // 2) % D  # rotate_half: [-x2, x1]
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        cos = tl.load(cos_ptr + d).to(tl.float32)
+        sin = tl.load(sin_ptr + d).to(tl.float32)
+        gi = tl.arange(0, GP)
+        g_ok = gi < G
+        heads = kvh * G + gi
+        q = tl.load(qkv_ptr + heads[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q_rot = tl.load(qkv_ptr + heads[:, None] * D + rot[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q = (q * cos[None, :] + sign[None, :] * q_rot * sin[None, :]).to(dt)  # [GP, D]
+        if start < c0 + C:  # this split holds the new token: its rotated key and its value, also
+            k_at = qkv_ptr + (H + kvh) * D  # written to the caches (one program per kv head does)
+            k_new = (tl.load(k_at + d).to(tl.float32) * cos
+                     + sign * tl.load(k_at + rot).to(tl.float32) * sin).to(dt)
+            v_new = tl.load(qkv_ptr + (H + KVH + kvh) * D + d)
+            tl.store(kc + start * stride_ks + d, k_new)
+            tl.store(vc + start * stride_ks + d, v_new)
+            new = pos[:, None] == start
+            kb = tl.where(new, k_new[None, :], kb)
+            vb = tl.where(new, v_new[None, :], vb)
+        # scores as the block forward rounds them: q.k in the model's dtype, then scaled in fp32
+        if IEEE:  # fp32 models (and Triton's interpreter, whose bf16 dot is broken): exact fp32 products
+            s = tl.dot(q.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kb))
+        s = s.to(dt).to(tl.float32) * scale
+        s = tl.where((pos <= start)[None, :], s, float("-inf"))  # [GP, C]
+        m = tl.max(s, axis=1)
+        p = tl.exp(s - m[:, None])
+        if IEEE:
+            acc = tl.dot(p.to(dt).to(tl.float32), vb.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(dt), vb)  # [GP, D]
+        row = heads * NS + split
+        tl.store(m_ptr + row, m, mask=g_ok)
+        tl.store(l_ptr + row, tl.sum(p, axis=1), mask=g_ok)
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
+
+
+@triton.jit
+def attention_combine(m_ptr, l_ptr, acc_ptr, start_ptr, out_ptr, NS, D: tl.constexpr, C: tl.constexpr,
+                      SB: tl.constexpr, PDL: tl.constexpr):
+    # program per query head: the splits that hold slots [0, start] merged by their maxima
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    h = tl.program_id(0)
+    n = tl.load(start_ptr) // C + 1
+    d = tl.arange(0, D)
+    big_m = tl.max(tl.full((SB,), float("-inf"), tl.float32), axis=0)
+    big_l = tl.sum(tl.zeros((SB,), dtype=tl.float32), axis=0)
+    out = tl.zeros((D,), dtype=tl.float32)
+    for s0 in range(0, n, SB):
+        sp = s0 + tl.arange(0, SB)
+        ok = sp < n
+        m = tl.load(m_ptr + h * NS + sp, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(big_m, tl.max(m, axis=0))
+        w = tl.where(ok, tl.exp(m - m_new), 0.0)
+        old = tl.exp(big_m - m_new)
+        big_l = big_l * old + tl.sum(w * tl.load(l_ptr + h * NS + sp, mask=ok, other=0.0), axis=0)
+        a = tl.load(acc_ptr + (h * NS + sp[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
+        out = out * old + tl.sum(w[:, None] * a, axis=0)
+        big_m = m_new
+    tl.store(out_ptr + h * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
+
+
+HAS_GDC = gdc_wait is not None
