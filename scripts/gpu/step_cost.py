@@ -103,7 +103,10 @@ def kernel_profile(dec, context, compiled, row_kernel, fused_step):
         t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if not t or e.count == 0 or e.key.startswith("ProfilerStep"):
             continue
-        kind = "matmul" if any(w in e.key.lower() for w in gemm_words) else "other"
+        # Inductor's fused kernels (triton_*) name the ops they fuse, gemv among them: not products
+        kind = ("matmul" if e.key.startswith("row_product") or (not e.key.startswith("triton_")
+                                                                and any(w in e.key.lower() for w in gemm_words))
+                else "other")
         kinds[kind][0] += e.count
         kinds[kind][1] += t
         top.append((t / steps, e.count // steps, e.key[:90]))
