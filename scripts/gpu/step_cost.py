@@ -128,7 +128,8 @@ ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv
                      "graphs-sdpa, compiled (torch.compile + graphs, cuBLAS for every product), compiled-gemv (+ the "
                      "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-fused (+ one-token steps as five "
                      "fused Triton kernels per layer, models.fused; compiled-fused-nopdl: without programmatic dependent "
-                     "launch; graphs-fused: without torch.compile for the larger blocks), compiled-rowsum (one-row products "
+                     "launch; compiled-fused-tree: + blocks of 2-64 tokens attending through fused.block_attention; "
+                     "graphs-fused: without torch.compile for the larger blocks), compiled-rowsum (one-row products "
                      "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
                      "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
 ap.add_argument("--bandwidth", type=float, default=None)
@@ -137,7 +138,7 @@ ap.add_argument("--profile", action="store_true", help="also profile the kernels
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
-            "compiled-fused-nopdl", "compiled-rowsum", "compiled-cdt", "compiled-autotune")
+            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-rowsum", "compiled-cdt", "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
     ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -233,7 +234,7 @@ def configure(name):
     gemv.RowLinear.forward = rowsum_forward if name == "compiled-rowsum" else ROW_FORWARD
     torch._dynamo.reset()
     row_kernel = {"compiled-gemv": None, "compiled-fused": None, "compiled-fused-nopdl": None, "graphs-fused": None,
-                  "compiled-rowsum": True}.get(name, False)
+                  "compiled-fused-tree": None, "compiled-rowsum": True}.get(name, False)
     from semiar.models import fused
 
     fused.PDL = False if name.endswith("-nopdl") else None  # None: on where the GPU and Triton have it
@@ -244,7 +245,8 @@ def measure(name):
     comp, row_kernel, fused_step = configure(name)
     t0 = time.perf_counter()
     g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp, row_kernel=row_kernel,
-                       windows=() if name == "graphs-full" else None, fused_step=fused_step)
+                       windows=() if name == "graphs-full" else None, fused_step=fused_step,
+                       block_attention=name == "compiled-fused-tree")
     res[name + "_capture_s"] = time.perf_counter() - t0
     if dec.gpu_row_kernel:
         res[name + "_row_kernel"] = dec.gpu_row_kernel
@@ -272,6 +274,8 @@ def measure(name):
     gemv.uninstall(dec)
     dec.static_fns = None
     dec.fused_row_step = False
+    for layer in dec.layers:
+        layer.self_attn.block_kernel = False
     torch.cuda.empty_cache()
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from semiar.engine import Engine
 from semiar.models import fused, gemv
 from semiar.models.decoder import Attention, DecoderConfig, RMSNorm, rope_cos_sin, rope_inv_freq
+from semiar.models import graphs
 from semiar.models.graphs import GraphedDecoder
 
 from tiny import tiny_target
@@ -121,3 +122,54 @@ def test_unsupported_shapes_are_refused_with_a_reason(monkeypatch):
         fused.decode_attention(torch.zeros(1, 1, 24 * 8), None, None, None, None, None, 4, 2)
     with pytest.raises(ValueError, match="one row"):
         fused.row_product(torch.zeros(2, 8), torch.zeros(4, 8))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start", [0, 21])
+def test_block_attention_equals_masked_attention(dtype, start, monkeypatch):
+    monkeypatch.setattr(fused, "ATTENTION_SPLIT", 16)  # several splits, one of them partly the block
+    torch.manual_seed(2)
+    H, KVH, D, S, W = 4, 2, 16, 5, 48
+    q = torch.randn(1, H, S, D).to(dtype)
+    kc = torch.randn(1, KVH, W, D).to(dtype)
+    vc = torch.randn(1, KVH, W, D).to(dtype)
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
+                        dtype=torch.bool)
+    mask = torch.zeros(S, W, dtype=torch.bool)
+    mask[:, :start] = True
+    mask[:, start:start + S] = tree
+    out = fused.block_attention(q, kc, vc, mask, torch.tensor([start + S]))
+    g = H // KVH
+    keys, values = kc.repeat_interleave(g, 1).float(), vc.repeat_interleave(g, 1).float()
+    scores = (q.float() @ keys.transpose(-1, -2)) / D ** 0.5
+    ref = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ values
+    assert out.shape == (1, H, S, D) and _close(out, ref, dtype)
+
+
+@needs_triton
+def test_block_attention_keeps_verification_and_greedy_output(monkeypatch):
+    from semiar.methods import make_drafter
+
+    m, _ = tiny_target("qwen2")
+    prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
+    ref = Engine(m).generate(prompt, max_new_tokens=16).run().token_ids
+    dec = m.decoder
+    outs = []
+    for on in (False, True):
+        g = GraphedDecoder(dec, capacity=64, sizes=(1, 4, 8), capture=False, block_attention=on)
+        assert all(layer.self_attn.block_kernel == on for layer in dec.layers)
+        cache = g.new_cache(40)
+        g(torch.tensor([prompt]), cache)
+        tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+        outs.append(g(torch.tensor([[5, 6, 7, 8]]), cache, tree_mask=tree).logits)
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+    m.runner = g
+    assert Engine(m, make_drafter("pld", m)).generate(prompt, max_new_tokens=16).run().token_ids == ref
+    # traced by Dynamo as the compiled layer runs it (one opaque call); "eager": no code generation
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", "eager")
+    m.runner = GraphedDecoder(dec, capacity=64, sizes=(1, 4, 8), capture=False, compile=True, block_attention=True)
+    assert m.runner.compiled
+    assert Engine(m, make_drafter("pld", m)).generate(prompt, max_new_tokens=16).run().token_ids == ref
+    fused.install_block_attention(dec, on=False)
+    assert not any(layer.self_attn.block_kernel for layer in dec.layers)

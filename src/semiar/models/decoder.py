@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+
 
 @dataclass
 class DecoderConfig:
@@ -266,6 +268,8 @@ class Attention(nn.Module):
         # q, k, v in one matmul: one weight read per step instead of three launches
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        #: static blocks of 2+ tokens attend through models.fused.block_attention (opt-in, CUDA)
+        self.block_kernel = False
 
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
         # x: [B, T, hidden]; cos/sin: [B, T, d]; k_cache/v_cache: [B, kvh, capacity, d]
@@ -291,6 +295,10 @@ class Attention(nn.Module):
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+        if self.block_kernel and T > 1 and isinstance(start, torch.Tensor) and mask.dim() == 2:
+            # one attention kernel over the filled slots only (start[-1] + 1 of them)
+            out = fused.block_attention_op(q, k_cache, v_cache, mask, start[-1:] + 1)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d))
         # GQA without copying K/V: fold the query group into the row dimension.
         g = self.h // self.kvh
         q = q.reshape(B, self.kvh, g * T, self.d)  # [B, kvh, g*T, d]
@@ -476,9 +484,7 @@ class Decoder(nn.Module):
         Returns (logits [1, S, vocab] fp32, final-norm hidden [1, S, hidden])."""
         prologue, layer_fn, epilogue = self.static_fns or (_static_prologue, _call_layer, _static_epilogue)
         if self.fused_row_step and input_ids.shape[1] == 1:
-            from .fused import row_layer
-
-            layer_fn = row_layer
+            layer_fn = fused.row_layer
         x, cos, sin, slots, mask = prologue(self.embed_tokens, self._inv_freq_on(input_ids.device), input_ids,
                                             positions, start, block_mask, window or k_cache.shape[3])
         for i, layer in enumerate(self.layers):

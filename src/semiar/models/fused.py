@@ -47,6 +47,13 @@ def _kernels():
     return k.row_product, k.attention_split, k.attention_combine, k.HAS_GDC
 
 
+@functools.lru_cache(maxsize=None)
+def _block_kernels():
+    from . import fused_kernels as k
+
+    return k.block_attention_split, k.block_attention_combine
+
+
 #: programmatic dependent launch between the fused kernels (see row_product's kernel); None: not
 #: decided yet (on at first use where the GPU and Triton have it, unless SEMIAR_PDL=0)
 PDL: Optional[bool] = None
@@ -127,6 +134,54 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     return out
 
 
+def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                    end: torch.Tensor) -> torch.Tensor:
+    """Attention of a block of S query tokens (a token tree) over a cache that already holds their
+    keys and values: q [1, heads, S, head_dim] (rotated); caches [1, kv_heads, capacity, head_dim];
+    mask [S, W] bool, which of the first W slots each token sees (the cached prefix, then the tree);
+    end: a 1-element long tensor on the device, the filled slots (start + S), so that a CUDA graph
+    reads only those. Returns [1, heads, S, head_dim].
+
+    The same flash-decoding as `decode_attention`: a program per kv head, tile of 64 query rows (the
+    group's heads times the block's tokens) and split of ATTENTION_SPLIT slots, then a merge."""
+    _, H, S, D = q.shape
+    KVH = k_cache.shape[1]
+    if D & (D - 1) or D < 16 or H % KVH:
+        raise ValueError(f"block_attention needs a power-of-two head size of at least 16 and whole query groups, "
+                         f"got head size {D}, {H} heads over {KVH} kv heads")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    G, C, W = H // KVH, ATTENTION_SPLIT, mask.shape[-1]
+    NS = -(-W // C)
+    BM = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+    dev = q.device
+    m = torch.empty(H * S, NS, dtype=torch.float32, device=dev)
+    l = torch.empty(H * S, NS, dtype=torch.float32, device=dev)
+    acc = torch.empty(H * S, NS, D, dtype=torch.float32, device=dev)
+    out = torch.empty(1, H, S, D, dtype=q.dtype, device=dev)
+    mask = mask.contiguous().view(torch.uint8)
+    split, combine = _block_kernels()
+    split[(KVH, -(-G * S // BM), NS)](q, k_cache, v_cache, mask, end, m, l, acc, q.stride(1), q.stride(2),
+                                      k_cache.stride(1), k_cache.stride(2), mask.stride(0), 1.0 / math.sqrt(D), S, NS,
+                                      G=G, D=D, BM=BM, C=C,
+                                      IEEE=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+                                      num_warps=4)
+    combine[(H * S,)](m, l, acc, end, out, NS, D=D, C=C, SB=16, num_warps=4)
+    return out
+
+
+@torch.library.custom_op("semiar::block_attention", mutates_args=())
+def block_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                       end: torch.Tensor) -> torch.Tensor:
+    """`block_attention` as a PyTorch custom op, so the compiled layer calls it as one opaque kernel."""
+    return block_attention(q, k_cache, v_cache, mask, end)
+
+
+@block_attention_op.register_fake
+def _(q, k_cache, v_cache, mask, end):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def row_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask):
     """`decoder._call_layer` for a one-token block, in five kernels (see the module doc); `mask` is
     not needed: the token sees the cache's first `slots[0]` slots and itself."""
@@ -173,6 +228,19 @@ def install(decoder, force: Optional[bool] = None) -> bool:
     if on and decoder.device.type == "cuda":
         on = _works_on(decoder.device)
     decoder.fused_row_step = on
+    return on
+
+
+def install_block_attention(decoder, on: Optional[bool] = None) -> bool:
+    """Attention of the fixed-shape forwards of 2-64 tokens (tree verification) through
+    `block_attention` instead of the compiled matmul-softmax-matmul over the whole window.
+    Opt-in until measured on a GPU: on=None reads SEMIAR_FUSED_TREE=1; needs CUDA (or the CPU tests'
+    interpreter with on=True) and what `supported` asks. Returns whether it is on."""
+    if on is None:
+        on = os.environ.get("SEMIAR_FUSED_TREE", "") == "1" and decoder.device.type == "cuda"
+    on = bool(on) and supported(decoder) is None
+    for layer in decoder.layers:
+        layer.self_attn.block_kernel = on
     return on
 
 

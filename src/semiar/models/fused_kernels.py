@@ -180,4 +180,74 @@ def attention_combine(m_ptr, l_ptr, acc_ptr, start_ptr, out_ptr, NS, D: tl.const
     tl.store(out_ptr + h * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def block_attention_split(q_ptr, kc_ptr, vc_ptr, mask_ptr, end_ptr, m_ptr, l_ptr, acc_ptr,
+                          stride_qh, stride_qs, stride_kh, stride_ks, stride_mask, scale, S, NS,
+                          G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr):
+    # program (kv head, tile of BM query rows, split of C cache slots); query row r of a kv head is
+    # head kvh * G + r // S at block token r % S; keys [0, end) are filled (the block's own included),
+    # mask[token, slot] says which it sees; writes per row and split m, l and acc as attention_split
+    dt = q_ptr.dtype.element_ty
+    kvh = tl.program_id(0)
+    split = tl.program_id(2)
+    end = tl.load(end_ptr)
+    c0 = split * C
+    if c0 < end:
+        r = tl.program_id(1) * BM + tl.arange(0, BM)
+        r_ok = r < G * S
+        head = kvh * G + r // S
+        tok = r % S
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + head[:, None] * stride_qh + tok[:, None] * stride_qs + d[None, :], mask=r_ok[:, None],
+                    other=0.0)  # [BM, D]
+        pos = c0 + tl.arange(0, C)
+        p_ok = pos < end
+        kb = tl.load(kc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :], mask=p_ok[:, None], other=0.0)
+        vb = tl.load(vc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :], mask=p_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kb))
+        s = s.to(dt).to(tl.float32) * scale
+        seen = tl.load(mask_ptr + tok[:, None] * stride_mask + pos[None, :], mask=r_ok[:, None] & p_ok[None, :],
+                       other=0).to(tl.int1)
+        s = tl.where(seen, s, float("-inf"))  # [BM, C]
+        m = tl.max(s, axis=1)  # -inf for a row that sees nothing in this split
+        p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+        if IEEE:
+            acc = tl.dot(p.to(dt).to(tl.float32), vb.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(dt), vb)  # [BM, D]
+        row = (head * S + tok) * NS + split
+        tl.store(m_ptr + row, m, mask=r_ok)
+        tl.store(l_ptr + row, tl.sum(p, axis=1), mask=r_ok)
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=r_ok[:, None])
+
+
+@triton.jit
+def block_attention_combine(m_ptr, l_ptr, acc_ptr, end_ptr, out_ptr, NS, D: tl.constexpr, C: tl.constexpr,
+                            SB: tl.constexpr):
+    # program per query row (head * S + token): its splits merged by their maxima (a split the row
+    # saw nothing of has m = -inf and weighs nothing)
+    row = tl.program_id(0)
+    n = (tl.load(end_ptr) + C - 1) // C
+    d = tl.arange(0, D)
+    big_m = tl.max(tl.full((SB,), float("-inf"), tl.float32), axis=0)
+    big_l = tl.sum(tl.zeros((SB,), dtype=tl.float32), axis=0)
+    out = tl.zeros((D,), dtype=tl.float32)
+    for s0 in range(0, n, SB):
+        sp = s0 + tl.arange(0, SB)
+        ok = sp < n
+        m = tl.load(m_ptr + row * NS + sp, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(big_m, tl.max(m, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.where(ok, tl.exp(m - m_ref), 0.0)
+        old = tl.exp(big_m - m_ref)
+        big_l = big_l * old + tl.sum(w * tl.load(l_ptr + row * NS + sp, mask=ok, other=0.0), axis=0)
+        a = tl.load(acc_ptr + (row * NS + sp[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
+        out = out * old + tl.sum(w[:, None] * a, axis=0)
+        big_m = m_new
+    tl.store(out_ptr + row * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
+
+
 HAS_GDC = gdc_wait is not None
