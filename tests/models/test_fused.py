@@ -173,3 +173,27 @@ def test_block_attention_keeps_verification_and_greedy_output(monkeypatch):
     assert Engine(m, make_drafter("pld", m)).generate(prompt, max_new_tokens=16).run().token_ids == ref
     fused.install_block_attention(dec, on=False)
     assert not any(layer.self_attn.block_kernel for layer in dec.layers)
+
+
+def test_kernels_that_fail_with_pdl_run_without_then_leave_the_plain_layers(monkeypatch):
+    # what install does on CUDA before turning the step on (here with the launches stubbed)
+    monkeypatch.setattr(fused, "PDL", None)
+    monkeypatch.setattr(fused, "_pdl_on", lambda device: fused.PDL is not False)
+    monkeypatch.setattr(fused, "decode_attention", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def needs_plain_launch(*a, **k):
+        if fused.PDL is not False:
+            raise RuntimeError("launch_pdl is not supported")
+
+    monkeypatch.setattr(fused, "row_product", needs_plain_launch)
+    with pytest.warns(UserWarning, match="programmatic dependent launch"):
+        assert fused._works_on(torch.device("cpu"))
+    assert fused.PDL is False
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernels here")
+
+    monkeypatch.setattr(fused, "row_product", broken)
+    with pytest.warns(UserWarning, match="using the plain layers"):
+        assert not fused._works_on(torch.device("cpu"))

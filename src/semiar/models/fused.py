@@ -4,18 +4,22 @@ Compiled, a one-token step of qwen2.5-coder-1.5b on an H200 was ~405 kernels: th
 products and ~236 small ones around them (norms, rotary, cache writes, masked softmax, SiLU, residual
 adds), each a launch and a ramp at ~1.4 us, about a fifth of the step. Here a layer is
 
-    qkv  = norm1(x) @ Wqkv + b            row_product, the RMSNorm in its prologue
-    a    = attention(rope(q), cache)      decode_attention: rotary, the cache write and both passes
+    qkv  = norm1(x) @ Wqkv + b            row_product, the RMSNorm folded in
+    a    = attention(rope(q), cache)      decode_attention: rotary, the cache write, flash-decoding
+                                          over 64-slot splits (attention_split) and their merge
     x    = x + a @ Wo                     row_product, the residual add in its epilogue
-    act  = silu(g) * u, [g|u] = norm2(x) @ Wgu    row_product, norm prologue, SwiGLU epilogue
+    act  = silu(g) * u, [g|u] = norm2(x) @ Wgu    row_product, norm folded in, SwiGLU epilogue
     x    = x + act @ Wdown                row_product, residual epilogue
 
-and attention reads only the cache's `start` filled slots, not the captured window.
+and attention reads only the cache's filled slots, not the captured window. H200, 1.5B: 1.63 ->
+1.18 ms per step (docs/benchmarks.md).
 
-Numerics follow the compiled layer's bf16 roundings where it has them (the normed row, the qkv
-and gate/up outputs, rotated q and k, the attention scores and probabilities, each product's
-output before the residual add), with fp32 arithmetic in between; the summation order differs, so
-a fused step may differ from the block forward in the last bf16 bit, as the one-row kernel does.
+Numerics follow the compiled layer's bf16 roundings where it has them (the qkv and gate/up outputs,
+rotated q and k, the attention scores, each product's output before the residual add), with fp32
+arithmetic in between, and differ in two places: RMSNorm's scale is one number per row, so it is
+summed alongside the product and applied after it (the normed row is never rounded), and the
+attention probabilities are rounded before they are normalised. With the summation order of the
+kernels, a fused step can differ from the block forward in the last bf16 bit of a logit.
 
 On Hopper and later the kernels are launched with programmatic dependent launch (PDL): each lets
 the next one start as soon as all its own programs run, and each reads its first weights (attention:
@@ -23,8 +27,10 @@ the cached keys and values) before it waits for the previous kernel's results, s
 start-up overlaps the last one's tail. SEMIAR_PDL=0 turns that off.
 
 `install(decoder)` turns it on for `Decoder.forward_static`'s one-token blocks (CUDA and Triton,
-a head size that is a power of two); `SEMIAR_FUSED=0/1` turns it off / forces it (the CPU tests run
-it under Triton's interpreter). The choice is kept as `decoder.fused_row_step`.
+a power-of-two head size of at least 16); `SEMIAR_FUSED=0/1` turns it off / forces it (the CPU
+tests run it under Triton's interpreter). The choice is kept as `decoder.fused_row_step`.
+`block_attention` is the same attention for the 2-64-token blocks that verify trees, opt-in
+(`install_block_attention`, SEMIAR_FUSED_TREE=1) until it is measured on a GPU.
 """
 
 from __future__ import annotations
