@@ -25,6 +25,7 @@ import torch
 
 from .drafters.base import Drafter
 from .errors import InvalidArgumentError
+from .models.graphs import input_device
 from .sampling import SamplingParams
 from .tree import DraftTree
 from .verify import verify
@@ -215,6 +216,7 @@ class Generation:
         target, drafter, stats = eng.target, eng.drafter, self.stats
         dec = target.runner  # the decoder, or its CUDA-graph replay (models.graphs)
         device = dec.device
+        in_dev = input_device(dec)  # the host for graph replays: their inputs go over in one copy
         prompt = self.prompt_ids
         target.check_prompt(len(prompt))
         budget = min(self.max_new_tokens, target.context_length - len(prompt))
@@ -228,7 +230,7 @@ class Generation:
         t0 = time.perf_counter()
         prompt_hidden = None
         if len(prompt) > 1:
-            out = dec(torch.tensor([prompt[:-1]], device=device), cache, logits_at=slice(0, 0),
+            out = dec(torch.tensor([prompt[:-1]], device=in_dev), cache, logits_at=slice(0, 0),
                       return_hidden=needs_hidden)
             prompt_hidden = out.hidden[0] if needs_hidden else None
         _sync(device)
@@ -250,10 +252,10 @@ class Generation:
             stats.draft_seconds += tv - td
 
             start = cache.length
-            ids = torch.tensor([[tokens[-1]] + tree.tokens], device=device)
+            ids = torch.tensor([[tokens[-1]] + tree.tokens], device=in_dev)
             if len(tree):
-                out = dec(ids, cache, positions=tree.positions(start, device).unsqueeze(0),
-                          tree_mask=tree.attention_mask(device), return_hidden=needs_hidden)
+                out = dec(ids, cache, positions=tree.positions(start, in_dev).unsqueeze(0),
+                          tree_mask=tree.attention_mask(in_dev), return_hidden=needs_hidden)
             else:
                 out = dec(ids, cache, return_hidden=needs_hidden)
             accept = drafter.acceptance if drafter and drafter.acceptance else verify  # relaxed only if opted in

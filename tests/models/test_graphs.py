@@ -164,3 +164,24 @@ def test_a_finished_request_hands_the_draft_models_static_cache_back():
     assert second.cache.k is g.cache.k
     gen.run()
     assert gen.token_ids == ref
+
+
+def test_host_inputs_fill_the_graph_buffers_as_device_inputs_do():
+    from semiar.models.graphs import input_device
+
+    m, _ = tiny_target("qwen2")
+    g = GraphedDecoder(m.decoder, capacity=64, sizes=(1, 4, 8), capture=False)
+    assert input_device(g) == torch.device("cpu") and input_device(m.decoder) == m.decoder.device
+    tree = DraftTree([5, 6, 7], [-1, 0, 0])
+    cases = [(1, torch.tensor([[4]]), None, None),
+             (8, torch.tensor([[4, 5, 6, 7]]), tree.positions(9, "cpu").unsqueeze(0), tree.attention_mask("cpu")),
+             (4, torch.tensor([[1, 2, 3]]), None, None)]
+    for S, ids, pos, mask in cases:
+        T = ids.shape[1]
+        g._stage_on_device(S, T, 9, ids, pos, mask)
+        by_device = [t.clone() for t in g.inputs[S]]
+        for t in g.inputs[S]:
+            t.fill_(7 if t.dtype == torch.long else True)  # anything stale must be overwritten
+        g._stage_from_host(S, T, 9, ids, pos, mask)
+        for a, b in zip(by_device, g.inputs[S]):
+            assert torch.equal(a, b), (S, a, b)

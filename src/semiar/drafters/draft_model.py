@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from ..errors import InvalidArgumentError, TokenizerMismatchError
+from ..models.graphs import input_device
 from ..sampling import SamplingParams, target_probs
 from ..tree import DraftTree, TreeSpec, dynamic_tree
 from .base import DraftLength, Drafter
@@ -90,7 +91,7 @@ class DraftModelDrafter(Drafter):
             m += 1
         self.cache.truncate(m)
         self.cache = self.cache.ensure(len(tokens) + self.tree.max_nodes + 1)  # long generations
-        ids = torch.tensor([tokens[m:]], device=dec.device)
+        ids = torch.tensor([tokens[m:]], device=input_device(dec))
         logits = dec(ids, self.cache, logits_at=slice(-1, None)).logits[0, -1]
         self.seen = list(tokens)
         return logits
@@ -116,7 +117,7 @@ class DraftModelDrafter(Drafter):
             out.append(tok)
             qs.append(q)
             if i + 1 < k:
-                logits = dec(torch.tensor([[tok]], device=dec.device), self.cache).logits[0, -1]
+                logits = dec(torch.tensor([[tok]], device=input_device(dec)), self.cache).logits[0, -1]
                 self.seen.append(tok)
         self.last_proposed = len(out)
         return DraftTree.chain(out, None if self.sampling.greedy else qs)

@@ -120,8 +120,18 @@ def build_with_compile_fallback(build, compile: bool, what: str) -> bool:
     return False
 
 
+def input_device(runner) -> torch.device:
+    """Where a caller should build a forward's inputs (ids, positions, tree mask) for `runner`: the
+    host for a `GraphedDecoder` (it copies them into its graph's buffers in one or two transfers),
+    else the runner's device."""
+    return torch.device("cpu") if getattr(runner, "accepts_host_inputs", False) else runner.device
+
+
 class GraphedDecoder:
-    """A `Decoder` whose fixed-size forwards replay CUDA graphs (see the module doc)."""
+    """A `Decoder` whose fixed-size forwards replay CUDA graphs (see the module doc). Its inputs may
+    be on the host or the device; host inputs are staged in fewer transfers (`input_device`)."""
+
+    accepts_host_inputs = True
 
     def __init__(self, decoder: Decoder, capacity: int = 2048, sizes: Sequence[int] = DEFAULT_SIZES,
                  compile: bool = False, capture: Optional[bool] = None,
@@ -175,13 +185,16 @@ class GraphedDecoder:
         """Record (or, without capture, prepare) a graph per block size and attention window;
         warm: run the uncaptured ones once too (compilation happens then, as in a capture)."""
         dev = self.decoder.device
-        # per size: input buffers (ids, positions, start, block mask) shared by its windows' graphs
+        # per size: input buffers (ids, positions, start, block mask) shared by its windows' graphs;
+        # ids, positions and start are views of one buffer, so inputs from the host are one copy
         self.inputs: dict[int, list[torch.Tensor]] = {}
+        self._packed: dict[int, torch.Tensor] = {}
         self.graphs: dict[tuple[int, int], _Captured | _Direct] = {}
         for S in self.sizes:
-            self.inputs[S] = [torch.zeros(1, S, dtype=torch.long, device=dev),  # input ids
-                              torch.zeros(1, S, dtype=torch.long, device=dev),  # positions
-                              torch.zeros((), dtype=torch.long, device=dev),  # start
+            packed = self._packed[S] = torch.zeros(2 * S + 1, dtype=torch.long, device=dev)
+            self.inputs[S] = [packed[:S].view(1, S),  # input ids
+                              packed[S:2 * S].view(1, S),  # positions
+                              packed[2 * S],  # start
                               torch.ones(S, S, dtype=torch.bool, device=dev).tril()]  # block mask
             for W in self.windows:
                 if W < S:
@@ -223,9 +236,39 @@ class GraphedDecoder:
             return self._chunked(input_ids, cache, positions, logits_at, return_hidden)
         if (cache.k is not self.cache.k or S is None or B != 1 or attn_mask is not None
                 or start + S > self.capacity or (tree_mask is not None and tree_mask.shape[1] != T)):
-            return self.decoder(input_ids, cache, positions, tree_mask, logits_at, return_hidden, attn_mask)
+            dev = self.decoder.device
+            to = lambda t: None if t is None else t.to(dev)  # noqa: E731 - inputs may come from the host
+            return self.decoder(to(input_ids), cache, to(positions), to(tree_mask), logits_at, return_hidden,
+                                to(attn_mask))
         W = next(w for w in self.windows if w >= start + S)  # start + S <= capacity: one exists
         g = self.graphs[S, W]
+        if all(t is None or t.device.type == "cpu" for t in (input_ids, positions, tree_mask)):
+            self._stage_from_host(S, T, start, input_ids, positions, tree_mask)
+        else:
+            self._stage_on_device(S, T, start, input_ids, positions, tree_mask)
+        logits, hidden = g.replay()
+        cache.length = start + T
+        # copies: the graph's outputs are overwritten by its next replay
+        logits = logits[:, :T] if logits_at is None else logits[:, :T][:, logits_at]
+        return DecoderOutput(logits=logits.clone(), hidden=hidden[:, :T].clone() if return_hidden else None)
+
+    def _stage_from_host(self, S, T, start, input_ids, positions, tree_mask) -> None:
+        """Inputs built on the host (the engine's own): ids, positions and start packed into one
+        host tensor and copied in one transfer, the tree mask in a second (blocks of 2+ only), where
+        filling the device buffers piece by piece took five to ten device calls per step."""
+        host = torch.empty(2 * S + 1, dtype=torch.long)
+        host[:T] = input_ids[0]
+        host[T:S] = 0  # padding rows: token 0 at the first new position, seeing only themselves
+        host[S:S + T] = torch.arange(start, start + T) if positions is None else positions[0]
+        host[S + T:] = start  # the padding's positions, then start itself
+        self._packed[S].copy_(host, non_blocking=True)
+        if S > 1:
+            mask = torch.eye(S, dtype=torch.bool)
+            mask[:T, :T] = torch.ones(T, T, dtype=torch.bool).tril() if tree_mask is None else tree_mask
+            self.inputs[S][3].copy_(mask, non_blocking=True)
+
+    def _stage_on_device(self, S, T, start, input_ids, positions, tree_mask) -> None:
+        """Inputs already on the device: copied into the graph's buffers there."""
         ids_buf, pos_buf, start_buf, mask_buf = self.inputs[S]
         ids_buf[:, :T].copy_(input_ids, non_blocking=True)
         if positions is None:
@@ -241,11 +284,6 @@ class GraphedDecoder:
             if T < S:
                 ids_buf[:, T:].zero_()
                 pos_buf[:, T:].fill_(start)
-        logits, hidden = g.replay()
-        cache.length = start + T
-        # copies: the graph's outputs are overwritten by its next replay
-        logits = logits[:, :T] if logits_at is None else logits[:, :T][:, logits_at]
-        return DecoderOutput(logits=logits.clone(), hidden=hidden[:, :T].clone() if return_hidden else None)
 
     def _chunked(self, input_ids, cache, positions, logits_at, return_hidden) -> DecoderOutput:
         """A causal block longer than the largest graph (a prompt) as consecutive replays of the
