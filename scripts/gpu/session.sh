@@ -9,9 +9,10 @@
 #   scripts/gpu/session.sh greedy    one greedy bench: every engine method, the four drafters, the peers
 #   scripts/gpu/session.sh t1        one T=1 bench of the sampling-capable methods (+ medusa-typical, lossy)
 #   scripts/gpu/session.sh step      decode / verify step cost: eager, CUDA graphs, per-layer torch.compile, with
-#                                    cuBLAS / the one-row Triton kernel / Inductor's multiply+sum for one-row products
-#                                    (AUTOTUNE=1: + Triton mm autotuning; VARIANTS= any of step_cost.py's), kernel
-#                                    profiles (scripts/gpu/step_cost.py)
+#                                    cuBLAS / the one-row Triton kernel / the fused one-token step (with and without
+#                                    PDL) / the tree forwards' block attention (AUTOTUNE=1: + Triton mm autotuning;
+#                                    VARIANTS= any of step_cost.py's), kernel profiles (scripts/gpu/step_cost.py);
+#                                    MODEL=random:qwen2.5-1.5b times the same shapes with random weights, no staging
 # The benches compile the models (semiar bench's default on CUDA); TREES sets per-method trees (default: each method's own).
 # Each step leaves a results tarball (and drafter weights) under $OUT; docs/benchmarks.md quotes them.
 # Set SECS below the device time left: a command the lease cuts off returns only what is under $OUT
@@ -111,7 +112,7 @@ case "${1:-}" in
     ;;
   step)
     timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "${MODEL:-$T15}" --profile --out "$OUT/step" \
-      --variants "${VARIANTS:-graphs,compiled,compiled-gemv,compiled-rowsum${AUTOTUNE:+,compiled-autotune}}" \
+      --variants "${VARIANTS:-compiled,compiled-gemv,compiled-fused,compiled-fused-tree${AUTOTUNE:+,compiled-autotune}}" \
       2>&1 | grep -v -i 'warn\|Loading weights'
     cp -r "$OUT/step" "$RUNS/" 2>/dev/null
     pack step
