@@ -109,6 +109,9 @@ def test_off_the_gpu_it_is_off_unless_forced(monkeypatch):
     monkeypatch.setenv("SEMIAR_FUSED", "yes")
     with pytest.warns(UserWarning, match="SEMIAR_FUSED"):
         fused.install(m.decoder)
+    monkeypatch.setenv("SEMIAR_FUSED_TREE", "on")
+    with pytest.warns(UserWarning, match="SEMIAR_FUSED_TREE='on' is not 0 or 1; leaving it off"):
+        assert fused.install_block_attention(m.decoder) is False
 
 
 def test_unsupported_shapes_are_refused_with_a_reason(monkeypatch):

@@ -43,21 +43,14 @@ from typing import Optional
 
 import torch
 
-from .gemv import triton_available
+from .gemv import env_switch, triton_available
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
     from . import fused_kernels as k
 
-    return k.row_product, k.attention_split, k.attention_combine, k.HAS_GDC
-
-
-@functools.lru_cache(maxsize=None)
-def _block_kernels():
-    from . import fused_kernels as k
-
-    return k.block_attention_split, k.block_attention_combine
+    return k.row_product, k.attention_split, k.block_attention_split, k.attention_merge, k.HAS_GDC
 
 
 #: programmatic dependent launch between the fused kernels (see row_product's kernel); None: not
@@ -70,7 +63,7 @@ def _pdl_on(device: torch.device) -> bool:
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if PDL is None:
-        PDL = (os.environ.get("SEMIAR_PDL", "1") != "0" and _kernels()[3]
+        PDL = (env_switch("SEMIAR_PDL", "using PDL where it works") is not False and _kernels()[4]
                and torch.cuda.get_device_capability(device)[0] >= 9)
     return bool(PDL)
 
@@ -128,7 +121,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     l = torch.empty(num_heads, NS, dtype=torch.float32, device=dev)
     acc = torch.empty(num_heads, NS, D, dtype=torch.float32, device=dev)
     out = torch.empty(*qkv.shape[:-1], num_heads * D, dtype=qkv.dtype, device=dev)
-    _, split, combine, _ = _kernels()
+    _, split, _, merge, _ = _kernels()
     pdl = _pdl_on(dev)
     launch = {"launch_pdl": True} if pdl else {}
     split[(num_kv_heads, NS)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), k_cache, v_cache, start, m, l, acc,
@@ -136,7 +129,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
                               H=num_heads, KVH=num_kv_heads, G=G, GP=max(16, 1 << (G - 1).bit_length()), D=D, C=C,
                               IEEE=qkv.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
                               PDL=pdl, num_warps=4, **launch)
-    combine[(num_heads,)](m, l, acc, start, out, NS, D=D, C=C, SB=16, PDL=pdl, num_warps=4, **launch)
+    merge[(num_heads,)](m, l, acc, start, out, NS, D=D, C=C, SB=16, NEW=1, PDL=pdl, num_warps=4, **launch)
     return out
 
 
@@ -166,13 +159,13 @@ def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     acc = torch.empty(H * S, NS, D, dtype=torch.float32, device=dev)
     out = torch.empty(1, H, S, D, dtype=q.dtype, device=dev)
     mask = mask.contiguous().view(torch.uint8)
-    split, combine = _block_kernels()
+    _, _, split, merge, _ = _kernels()
     split[(KVH, -(-G * S // BM), NS)](q, k_cache, v_cache, mask, end, m, l, acc, q.stride(1), q.stride(2),
                                       k_cache.stride(1), k_cache.stride(2), mask.stride(0), 1.0 / math.sqrt(D), S, NS,
                                       G=G, D=D, BM=BM, C=C,
                                       IEEE=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
                                       num_warps=4)
-    combine[(H * S,)](m, l, acc, end, out, NS, D=D, C=C, SB=16, num_warps=4)
+    merge[(H * S,)](m, l, acc, end, out, NS, D=D, C=C, SB=16, NEW=0, PDL=False, num_warps=4)
     return out
 
 
@@ -222,11 +215,8 @@ def install(decoder, force: Optional[bool] = None) -> bool:
     `row_layer`. Default: on for a CUDA decoder it supports; force=True on any device (the CPU
     tests, under Triton's interpreter), False off; SEMIAR_FUSED=1/0 decides when force is None.
     Returns whether it is on, also kept as `decoder.fused_row_step`."""
-    env = os.environ.get("SEMIAR_FUSED", "")
-    if force is None and env in ("0", "1"):
-        force = env == "1"
-    elif env not in ("", "0", "1"):
-        warnings.warn(f"SEMIAR_FUSED={env!r} is not 0 or 1; using the default", stacklevel=2)
+    if force is None:
+        force = env_switch("SEMIAR_FUSED", "using the default")
     why = supported(decoder)
     on = force is not False and why is None and (force or decoder.device.type == "cuda")
     if force and why:
@@ -243,7 +233,7 @@ def install_block_attention(decoder, on: Optional[bool] = None) -> bool:
     Opt-in until measured on a GPU: on=None reads SEMIAR_FUSED_TREE=1; needs CUDA (or the CPU tests'
     interpreter with on=True) and what `supported` asks. Returns whether it is on."""
     if on is None:
-        on = os.environ.get("SEMIAR_FUSED_TREE", "") == "1" and decoder.device.type == "cuda"
+        on = env_switch("SEMIAR_FUSED_TREE", "leaving it off") is True and decoder.device.type == "cuda"
     on = bool(on) and supported(decoder) is None
     for layer in decoder.layers:
         layer.self_attn.block_kernel = on

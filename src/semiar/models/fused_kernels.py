@@ -89,6 +89,30 @@ def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
 
 
 @triton.jit
+def _partial_store(q, kb, vb, seen, row, row_ok, m_ptr, l_ptr, acc_ptr, scale, D: tl.constexpr, IEEE: tl.constexpr):
+    # one split's share of attention for query rows q [R, D] over keys kb / values vb [C, D], the
+    # pairs `seen` [R, C] visible: stores per row (index `row`) the scores' max m, l = sum exp(s - m)
+    # and acc = sum exp(s - m) v, which `attention_merge` combines across splits
+    dt = kb.dtype
+    # scores as the block forward rounds them: q.k in the model's dtype, then scaled in fp32
+    if IEEE:  # fp32 models (and Triton's interpreter, whose bf16 dot is broken): exact fp32 products
+        s = tl.dot(q.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(kb))
+    s = tl.where(seen, s.to(dt).to(tl.float32) * scale, float("-inf"))
+    m = tl.max(s, axis=1)  # -inf for a row that sees nothing in this split
+    p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+    if IEEE:
+        acc = tl.dot(p.to(dt).to(tl.float32), vb.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(dt), vb)  # [R, D]
+    d = tl.arange(0, D)
+    tl.store(m_ptr + row, m, mask=row_ok)
+    tl.store(l_ptr + row, tl.sum(p, axis=1), mask=row_ok)
+    tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
 def attention_split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, start_ptr, m_ptr, l_ptr, acc_ptr,
                     stride_kh, stride_ks, scale, NS, H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr,
                     GP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
@@ -134,103 +158,21 @@ def attention_split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, start_ptr, m_ptr,
             new = pos[:, None] == start
             kb = tl.where(new, k_new[None, :], kb)
             vb = tl.where(new, v_new[None, :], vb)
-        # scores as the block forward rounds them: q.k in the model's dtype, then scaled in fp32
-        if IEEE:  # fp32 models (and Triton's interpreter, whose bf16 dot is broken): exact fp32 products
-            s = tl.dot(q.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(kb))
-        s = s.to(dt).to(tl.float32) * scale
-        s = tl.where((pos <= start)[None, :], s, float("-inf"))  # [GP, C]
-        m = tl.max(s, axis=1)
-        p = tl.exp(s - m[:, None])
-        if IEEE:
-            acc = tl.dot(p.to(dt).to(tl.float32), vb.to(tl.float32), input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(dt), vb)  # [GP, D]
-        row = heads * NS + split
-        tl.store(m_ptr + row, m, mask=g_ok)
-        tl.store(l_ptr + row, tl.sum(p, axis=1), mask=g_ok)
-        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None])
+        _partial_store(q, kb, vb, (pos <= start)[None, :], heads * NS + split, g_ok, m_ptr, l_ptr, acc_ptr,
+                       scale, D, IEEE)
 
 
 @triton.jit
-def attention_combine(m_ptr, l_ptr, acc_ptr, start_ptr, out_ptr, NS, D: tl.constexpr, C: tl.constexpr,
-                      SB: tl.constexpr, PDL: tl.constexpr):
-    # program per query head: the splits that hold slots [0, start] merged by their maxima
+def attention_merge(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, NS, D: tl.constexpr, C: tl.constexpr, SB: tl.constexpr,
+                    NEW: tl.constexpr, PDL: tl.constexpr):
+    # program per query row (a head of the one-token step, head * S + token of a block): its splits
+    # merged by their maxima; the filled slots are len + NEW (NEW=1: len is the new token's slot),
+    # and a split the row saw nothing of has m = -inf and weighs nothing
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    h = tl.program_id(0)
-    n = tl.load(start_ptr) // C + 1
-    d = tl.arange(0, D)
-    big_m = tl.max(tl.full((SB,), float("-inf"), tl.float32), axis=0)
-    big_l = tl.sum(tl.zeros((SB,), dtype=tl.float32), axis=0)
-    out = tl.zeros((D,), dtype=tl.float32)
-    for s0 in range(0, n, SB):
-        sp = s0 + tl.arange(0, SB)
-        ok = sp < n
-        m = tl.load(m_ptr + h * NS + sp, mask=ok, other=float("-inf"))
-        m_new = tl.maximum(big_m, tl.max(m, axis=0))
-        w = tl.where(ok, tl.exp(m - m_new), 0.0)
-        old = tl.exp(big_m - m_new)
-        big_l = big_l * old + tl.sum(w * tl.load(l_ptr + h * NS + sp, mask=ok, other=0.0), axis=0)
-        a = tl.load(acc_ptr + (h * NS + sp[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
-        out = out * old + tl.sum(w[:, None] * a, axis=0)
-        big_m = m_new
-    tl.store(out_ptr + h * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def block_attention_split(q_ptr, kc_ptr, vc_ptr, mask_ptr, end_ptr, m_ptr, l_ptr, acc_ptr,
-                          stride_qh, stride_qs, stride_kh, stride_ks, stride_mask, scale, S, NS,
-                          G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr):
-    # program (kv head, tile of BM query rows, split of C cache slots); query row r of a kv head is
-    # head kvh * G + r // S at block token r % S; keys [0, end) are filled (the block's own included),
-    # mask[token, slot] says which it sees; writes per row and split m, l and acc as attention_split
-    dt = q_ptr.dtype.element_ty
-    kvh = tl.program_id(0)
-    split = tl.program_id(2)
-    end = tl.load(end_ptr)
-    c0 = split * C
-    if c0 < end:
-        r = tl.program_id(1) * BM + tl.arange(0, BM)
-        r_ok = r < G * S
-        head = kvh * G + r // S
-        tok = r % S
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + head[:, None] * stride_qh + tok[:, None] * stride_qs + d[None, :], mask=r_ok[:, None],
-                    other=0.0)  # [BM, D]
-        pos = c0 + tl.arange(0, C)
-        p_ok = pos < end
-        kb = tl.load(kc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :], mask=p_ok[:, None], other=0.0)
-        vb = tl.load(vc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :], mask=p_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q.to(tl.float32), tl.trans(kb.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(kb))
-        s = s.to(dt).to(tl.float32) * scale
-        seen = tl.load(mask_ptr + tok[:, None] * stride_mask + pos[None, :], mask=r_ok[:, None] & p_ok[None, :],
-                       other=0).to(tl.int1)
-        s = tl.where(seen, s, float("-inf"))  # [BM, C]
-        m = tl.max(s, axis=1)  # -inf for a row that sees nothing in this split
-        p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
-        if IEEE:
-            acc = tl.dot(p.to(dt).to(tl.float32), vb.to(tl.float32), input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(dt), vb)  # [BM, D]
-        row = (head * S + tok) * NS + split
-        tl.store(m_ptr + row, m, mask=r_ok)
-        tl.store(l_ptr + row, tl.sum(p, axis=1), mask=r_ok)
-        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=r_ok[:, None])
-
-
-@triton.jit
-def block_attention_combine(m_ptr, l_ptr, acc_ptr, end_ptr, out_ptr, NS, D: tl.constexpr, C: tl.constexpr,
-                            SB: tl.constexpr):
-    # program per query row (head * S + token): its splits merged by their maxima (a split the row
-    # saw nothing of has m = -inf and weighs nothing)
     row = tl.program_id(0)
-    n = (tl.load(end_ptr) + C - 1) // C
+    n = (tl.load(len_ptr) + NEW + C - 1) // C
     d = tl.arange(0, D)
     big_m = tl.max(tl.full((SB,), float("-inf"), tl.float32), axis=0)
     big_l = tl.sum(tl.zeros((SB,), dtype=tl.float32), axis=0)
@@ -248,6 +190,34 @@ def block_attention_combine(m_ptr, l_ptr, acc_ptr, end_ptr, out_ptr, NS, D: tl.c
         out = out * old + tl.sum(w[:, None] * a, axis=0)
         big_m = m_new
     tl.store(out_ptr + row * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def block_attention_split(q_ptr, kc_ptr, vc_ptr, mask_ptr, end_ptr, m_ptr, l_ptr, acc_ptr,
+                          stride_qh, stride_qs, stride_kh, stride_ks, stride_mask, scale, S, NS,
+                          G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr):
+    # program (kv head, tile of BM query rows, split of C cache slots); query row r of a kv head is
+    # head kvh * G + r // S at block token r % S; keys [0, end) are filled (the block's own included),
+    # mask[token, slot] says which it sees; writes per row and split m, l and acc as attention_split
+    kvh = tl.program_id(0)
+    split = tl.program_id(2)
+    end = tl.load(end_ptr)
+    c0 = split * C
+    if c0 < end:
+        r = tl.program_id(1) * BM + tl.arange(0, BM)
+        r_ok = r < G * S
+        head = kvh * G + r // S
+        tok = r % S
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + head[:, None] * stride_qh + tok[:, None] * stride_qs + d[None, :], mask=r_ok[:, None],
+                    other=0.0)  # [BM, D]
+        pos = c0 + tl.arange(0, C)
+        p_ok = pos < end
+        kb = tl.load(kc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :], mask=p_ok[:, None], other=0.0)
+        vb = tl.load(vc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :], mask=p_ok[:, None], other=0.0)
+        seen = tl.load(mask_ptr + tok[:, None] * stride_mask + pos[None, :], mask=r_ok[:, None] & p_ok[None, :],
+                       other=0).to(tl.int1)
+        _partial_store(q, kb, vb, seen, (head * S + tok) * NS + split, r_ok, m_ptr, l_ptr, acc_ptr, scale, D, IEEE)
 
 
 HAS_GDC = gdc_wait is not None

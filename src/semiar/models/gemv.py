@@ -47,6 +47,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def env_switch(name: str, otherwise: str) -> Optional[bool]:
+    """An on/off environment switch: True for 1, False for 0, None when unset; any other value
+    warns (saying what happens `otherwise`) and counts as unset."""
+    env = os.environ.get(name, "")
+    if env not in ("", "0", "1"):
+        warnings.warn(f"{name}={env!r} is not 0 or 1; {otherwise}", stacklevel=3)
+    return {"0": False, "1": True}.get(env)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
@@ -165,11 +174,8 @@ def install(decoder: nn.Module, force: Optional[bool] = None) -> dict:
     Starts from the plain layers (a second call re-decides). Returns {"NxK": {"layers",
     "cublas_ms", "gemv_ms", "used"}}, also kept as `decoder.gpu_row_kernel`; {} when the decoder
     is not on CUDA or Triton is missing."""
-    env = os.environ.get("SEMIAR_GEMV", "")
-    if force is None and env in ("0", "1"):
-        force = env == "1"
-    elif env not in ("", "0", "1"):
-        warnings.warn(f"SEMIAR_GEMV={env!r} is not 0 or 1; timing the kernel instead", stacklevel=2)
+    if force is None:
+        force = env_switch("SEMIAR_GEMV", "timing the kernel instead")
     uninstall(decoder)
     slots = [(m, n) for m in decoder.modules() for n, c in m.named_children() if type(c) is nn.Linear]
     on_cuda = bool(slots) and getattr(*slots[0]).weight.device.type == "cuda"
