@@ -81,15 +81,15 @@ def matmuls_alone(dec, reps, product=F.linear):
     return timed(g.graph.replay, reps), len(linears)
 
 
-def kernel_profile(dec, context, compiled, row_kernel, fused_step):
-    """Kernels of one 1-token fixed-shape step (no graph: the same kernels a replay runs)."""
+def kernel_profile(dec, context, compiled, row_kernel, fused_step, fused_block=False, size=1):
+    """Kernels of one fixed-shape forward of `size` tokens (no graph: the same kernels a replay runs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1], capture=False, compile=compiled,
-                       row_kernel=row_kernel, fused_step=fused_step)
+    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[size], capture=False, compile=compiled,
+                       row_kernel=row_kernel, fused_step=fused_step, fused_block=fused_block)
     cache = g.new_cache(context + 100)
     step_costs(g, cache, context, [], 5)
-    ids = torch.randint(100, 1000, (1, 1), device="cuda")
+    ids = torch.randint(100, 1000, (1, size), device="cuda")
     steps = 10
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -104,7 +104,7 @@ def kernel_profile(dec, context, compiled, row_kernel, fused_step):
         if not t or e.count == 0 or e.key.startswith("ProfilerStep"):
             continue
         # Inductor's fused kernels (triton_*) name the ops they fuse, gemv among them: not products
-        kind = ("matmul" if e.key.startswith("row_product") or (not e.key.startswith("triton_")
+        kind = ("matmul" if e.key.startswith(("row_product", "block_product")) or (not e.key.startswith("triton_")
                                                                 and any(w in e.key.lower() for w in gemm_words))
                 else "other")
         kinds[kind][0] += e.count
@@ -129,6 +129,7 @@ ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv
                      "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-fused (+ one-token steps as five "
                      "fused Triton kernels per layer, models.fused; compiled-fused-nopdl: without programmatic dependent "
                      "launch; compiled-fused-tree: + blocks of 2-64 tokens attending through fused.block_attention; "
+                     "compiled-fused-block: + blocks of 2-64 tokens as fused.block_layer's seven kernels; "
                      "graphs-fused: without torch.compile for the larger blocks), compiled-rowsum (one-row products "
                      "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
                      "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
@@ -138,7 +139,8 @@ ap.add_argument("--profile", action="store_true", help="also profile the kernels
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
-            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-rowsum", "compiled-cdt", "compiled-autotune")
+            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-block", "compiled-rowsum", "compiled-cdt",
+            "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
     ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -234,7 +236,7 @@ def configure(name):
     gemv.RowLinear.forward = rowsum_forward if name == "compiled-rowsum" else ROW_FORWARD
     torch._dynamo.reset()
     row_kernel = {"compiled-gemv": None, "compiled-fused": None, "compiled-fused-nopdl": None, "graphs-fused": None,
-                  "compiled-fused-tree": None, "compiled-rowsum": True}.get(name, False)
+                  "compiled-fused-tree": None, "compiled-fused-block": None, "compiled-rowsum": True}.get(name, False)
     from semiar.models import fused
 
     fused.PDL = False if name.endswith("-nopdl") else None  # None: on where the GPU and Triton have it
@@ -246,7 +248,7 @@ def measure(name):
     t0 = time.perf_counter()
     g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp, row_kernel=row_kernel,
                        windows=() if name == "graphs-full" else None, fused_step=fused_step,
-                       block_attention=name == "compiled-fused-tree")
+                       fused_block=name == "compiled-fused-block", block_attention=name == "compiled-fused-tree")
     res[name + "_capture_s"] = time.perf_counter() - t0
     if dec.gpu_row_kernel:
         res[name + "_row_kernel"] = dec.gpu_row_kernel
@@ -264,16 +266,21 @@ def measure(name):
 
         res[name + "_pdl"] = fused.PDL
         agreement(name, g)
+        block_agreement(name, g)
         try:
-            fused_parts()
+            if name == "compiled-fused-block":
+                block_parts()
+            else:
+                fused_parts()
         except Exception as e:  # noqa: BLE001
             print(f"!! fused parts: {type(e).__name__}: {e}"[:300], flush=True)
-    if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "compiled-fused-nopdl", "graphs-fused"):
+    if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "compiled-fused-nopdl", "graphs-fused",
+                              "compiled-fused-block"):
         del g
-        profile_step(name, comp, row_kernel, fused_step)
+        profile_step(name, comp, row_kernel, fused_step, name == "compiled-fused-block")
     gemv.uninstall(dec)
     dec.static_fns = None
-    dec.fused_row_step = False
+    dec.fused_row_step = dec.fused_block_step = False
     for layer in dec.layers:
         layer.self_attn.block_kernel = False
     torch.cuda.empty_cache()
@@ -301,6 +308,71 @@ def agreement(name, g, steps=64):
     res[name + "_agreement"] = {"steps": steps, "steps_with_another_token": differ, "eager_gaps_there": gaps,
                                 "max_logit_diff": diff, "logit_std": spread}
     print(f"{name}: one-token steps vs the eager decoder (lockstep): {res[name + '_agreement']}", flush=True)
+    save()
+
+
+def block_agreement(name, g, steps=64, block=16):
+    """Tree verification's side of identity: the tokens a run of one-token steps chose, fed again in
+    blocks of `block` (causal, as a chain verifies), and per position whether the block forward's
+    next token is the step's, the largest logit difference, and the step's logit gap where they differ."""
+    prompt = torch.randint(100, 1000, (1, a.context), device="cuda")
+    cache = g.new_cache(a.context + steps + block + 8)
+    last = g(prompt, cache, logits_at=slice(-1, None)).logits[:, -1]
+    toks, ref = [], []
+    for _ in range(steps):
+        ref.append(last[0].float())
+        toks.append(int(last[0].argmax()))
+        last = g(torch.tensor([[toks[-1]]], device="cuda"), cache).logits[:, -1]
+    cache.length = a.context
+    differ, gaps, diff = 0, [], 0.0
+    for b0 in range(0, steps - 1, block):
+        ids = torch.tensor([toks[b0:b0 + block]], device="cuda")
+        lg = g(ids, cache).logits[0].float()
+        for j in range(ids.shape[1] - 1):  # the logits after toks[b0 + j] predict toks[b0 + j + 1]
+            r, mine = ref[b0 + j + 1], lg[j]
+            diff = max(diff, (mine - r).abs().max().item())
+            if int(mine.argmax()) != int(r.argmax()):
+                differ += 1
+                gaps.append(round((r.max() - r[int(mine.argmax())]).item(), 4))
+    res[name + "_block_agreement"] = {"positions": steps - steps // block, "block": block,
+                                      "positions_with_another_token": differ, "step_gaps_there": gaps,
+                                      "max_logit_diff": diff}
+    print(f"{name}: {block}-token blocks vs one-token steps: {res[name + '_block_agreement']}", flush=True)
+    save()
+
+
+def block_parts():
+    """GPU time of each kernel of the fused block layer (`fused.block_layer`) per layer, for blocks
+    of each size, over all the layers (one CUDA graph each)."""
+    from semiar.models import fused
+
+    L, cfg = dec.layers, dec.config
+    cache = dec.new_cache(a.capacity)
+    W = next(w for w in (256, 512, 1024, a.capacity) if w > a.context + 64)
+    out = {}
+    for S in sizes:
+        h = torch.randn(1, S, cfg.hidden_size, device="cuda", dtype=dec.dtype)
+        qkv = torch.randn(1, S, L[0].self_attn.qkv_proj.out_features, device="cuda", dtype=dec.dtype)
+        act = torch.randn(1, S, cfg.intermediate_size, device="cuda", dtype=dec.dtype)
+        q = torch.randn(1, cfg.num_heads, S, cfg.head_dim, device="cuda", dtype=dec.dtype)
+        cos, sin = torch.ones(1, S, cfg.head_dim, device="cuda", dtype=dec.dtype), torch.zeros(1, S, cfg.head_dim, device="cuda", dtype=dec.dtype)
+        slots = torch.arange(a.context, a.context + S, device="cuda")
+        mask = torch.ones(S, W, dtype=torch.bool, device="cuda")
+        parts = {
+            "qkv+norm": lambda: [fused.block_product(h, l.self_attn.qkv_proj.weight, l.self_attn.qkv_proj.bias,
+                                                     norm_weight=l.input_layernorm.weight) for l in L],
+            "rope+cache": lambda: [fused.block_rope(qkv, cos, sin, cache.k[i], cache.v[i], slots, cfg.num_heads,
+                                                    cfg.num_kv_heads) for i in range(len(L))],
+            "attention": lambda: [fused.block_attention(q, cache.k[i], cache.v[i], mask, slots, token_major=True)
+                                  for i in range(len(L))],
+            "o+residual": lambda: [fused.block_product(h, l.self_attn.o_proj.weight, residual=h) for l in L],
+            "gate_up+norm+swiglu": lambda: [fused.block_product(h, l.mlp.gate_up_proj.weight, swiglu=True,
+                                                                norm_weight=l.post_attention_layernorm.weight) for l in L],
+            "down+residual": lambda: [fused.block_product(act, l.mlp.down_proj.weight, residual=h) for l in L],
+        }
+        out[S] = {k: round(gemv._graph_ms(f, 1) / len(L) * 1e3, 2) for k, f in parts.items()}
+    res.setdefault("block_parts_us_per_layer", {})[f"pdl={fused.PDL}"] = out
+    print(f"fused block kernels per layer (us): {out}", flush=True)
     save()
 
 
@@ -342,7 +414,16 @@ def fused_parts():
     save()
 
 
-def profile_step(name, comp, row_kernel, fused_step):
+def profile_step(name, comp, row_kernel, fused_step, fused_block=False):
+    if fused_block:  # the one-token step is compiled-fused's; this variant's own is the block forward
+        p = res[name + "_profile16"] = kernel_profile(dec, a.context, comp, row_kernel, fused_step, True, 16)
+        print(f"\n{name}: per 16-token forward, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
+              f"{p['matmul']['gpu_ms_per_step']:.3f} ms, everything else {p['other']['kernels_per_step']:.0f} kernels "
+              f"{p['other']['gpu_ms_per_step']:.3f} ms", flush=True)
+        for row in p["top"]:
+            print(f"  {row['us_per_step']:8.1f} us  x{row['per_step']:<4} {row['kernel']}")
+        save()
+        return
     p = res[name + "_profile"] = kernel_profile(dec, a.context, comp, row_kernel, fused_step)
     print(f"\n{name}: per 1-token step, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
           f"{p['matmul']['gpu_ms_per_step']:.3f} ms, everything else {p['other']['kernels_per_step']:.0f} kernels "
@@ -365,5 +446,5 @@ for variant in a.variants.split(","):
         print(f"!! {variant} failed: {res[variant + '_error']}", flush=True)
         gemv.uninstall(dec)
         dec.static_fns = None
-        dec.fused_row_step = False
+        dec.fused_row_step = dec.fused_block_step = False
         save()

@@ -268,7 +268,7 @@ class Attention(nn.Module):
         # q, k, v in one matmul: one weight read per step instead of three launches
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
-        #: static blocks of 2+ tokens attend through models.fused.block_attention (opt-in, CUDA)
+        #: static blocks of 2+ tokens attend through models.fused.block_attention (a measurement variant)
         self.block_kernel = False
 
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
@@ -297,7 +297,7 @@ class Attention(nn.Module):
             keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
         if self.block_kernel and T > 1 and isinstance(start, torch.Tensor) and mask.dim() == 2:
             # one attention kernel over the filled slots only (start[-1] + 1 of them)
-            out = fused.block_attention_op(q, k_cache, v_cache, mask, start[-1:] + 1)
+            out = fused.block_attention_op(q, k_cache, v_cache, mask, start)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d))
         # GQA without copying K/V: fold the query group into the row dimension.
         g = self.h // self.kvh
@@ -399,6 +399,8 @@ class Decoder(nn.Module):
         self.gpu_row_kernel = {}
         #: one-token fixed-shape forwards run each layer as five fused Triton kernels (models.fused.install)
         self.fused_row_step = False
+        #: and those of 2 to fused.MAX_BLOCK tokens (tree verification) as seven (models.fused.block_layer)
+        self.fused_block_step = False
 
     @property
     def device(self):
@@ -485,6 +487,8 @@ class Decoder(nn.Module):
         prologue, layer_fn, epilogue = self.static_fns or (_static_prologue, _call_layer, _static_epilogue)
         if self.fused_row_step and input_ids.shape[1] == 1:
             layer_fn = fused.row_layer
+        elif self.fused_block_step and input_ids.shape[1] <= fused.MAX_BLOCK:
+            layer_fn = fused.block_layer
         x, cos, sin, slots, mask = prologue(self.embed_tokens, self._inv_freq_on(input_ids.device), input_ids,
                                             positions, start, block_mask, window or k_cache.shape[3])
         for i, layer in enumerate(self.layers):

@@ -29,8 +29,10 @@ start-up overlaps the last one's tail. SEMIAR_PDL=0 turns that off.
 `install(decoder)` turns it on for `Decoder.forward_static`'s one-token blocks (CUDA and Triton,
 a power-of-two head size of at least 16); `SEMIAR_FUSED=0/1` turns it off / forces it (the CPU
 tests run it under Triton's interpreter). The choice is kept as `decoder.fused_row_step`.
-`block_attention` is the same attention for the 2-64-token blocks that verify trees, opt-in
-(`install_block_attention`, SEMIAR_FUSED_TREE=1) until it is measured on a GPU.
+The 2-64-token blocks that verify trees get the same layer in seven kernels (`block_layer`):
+tensor-core products of the whole block against each weight (`block_product`, same epilogues and
+roundings), the block's rotary and cache write in one kernel, and the split attention under the
+tree mask (`block_attention`), kept as `decoder.fused_block_step` (SEMIAR_FUSED_TREE=0/1).
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def _kernels():
     from . import fused_kernels as k
 
     return k.row_product, k.attention_split, k.block_attention_split, k.attention_merge, k.HAS_GDC
+
+
+@functools.lru_cache(maxsize=None)
+def _block_kernels():
+    from . import fused_kernels as k
+
+    return k.block_product, k.block_rope
 
 
 #: programmatic dependent launch between the fused kernels (see row_product's kernel); None: not
@@ -92,6 +101,58 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return y
 
 
+#: the most tokens a block forward runs through `block_layer` (the product kernels' row tile)
+MAX_BLOCK = 64
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, swiglu: bool = False,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`row_product` for 1 to MAX_BLOCK rows (the tokens of a tree): the same fused norm, SwiGLU
+    and residual with the same roundings, through tensor-core products that read each weight once.
+    x: [..., K] with M rows in all; returns [..., N]."""
+    K = x.shape[-1]
+    M = x.numel() // K
+    if not 1 <= M <= MAX_BLOCK:
+        raise ValueError(f"block_product takes 1 to {MAX_BLOCK} rows, got {M}")
+    if weight.shape[1] != K or weight.stride(1) != 1:
+        raise ValueError(f"weight {tuple(weight.shape)} (row-major) does not fit an input of {K} features")
+    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    kernel = _block_kernels()[0]
+    grid = lambda meta: ((N + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)  # noqa: E731
+    pdl = _pdl_on(x.device)
+    kernel[grid](x, weight, weight if bias is None else bias, x if norm_weight is None else norm_weight,
+                 y if residual is None else residual.contiguous(), y, M, N, K, weight.stride(0), float(eps),
+                 HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+                 IEEE=x.dtype == torch.float32 or _interpreted(), PDL=pdl, BM=max(16, 1 << (M - 1).bit_length()),
+                 **({"launch_pdl": True} if pdl else {}))
+    return y
+
+
+def block_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               slots: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Rotary for a block of S tokens, as `decode_attention` does it for one: qkv [1, S, (heads +
+    2 kv_heads) * head_dim], cos/sin [1, S, head_dim]; each token's key and value are written to the
+    caches [1, kv_heads, capacity, head_dim] at its slot (slots: [S] long on the device). Returns
+    the rotated queries [1, heads, S, head_dim]."""
+    S = qkv.shape[1]
+    D = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
+    q = torch.empty(1, num_heads, S, D, dtype=qkv.dtype, device=qkv.device)
+    pdl = _pdl_on(qkv.device)
+    _block_kernels()[1][(S,)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), slots, q, k_cache, v_cache, S,
+                              k_cache.stride(1), k_cache.stride(2), H=num_heads, KVH=num_kv_heads,
+                              HP=1 << (num_heads + num_kv_heads - 1).bit_length(),
+                              VP=1 << max(num_kv_heads - 1, 0).bit_length(), D=D, PDL=pdl, num_warps=4,
+                              **({"launch_pdl": True} if pdl else {}))
+    return q
+
+
 #: cache slots per attention program (a split); a step reads only the splits up to the new token
 ATTENTION_SPLIT = 64
 
@@ -129,17 +190,18 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
                               H=num_heads, KVH=num_kv_heads, G=G, GP=max(16, 1 << (G - 1).bit_length()), D=D, C=C,
                               IEEE=qkv.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
                               PDL=pdl, num_warps=4, **launch)
-    merge[(num_heads,)](m, l, acc, start, out, NS, D=D, C=C, SB=16, NEW=1, PDL=pdl, num_warps=4, **launch)
+    merge[(num_heads,)](m, l, acc, start, out, NS, 1, 1, num_heads, C=C, D=D, SB=16, TOKEN_MAJOR=False, PDL=pdl,
+                        num_warps=4, **launch)
     return out
 
 
 def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
-                    end: torch.Tensor) -> torch.Tensor:
+                    slots: torch.Tensor, token_major: bool = False) -> torch.Tensor:
     """Attention of a block of S query tokens (a token tree) over a cache that already holds their
     keys and values: q [1, heads, S, head_dim] (rotated); caches [1, kv_heads, capacity, head_dim];
     mask [S, W] bool, which of the first W slots each token sees (the cached prefix, then the tree);
-    end: a 1-element long tensor on the device, the filled slots (start + S), so that a CUDA graph
-    reads only those. Returns [1, heads, S, head_dim].
+    slots: [S] long on the device, the block's slots start..start + S - 1, so that a CUDA graph reads
+    only the filled ones. Returns [1, heads, S, head_dim], or token_major: [1, S, heads * head_dim].
 
     The same flash-decoding as `decode_attention`: a program per kv head, tile of 64 query rows (the
     group's heads times the block's tokens) and split of ATTENTION_SPLIT slots, then a merge."""
@@ -152,32 +214,34 @@ def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q = q.contiguous()
     G, C, W = H // KVH, ATTENTION_SPLIT, mask.shape[-1]
     NS = -(-W // C)
-    BM = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+    BM = 16 if _interpreted() else 64
     dev = q.device
     m = torch.empty(H * S, NS, dtype=torch.float32, device=dev)
     l = torch.empty(H * S, NS, dtype=torch.float32, device=dev)
     acc = torch.empty(H * S, NS, D, dtype=torch.float32, device=dev)
-    out = torch.empty(1, H, S, D, dtype=q.dtype, device=dev)
+    out = torch.empty(*((1, S, H * D) if token_major else (1, H, S, D)), dtype=q.dtype, device=dev)
     mask = mask.contiguous().view(torch.uint8)
     _, _, split, merge, _ = _kernels()
-    split[(KVH, -(-G * S // BM), NS)](q, k_cache, v_cache, mask, end, m, l, acc, q.stride(1), q.stride(2),
+    pdl = _pdl_on(dev)
+    launch = {"launch_pdl": True} if pdl else {}
+    split[(KVH, -(-G * S // BM), NS)](q, k_cache, v_cache, mask, slots, m, l, acc, q.stride(1), q.stride(2),
                                       k_cache.stride(1), k_cache.stride(2), mask.stride(0), 1.0 / math.sqrt(D), S, NS,
-                                      G=G, D=D, BM=BM, C=C,
-                                      IEEE=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
-                                      num_warps=4)
-    merge[(H * S,)](m, l, acc, end, out, NS, D=D, C=C, SB=16, NEW=0, PDL=False, num_warps=4)
+                                      G=G, D=D, BM=BM, C=C, IEEE=q.dtype == torch.float32 or _interpreted(), PDL=pdl,
+                                      num_warps=4, **launch)
+    merge[(H * S,)](m, l, acc, slots, out, NS, S, S, H, C=C, D=D, SB=16, TOKEN_MAJOR=token_major, PDL=pdl,
+                    num_warps=4, **launch)
     return out
 
 
 @torch.library.custom_op("semiar::block_attention", mutates_args=())
 def block_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
-                       end: torch.Tensor) -> torch.Tensor:
+                       slots: torch.Tensor) -> torch.Tensor:
     """`block_attention` as a PyTorch custom op, so the compiled layer calls it as one opaque kernel."""
-    return block_attention(q, k_cache, v_cache, mask, end)
+    return block_attention(q, k_cache, v_cache, mask, slots)
 
 
 @block_attention_op.register_fake
-def _(q, k_cache, v_cache, mask, end):
+def _(q, k_cache, v_cache, mask, slots):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -191,6 +255,20 @@ def row_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask):
     x = row_product(a, attn.o_proj.weight, attn.o_proj.bias, residual=x)
     act = row_product(x, mlp.gate_up_proj.weight, None, norm_weight=n2.weight, eps=n2.eps, swiglu=True)
     return row_product(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
+
+
+def block_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask):
+    """`decoder._call_layer` for a block of 2 to MAX_BLOCK tokens (a tree to verify) in seven
+    kernels: `row_layer`'s with tensor-core products (`block_product`), the rotary and cache write
+    of all the block's tokens in one (`block_rope`), and `block_attention` under the [S, W] mask."""
+    attn, mlp = layer.self_attn, layer.mlp
+    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+    qkv = block_product(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
+    q = block_rope(qkv, cos, sin, k_cache, v_cache, slots, attn.h, attn.kvh)
+    a = block_attention(q, k_cache, v_cache, mask, slots, token_major=True)
+    x = block_product(a, attn.o_proj.weight, attn.o_proj.bias, residual=x)
+    act = block_product(x, mlp.gate_up_proj.weight, None, norm_weight=n2.weight, eps=n2.eps, swiglu=True)
+    return block_product(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
 
 
 def supported(decoder) -> Optional[str]:
@@ -210,13 +288,23 @@ def supported(decoder) -> Optional[str]:
     return None
 
 
-def install(decoder, force: Optional[bool] = None) -> bool:
+#: whether `install` serves the 2-MAX_BLOCK-token forwards with `block_layer` when neither its
+#: `block` argument nor SEMIAR_FUSED_TREE decides
+BLOCK_DEFAULT = False
+
+
+def install(decoder, force: Optional[bool] = None, block: Optional[bool] = None) -> bool:
     """Serve the decoder's one-token fixed-shape forwards (`forward_static` with one token) with
-    `row_layer`. Default: on for a CUDA decoder it supports; force=True on any device (the CPU
-    tests, under Triton's interpreter), False off; SEMIAR_FUSED=1/0 decides when force is None.
-    Returns whether it is on, also kept as `decoder.fused_row_step`."""
+    `row_layer`, and (block) those of 2 to MAX_BLOCK tokens with `block_layer`. Default: on for a
+    CUDA decoder it supports; force=True on any device (the CPU tests, under Triton's interpreter),
+    False off; SEMIAR_FUSED=1/0 decides when force is None, SEMIAR_FUSED_TREE=1/0 when block is
+    None (else BLOCK_DEFAULT). Returns whether the one-token step is on, kept as
+    `decoder.fused_row_step`; the block layer is on where that is and block is, as `decoder.fused_block_step`."""
     if force is None:
         force = env_switch("SEMIAR_FUSED", "using the default")
+    if block is None:
+        block = env_switch("SEMIAR_FUSED_TREE", "using the default")
+    block = BLOCK_DEFAULT if block is None else block
     why = supported(decoder)
     on = force is not False and why is None and (force or decoder.device.type == "cuda")
     if force and why:
@@ -224,16 +312,15 @@ def install(decoder, force: Optional[bool] = None) -> bool:
     if on and decoder.device.type == "cuda":
         on = _works_on(decoder.device)
     decoder.fused_row_step = on
+    decoder.fused_block_step = on and bool(block)
     return on
 
 
 def install_block_attention(decoder, on: Optional[bool] = None) -> bool:
-    """Attention of the fixed-shape forwards of 2-64 tokens (tree verification) through
-    `block_attention` instead of the compiled matmul-softmax-matmul over the whole window.
-    Opt-in until measured on a GPU: on=None reads SEMIAR_FUSED_TREE=1; needs CUDA (or the CPU tests'
-    interpreter with on=True) and what `supported` asks. Returns whether it is on."""
-    if on is None:
-        on = env_switch("SEMIAR_FUSED_TREE", "leaving it off") is True and decoder.device.type == "cuda"
+    """Attention of the compiled layer's fixed-shape forwards of 2+ tokens through `block_attention`
+    instead of the compiled matmul-softmax-matmul over the whole window (a measurement variant;
+    `block_layer` fuses the whole layer). Needs CUDA (or the CPU tests' interpreter) and what
+    `supported` asks; on=None: off. Returns whether it is on."""
     on = bool(on) and supported(decoder) is None
     for layer in decoder.layers:
         layer.self_attn.block_kernel = on
@@ -252,6 +339,12 @@ def _works_on(device) -> bool:
             cache = torch.zeros(1, 1, 64, 16, device=device, dtype=torch.bfloat16)
             decode_attention(x[..., :48], x[..., :16], x[..., :16], cache, cache.clone(),
                              torch.tensor([3], device=device), 1, 1)
+            xs = torch.randn(1, 3, 64, device=device, dtype=torch.bfloat16)
+            block_product(xs, w, norm_weight=x[0, 0], residual=xs[..., :32])
+            slots = torch.arange(3, 6, device=device)
+            q = block_rope(xs[..., :48], xs[..., :16], xs[..., :16], cache, cache.clone(), slots, 1, 1)
+            block_attention(q, cache, cache.clone(), torch.ones(3, 64, dtype=torch.bool, device=device), slots,
+                            token_major=True)
             torch.cuda.synchronize(device)
             return True
         except Exception as e:  # noqa: BLE001 - whatever Triton raised, the plain layers still work

@@ -22,9 +22,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU tests: one small config
 def _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM: tl.constexpr, SWIGLU: tl.constexpr):
     # one BLOCK_K chunk of the row against its weight rows w (and the up rows wu)
     x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if NORM:  # RMSNorm's scale is one number per row: summed alongside, applied at the end
-        ss += x * x
-        x = x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if NORM:  # RMSNorm's scale is one number per row: summed alongside, applied at the end; the
+        ss += x * x  # row times the norm's weight is rounded as `_block_chunk` must (its dot's input)
+        x = (x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)).to(w.dtype).to(tl.float32)
     acc += w.to(tl.float32) * x[None, :]
     if SWIGLU:
         acc_up += wu.to(tl.float32) * x[None, :]
@@ -86,6 +86,128 @@ def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
     if RESIDUAL:
         y = y.to(dt).to(tl.float32) + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(dt), mask=row_ok)
+
+
+block_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+                 for n, k, w, st in [(16, 128, 4, 4), (16, 256, 4, 3), (16, 512, 4, 2), (16, 256, 8, 4),
+                                     (32, 128, 4, 4), (32, 256, 4, 3), (32, 256, 8, 3), (32, 512, 8, 2),
+                                     (64, 128, 4, 3), (64, 256, 8, 3)]]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    block_configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
+
+
+@triton.jit
+def _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM: tl.constexpr,
+                 SWIGLU: tl.constexpr, IEEE: tl.constexpr):
+    # one BLOCK_K chunk of the block's rows [BM, BLOCK_K] against weight rows w (and up rows wu)
+    x = tl.load(x_ptr + m[:, None] * K + cols[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0)
+    if NORM:  # as `_chunk`: squares summed alongside, the row times the norm's weight rounded
+        xf = x.to(tl.float32)
+        ss += tl.sum(xf * xf, axis=1)
+        x = (xf * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
+    if IEEE:  # fp32 models and Triton's interpreter (whose bf16 dot is broken): exact fp32 products
+        acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        if SWIGLU:
+            acc_up += tl.dot(x.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+        if SWIGLU:
+            acc_up = tl.dot(x, tl.trans(wu), acc_up)
+    return acc, acc_up, ss
+
+
+@triton.autotune(configs=block_configs, key=["M", "N", "K", "NORM", "SWIGLU", "RESIDUAL"])
+@triton.jit
+def block_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, M, N, K, stride_wn, eps,
+                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                  IEEE: tl.constexpr, PDL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    # `row_product` for a block of M <= BM rows (a token tree): y[M, N] = x[M, K] @ W.T through
+    # tensor-core products, each program BLOCK_N weight rows for all the block's rows (the weights
+    # are read once), the same epilogues and roundings, and the same PDL order
+    if PDL:
+        gdc_launch_dependents()
+    dt = y_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    m = tl.arange(0, BM)
+    m_ok = m < M
+    acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+    ss = tl.zeros((BM,), dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    ok = row_ok[:, None] & col_ok[None, :]
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
+    wu = w
+    if SWIGLU:
+        wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
+                     eviction_policy="evict_first")
+    if PDL:
+        gdc_wait()
+    acc, acc_up, ss = _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM, SWIGLU,
+                                   IEEE)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        ok = row_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0,
+                    eviction_policy="evict_first")
+        if SWIGLU:
+            wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
+                         eviction_policy="evict_first")
+        acc, acc_up, ss = _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM,
+                                       SWIGLU, IEEE)
+    y = acc
+    if NORM:
+        rstd = tl.rsqrt(ss / K + eps)
+        y = y * rstd[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        up = acc_up
+        if NORM:
+            up = up * rstd[:, None]
+        gate = y.to(dt).to(tl.float32)
+        up = up.to(dt).to(tl.float32)
+        y = gate / (1.0 + tl.exp(-gate)) * up
+    at = m[:, None] * N + rows[None, :]
+    out_ok = m_ok[:, None] & row_ok[None, :]
+    if RESIDUAL:
+        y = y.to(dt).to(tl.float32) + tl.load(r_ptr + at, mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + at, y.to(dt), mask=out_ok)
+
+
+@triton.jit
+def block_rope(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr, S, stride_kh, stride_ks,
+               H: tl.constexpr, KVH: tl.constexpr, HP: tl.constexpr, VP: tl.constexpr, D: tl.constexpr,
+               PDL: tl.constexpr):
+    # program per block token s: rotary on its H query and KVH key heads as `attention_split` does
+    # for one token; q goes to q [H, S, D], the key and value to the caches at slot slots[s]
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    dt = qkv_ptr.dtype.element_ty
+    s = tl.program_id(0)
+    d = tl.arange(0, D)
+    rot = (d + D // 2) % D
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    cos = tl.load(cos_ptr + s * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + s * D + d).to(tl.float32)
+    row = qkv_ptr + s * (H + 2 * KVH) * D
+    hh = tl.arange(0, HP)  # the query heads, then the key heads
+    h_ok = hh < H + KVH
+    x = tl.load(row + hh[:, None] * D + d[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32)
+    xr = tl.load(row + hh[:, None] * D + rot[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32)
+    y = (x * cos[None, :] + sign[None, :] * xr * sin[None, :]).to(dt)
+    tl.store(q_ptr + (hh[:, None] * S + s) * D + d[None, :], y, mask=(hh < H)[:, None])
+    slot = tl.load(slot_ptr + s)
+    kv = tl.where(hh >= H, hh - H, 0)
+    tl.store(kc_ptr + kv[:, None] * stride_kh + slot * stride_ks + d[None, :], y, mask=((hh >= H) & h_ok)[:, None])
+    vv = tl.arange(0, VP)
+    v_ok = vv < KVH
+    v = tl.load(row + (H + KVH + vv[:, None]) * D + d[None, :], mask=v_ok[:, None], other=0.0)
+    tl.store(vc_ptr + vv[:, None] * stride_kh + slot * stride_ks + d[None, :], v, mask=v_ok[:, None])
 
 
 @triton.jit
@@ -163,16 +285,17 @@ def attention_split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, start_ptr, m_ptr,
 
 
 @triton.jit
-def attention_merge(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, NS, D: tl.constexpr, C: tl.constexpr, SB: tl.constexpr,
-                    NEW: tl.constexpr, PDL: tl.constexpr):
+def attention_merge(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, NS, new, S, H, C: tl.constexpr, D: tl.constexpr,
+                    SB: tl.constexpr, TOKEN_MAJOR: tl.constexpr, PDL: tl.constexpr):
     # program per query row (a head of the one-token step, head * S + token of a block): its splits
-    # merged by their maxima; the filled slots are len + NEW (NEW=1: len is the new token's slot),
-    # and a split the row saw nothing of has m = -inf and weighs nothing
+    # merged by their maxima; the filled slots are len + new (one token: len is the new token's
+    # slot, new 1; a block: len its first slot, new S), and a split the row saw nothing of has
+    # m = -inf and weighs nothing. Output row `row`, or TOKEN_MAJOR: token-major [S, H, D]
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     row = tl.program_id(0)
-    n = (tl.load(len_ptr) + NEW + C - 1) // C
+    n = (tl.load(len_ptr) + new + C - 1) // C
     d = tl.arange(0, D)
     big_m = tl.max(tl.full((SB,), float("-inf"), tl.float32), axis=0)
     big_l = tl.sum(tl.zeros((SB,), dtype=tl.float32), axis=0)
@@ -189,32 +312,50 @@ def attention_merge(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, NS, D: tl.constexpr
         a = tl.load(acc_ptr + (row * NS + sp[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
         out = out * old + tl.sum(w[:, None] * a, axis=0)
         big_m = m_new
-    tl.store(out_ptr + row * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
+    at = row
+    if TOKEN_MAJOR:
+        at = (row % S) * H + row // S
+    tl.store(out_ptr + at * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
-def block_attention_split(q_ptr, kc_ptr, vc_ptr, mask_ptr, end_ptr, m_ptr, l_ptr, acc_ptr,
+def block_attention_split(q_ptr, kc_ptr, vc_ptr, mask_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr,
                           stride_qh, stride_qs, stride_kh, stride_ks, stride_mask, scale, S, NS,
-                          G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr):
+                          G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
+                          PDL: tl.constexpr):
     # program (kv head, tile of BM query rows, split of C cache slots); query row r of a kv head is
-    # head kvh * G + r // S at block token r % S; keys [0, end) are filled (the block's own included),
-    # mask[token, slot] says which it sees; writes per row and split m, l and acc as attention_split
+    # head kvh * G + r // S at block token r % S; the block's keys are in the cache at slots
+    # [start, start + S) (start = slots[0]), [0, start) are the prefix; mask[token, slot] says which
+    # it sees; writes per row and split m, l and acc as attention_split. PDL: the prefix slots were
+    # written by earlier steps and are read before waiting on the block's own
+    if PDL:
+        gdc_launch_dependents()
     kvh = tl.program_id(0)
     split = tl.program_id(2)
-    end = tl.load(end_ptr)
+    start = tl.load(slot_ptr)
+    end = start + S
     c0 = split * C
+    d = tl.arange(0, D)
+    pos = c0 + tl.arange(0, C)
+    kc = kc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :]
+    vc = vc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :]
+    old = (pos < start)[:, None]
+    kb = tl.load(kc, mask=old, other=0.0)
+    vb = tl.load(vc, mask=old, other=0.0)
+    if PDL:
+        gdc_wait()
     if c0 < end:
+        if c0 + C > start:  # the split holds some of the block's own keys
+            new = ((pos >= start) & (pos < end))[:, None]
+            kb = tl.where(old, kb, tl.load(kc, mask=new, other=0.0))
+            vb = tl.where(old, vb, tl.load(vc, mask=new, other=0.0))
         r = tl.program_id(1) * BM + tl.arange(0, BM)
         r_ok = r < G * S
         head = kvh * G + r // S
         tok = r % S
-        d = tl.arange(0, D)
         q = tl.load(q_ptr + head[:, None] * stride_qh + tok[:, None] * stride_qs + d[None, :], mask=r_ok[:, None],
                     other=0.0)  # [BM, D]
-        pos = c0 + tl.arange(0, C)
         p_ok = pos < end
-        kb = tl.load(kc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :], mask=p_ok[:, None], other=0.0)
-        vb = tl.load(vc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :], mask=p_ok[:, None], other=0.0)
         seen = tl.load(mask_ptr + tok[:, None] * stride_mask + pos[None, :], mask=r_ok[:, None] & p_ok[None, :],
                        other=0).to(tl.int1)
         _partial_store(q, kb, vb, seen, (head * S + tok) * NS + split, r_ok, m_ptr, l_ptr, acc_ptr, scale, D, IEEE)
