@@ -232,7 +232,8 @@ def test_kernels_that_fail_with_pdl_run_without_then_leave_the_plain_layers(monk
     # what install does on CUDA before turning the step on (here with the launches stubbed)
     monkeypatch.setattr(fused, "PDL", None)
     monkeypatch.setattr(fused, "_pdl_on", lambda device: fused.PDL is not False)
-    monkeypatch.setattr(fused, "decode_attention", lambda *a, **k: None)
+    for name in ("decode_attention", "block_product", "block_rope", "block_attention"):
+        monkeypatch.setattr(fused, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
 
     def needs_plain_launch(*a, **k):
