@@ -59,7 +59,7 @@ def _kernels():
 def _block_kernels():
     from . import fused_kernels as k
 
-    return k.block_product, k.block_rope
+    return k.block_product, k.block_rope, k.block_configs
 
 
 #: programmatic dependent launch between the fused kernels (see row_product's kernel); None: not
@@ -124,15 +124,36 @@ def block_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    BM = max(16, 1 << (M - 1).bit_length())
+    part, ss, count = _split_workspace(x.device, BM, N)
     kernel = _block_kernels()[0]
-    grid = lambda meta: ((N + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)  # noqa: E731
+    grid = lambda meta: ((N + meta["BLOCK_N"] - 1) // meta["BLOCK_N"], meta["SPLIT"])  # noqa: E731
     pdl = _pdl_on(x.device)
     kernel[grid](x, weight, weight if bias is None else bias, x if norm_weight is None else norm_weight,
-                 y if residual is None else residual.contiguous(), y, M, N, K, weight.stride(0), float(eps),
-                 HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-                 IEEE=x.dtype == torch.float32 or _interpreted(), PDL=pdl, BM=max(16, 1 << (M - 1).bit_length()),
+                 y if residual is None else residual.contiguous(), y, part, ss, count, M, N, K, weight.stride(0),
+                 float(eps), HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
+                 RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32 or _interpreted(), PDL=pdl, BM=BM,
                  **({"launch_pdl": True} if pdl else {}))
     return y
+
+
+_workspaces: dict = {}
+
+
+def _split_workspace(device, BM: int, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`block_product`'s split-K scratch for blocks of BM rows and N outputs: partial sums, partial
+    sums of squares, and a zeroed counter per tile (each tile's last program resets its own).
+    Allocated once per shape and kept (CUDA graphs hold their addresses); products run one after
+    another, so the layers share it."""
+    key = (str(device), BM, N)
+    if key not in _workspaces:
+        configs = _block_kernels()[2]
+        split = max(c.kwargs["SPLIT"] for c in configs)
+        tiles = -(-N // min(c.kwargs["BLOCK_N"] for c in configs))
+        _workspaces[key] = (torch.empty(split, 2, BM, N, dtype=torch.float32, device=device),
+                            torch.empty(tiles, split, BM, dtype=torch.float32, device=device),
+                            torch.zeros(tiles, dtype=torch.int32, device=device))
+    return _workspaces[key]
 
 
 def block_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

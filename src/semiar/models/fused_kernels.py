@@ -88,12 +88,14 @@ def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
     tl.store(y_ptr + rows, y.to(dt), mask=row_ok)
 
 
-block_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-                 for n, k, w, st in [(16, 128, 4, 4), (16, 256, 4, 3), (16, 512, 4, 2), (16, 256, 8, 4),
-                                     (32, 128, 4, 4), (32, 256, 4, 3), (32, 256, 8, 3), (32, 512, 8, 2),
-                                     (64, 128, 4, 3), (64, 256, 8, 3)]]
-if os.environ.get("TRITON_INTERPRET") == "1":
-    block_configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
+# (BLOCK_N, BLOCK_K, SPLIT, warps, stages): a block's rows are re-read by every program, so BLOCK_N
+# is wide (the re-reads are BM / BLOCK_N of the weight bytes) and SPLIT splits K for enough programs
+block_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT": sp}, num_warps=w, num_stages=st)
+                 for n, k, sp, w, st in [(32, 128, 4, 4, 4), (64, 64, 4, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4),
+                                         (64, 128, 8, 4, 3), (128, 64, 4, 4, 4), (128, 128, 2, 8, 3),
+                                         (128, 128, 4, 8, 3), (64, 256, 1, 4, 3)]]
+if os.environ.get("TRITON_INTERPRET") == "1":  # two splits: the CPU tests run the fix-up
+    block_configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT": 2}, num_warps=1)]
 
 
 @triton.jit
@@ -116,48 +118,11 @@ def _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K
     return acc, acc_up, ss
 
 
-@triton.autotune(configs=block_configs, key=["M", "N", "K", "NORM", "SWIGLU", "RESIDUAL"])
 @triton.jit
-def block_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, M, N, K, stride_wn, eps,
-                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                  IEEE: tl.constexpr, PDL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    # `row_product` for a block of M <= BM rows (a token tree): y[M, N] = x[M, K] @ W.T through
-    # tensor-core products, each program BLOCK_N weight rows for all the block's rows (the weights
-    # are read once), the same epilogues and roundings, and the same PDL order
-    if PDL:
-        gdc_launch_dependents()
+def _block_epilogue(acc, acc_up, ss, b_ptr, r_ptr, y_ptr, m, m_ok, rows, row_ok, N, K, eps, HAS_BIAS: tl.constexpr,
+                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
+    # row_product's epilogue for a tile [BM, BLOCK_N]: the norm's scale, bias, SwiGLU, residual
     dt = y_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    m = tl.arange(0, BM)
-    m_ok = m < M
-    acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
-    ss = tl.zeros((BM,), dtype=tl.float32)
-    cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    ok = row_ok[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
-    wu = w
-    if SWIGLU:
-        wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
-                     eviction_policy="evict_first")
-    if PDL:
-        gdc_wait()
-    acc, acc_up, ss = _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM, SWIGLU,
-                                   IEEE)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        ok = row_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0,
-                    eviction_policy="evict_first")
-        if SWIGLU:
-            wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
-                         eviction_policy="evict_first")
-        acc, acc_up, ss = _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM,
-                                       SWIGLU, IEEE)
     y = acc
     if NORM:
         rstd = tl.rsqrt(ss / K + eps)
@@ -176,6 +141,83 @@ def block_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, M, N, K, stride_wn,
     if RESIDUAL:
         y = y.to(dt).to(tl.float32) + tl.load(r_ptr + at, mask=out_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + at, y.to(dt), mask=out_ok)
+
+
+@triton.autotune(configs=block_configs, key=["BM", "N", "K", "NORM", "SWIGLU", "RESIDUAL"])
+@triton.jit
+def block_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, part_ptr, ss_ptr, count_ptr, M, N, K, stride_wn, eps,
+                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                  IEEE: tl.constexpr, PDL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    # `row_product` for a block of M <= BM rows (a token tree): y[M, N] = x[M, K] @ W.T through
+    # tensor-core products with the same epilogues, roundings and PDL order. Program (tile of
+    # BLOCK_N weight rows, split of K): with SPLIT > 1 each writes its partial sums (and the rows'
+    # partial sums of squares) to part / ss, and the tile's last program to finish (a counter per
+    # tile, reset by it) adds them in split order, so the result does not depend on which was last
+    if PDL:
+        gdc_launch_dependents()
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    m = tl.arange(0, BM)
+    m_ok = m < M
+    acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+    ss = tl.zeros((BM,), dtype=tl.float32)
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+    k_lo = split * per_split
+    k_hi = tl.minimum(K, k_lo + per_split)
+    cols = k_lo + tl.arange(0, BLOCK_K)
+    col_ok = cols < k_hi
+    ok = row_ok[:, None] & col_ok[None, :]
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
+    wu = w
+    if SWIGLU:
+        wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
+                     eviction_policy="evict_first")
+    if PDL:
+        gdc_wait()
+    acc, acc_up, ss = _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM, SWIGLU,
+                                   IEEE)
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < k_hi
+        ok = row_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0,
+                    eviction_policy="evict_first")
+        if SWIGLU:
+            wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
+                         eviction_policy="evict_first")
+        acc, acc_up, ss = _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM,
+                                       SWIGLU, IEEE)
+    if SPLIT == 1:
+        _block_epilogue(acc, acc_up, ss, b_ptr, r_ptr, y_ptr, m, m_ok, rows, row_ok, N, K, eps, HAS_BIAS, NORM, SWIGLU,
+                        RESIDUAL)
+    else:
+        # part: [SPLIT, 2, BM, N] fp32 (the up half for SwiGLU); ss: [tiles, SPLIT, BM]
+        at = m[:, None] * N + rows[None, :]
+        tl.store(part_ptr + split * 2 * BM * N + at, acc, mask=row_ok[None, :])
+        if SWIGLU:
+            tl.store(part_ptr + (split * 2 + 1) * BM * N + at, acc_up, mask=row_ok[None, :])
+        if NORM:
+            tl.store(ss_ptr + (tile * SPLIT + split) * BM + m, ss)
+        tl.debug_barrier()  # every thread's partial stored before the counter moves
+        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:  # the last of the tile's splits: the sum, in split order
+            acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
+            ss = tl.zeros((BM,), dtype=tl.float32)
+            for sp in tl.static_range(SPLIT):
+                acc += tl.load(part_ptr + sp * 2 * BM * N + at, mask=row_ok[None, :], other=0.0, cache_modifier=".cg")
+                if SWIGLU:
+                    acc_up += tl.load(part_ptr + (sp * 2 + 1) * BM * N + at, mask=row_ok[None, :], other=0.0,
+                                      cache_modifier=".cg")
+                if NORM:
+                    ss += tl.load(ss_ptr + (tile * SPLIT + sp) * BM + m, cache_modifier=".cg")
+            _block_epilogue(acc, acc_up, ss, b_ptr, r_ptr, y_ptr, m, m_ok, rows, row_ok, N, K, eps, HAS_BIAS, NORM,
+                            SWIGLU, RESIDUAL)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next product
 
 
 @triton.jit
