@@ -155,6 +155,12 @@ def test_off_the_gpu_it_is_off_unless_forced(monkeypatch):
     monkeypatch.setenv("SEMIAR_FUSED_TREE", "1")
     fused.install(m.decoder)
     assert m.decoder.fused_block_step is True
+    # block attention: with the fused step on CUDA only, unless forced (here: the CPU)
+    assert fused.install_block_attention(m.decoder) is False
+    monkeypatch.setenv("SEMIAR_BLOCK_ATTENTION", "1")
+    assert fused.install_block_attention(m.decoder) is True
+    monkeypatch.setenv("SEMIAR_BLOCK_ATTENTION", "0")
+    assert fused.install_block_attention(m.decoder, on=None) is False
     monkeypatch.setenv("SEMIAR_FUSED", "0")
     fused.install(m.decoder)  # no block layer without the one-token step
     assert m.decoder.fused_row_step is False and m.decoder.fused_block_step is False

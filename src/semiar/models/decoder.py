@@ -268,7 +268,7 @@ class Attention(nn.Module):
         # q, k, v in one matmul: one weight read per step instead of three launches
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
-        #: static blocks of 2+ tokens attend through models.fused.block_attention (a measurement variant)
+        #: static blocks of 2-64 tokens attend through models.fused.block_attention (on with the fused step)
         self.block_kernel = False
 
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
@@ -295,7 +295,7 @@ class Attention(nn.Module):
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-        if self.block_kernel and T > 1 and isinstance(start, torch.Tensor) and mask.dim() == 2:
+        if self.block_kernel and 1 < T <= fused.MAX_BLOCK and isinstance(start, torch.Tensor) and mask.dim() == 2:
             # one attention kernel over the filled slots only (start[-1] + 1 of them)
             out = fused.block_attention_op(q, k_cache, v_cache, mask, start)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d))

@@ -32,7 +32,10 @@ tests run it under Triton's interpreter). The choice is kept as `decoder.fused_r
 The 2-64-token blocks that verify trees get the same layer in seven kernels (`block_layer`):
 tensor-core products of the whole block against each weight (`block_product`, same epilogues and
 roundings), the block's rotary and cache write in one kernel, and the split attention under the
-tree mask (`block_attention`), kept as `decoder.fused_block_step` (SEMIAR_FUSED_TREE=0/1).
+tree mask (`block_attention`), kept as `decoder.fused_block_step` (SEMIAR_FUSED_TREE=1). Measured on
+the H200 it is still slower than the compiled layer with cuBLAS (16 tokens: 2.36 against 2.00 ms;
+its products are short of the bandwidth), so it is off by default; the compiled layer's attention
+alone goes through `block_attention` by default (`install_block_attention`, a measured win).
 """
 
 from __future__ import annotations
@@ -338,10 +341,16 @@ def install(decoder, force: Optional[bool] = None, block: Optional[bool] = None)
 
 
 def install_block_attention(decoder, on: Optional[bool] = None) -> bool:
-    """Attention of the compiled layer's fixed-shape forwards of 2+ tokens through `block_attention`
-    instead of the compiled matmul-softmax-matmul over the whole window (a measurement variant;
-    `block_layer` fuses the whole layer). Needs CUDA (or the CPU tests' interpreter) and what
-    `supported` asks; on=None: off. Returns whether it is on."""
+    """Attention of the compiled layer's fixed-shape forwards of 2 to MAX_BLOCK tokens (tree
+    verification, prefill chunks) through `block_attention`, over the filled slots only, instead of
+    the compiled matmul-softmax-matmul over the whole window (H200, 1.5B: 16/32/64-token forwards
+    2.05/2.12/2.26 -> 1.96/2.04/2.21 ms). on=None: SEMIAR_BLOCK_ATTENTION=0/1 decides, else on where
+    the fused one-token step is (CUDA, kernels that work); on=True also serves the CPU tests under
+    Triton's interpreter. Needs what `supported` asks. Returns whether it is on."""
+    if on is None:
+        on = env_switch("SEMIAR_BLOCK_ATTENTION", "using the default")
+        if on is None:
+            on = bool(getattr(decoder, "fused_row_step", False)) and decoder.device.type == "cuda"
     on = bool(on) and supported(decoder) is None
     for layer in decoder.layers:
         layer.self_attn.block_kernel = on

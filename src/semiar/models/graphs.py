@@ -147,8 +147,8 @@ class GraphedDecoder:
         on CUDA, for the weight shapes where it beats cuBLAS; False: cuBLAS only); fused_step: one-token
         steps as five fused Triton kernels per layer (`models.fused`; default: on CUDA); fused_block: blocks
         of 2-64 tokens likewise (`fused.block_layer`; default: `fused.install`'s); block_attention:
-        the compiled layer's blocks of 2+ tokens attend through one Triton kernel (`fused.block_attention`;
-        a measurement variant, default off)."""
+        the compiled layer's blocks of 2-64 tokens attend through one Triton kernel over the filled slots
+        (`fused.block_attention`; default: where the fused one-token step is on)."""
         capture = decoder.device.type == "cuda" if capture is None else capture
         if capture and decoder.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
