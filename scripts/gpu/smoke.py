@@ -1,6 +1,6 @@
 """CUDA smoke test on a tiny model (seconds): training and Falcon, CUDA graphs, compiled graphs with a
 chunked prefill (and the fused one-token step, on by default), the one-row kernel forced on, the
-tree forwards' fused block layer. Run first in a lease; --graphs-only skips the training part."""
+tree forwards' block attention. Run first in a lease; --graphs-only skips the training part."""
 import sys
 import tempfile
 from pathlib import Path
@@ -82,13 +82,13 @@ for method in ("pld", "copy", "lookahead"):
     gen = Engine(rows, make_drafter(method, rows, device="cuda")).generate(long_ids, max_new_tokens=60).run()
     print(f"compiled + gemv {method} == AR:", gen.token_ids == c, "tau", round(gen.stats.tau, 2))
 
-# the tree forwards' layers as fused Triton kernels too (models.fused.block_layer; SEMIAR_FUSED_TREE=1),
-# on top of the fused one-token step (on by default on CUDA)
-os.environ["SEMIAR_FUSED_TREE"] = "1"
+# the tree forwards' attention through fused.block_attention (on with the fused one-token step, the
+# default on CUDA): greedy output of the tree methods against AR
 tree = load_model(str(d), device="cuda", compile=True)
-print("fused one-token step:", tree.decoder.fused_row_step, "fused block layer:", tree.decoder.fused_block_step)
+print("fused one-token step:", tree.decoder.fused_row_step, "block attention:",
+      tree.decoder.layers[0].self_attn.block_kernel)
 e = Engine(tree).generate(long_ids, max_new_tokens=60).run().token_ids
 print("fused, AR == eager AR:", e == a, "(bf16: may differ at near-ties)")
 for method in ("pld", "copy", "lookahead"):
     gen = Engine(tree, make_drafter(method, tree, device="cuda")).generate(long_ids, max_new_tokens=60).run()
-    print(f"fused + block layer {method} == AR:", gen.token_ids == e, "tau", round(gen.stats.tau, 2))
+    print(f"fused + block attention {method} == AR:", gen.token_ids == e, "tau", round(gen.stats.tau, 2))

@@ -81,15 +81,15 @@ def matmuls_alone(dec, reps, product=F.linear):
     return timed(g.graph.replay, reps), len(linears)
 
 
-def kernel_profile(dec, context, compiled, row_kernel, fused_step, fused_block=False, size=1):
-    """Kernels of one fixed-shape forward of `size` tokens (no graph: the same kernels a replay runs)."""
+def kernel_profile(dec, context, compiled, row_kernel, fused_step):
+    """Kernels of one 1-token fixed-shape step (no graph: the same kernels a replay runs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[size], capture=False, compile=compiled,
-                       row_kernel=row_kernel, fused_step=fused_step, fused_block=fused_block)
+    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1], capture=False, compile=compiled,
+                       row_kernel=row_kernel, fused_step=fused_step)
     cache = g.new_cache(context + 100)
     step_costs(g, cache, context, [], 5)
-    ids = torch.randint(100, 1000, (1, size), device="cuda")
+    ids = torch.randint(100, 1000, (1, 1), device="cuda")
     steps = 10
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -104,7 +104,7 @@ def kernel_profile(dec, context, compiled, row_kernel, fused_step, fused_block=F
         if not t or e.count == 0 or e.key.startswith("ProfilerStep"):
             continue
         # Inductor's fused kernels (triton_*) name the ops they fuse, gemv among them: not products
-        kind = ("matmul" if e.key.startswith(("row_product", "block_product")) or (not e.key.startswith("triton_")
+        kind = ("matmul" if e.key.startswith("row_product") or (not e.key.startswith("triton_")
                                                                 and any(w in e.key.lower() for w in gemm_words))
                 else "other")
         kinds[kind][0] += e.count
@@ -129,7 +129,6 @@ ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv
                      "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-fused (+ one-token steps as five "
                      "fused Triton kernels per layer, models.fused; compiled-fused-nopdl: without programmatic dependent "
                      "launch; compiled-fused-tree: + blocks of 2-64 tokens attending through fused.block_attention; "
-                     "compiled-fused-block: + blocks of 2-64 tokens as fused.block_layer's seven kernels; "
                      "graphs-fused: without torch.compile for the larger blocks), compiled-rowsum (one-row products "
                      "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
                      "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
@@ -139,7 +138,7 @@ ap.add_argument("--profile", action="store_true", help="also profile the kernels
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
-            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-block", "compiled-rowsum", "compiled-cdt",
+            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-rowsum", "compiled-cdt",
             "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
@@ -236,7 +235,7 @@ def configure(name):
     gemv.RowLinear.forward = rowsum_forward if name == "compiled-rowsum" else ROW_FORWARD
     torch._dynamo.reset()
     row_kernel = {"compiled-gemv": None, "compiled-fused": None, "compiled-fused-nopdl": None, "graphs-fused": None,
-                  "compiled-fused-tree": None, "compiled-fused-block": None, "compiled-rowsum": True}.get(name, False)
+                  "compiled-fused-tree": None, "compiled-rowsum": True}.get(name, False)
     from semiar.models import fused
 
     fused.PDL = False if name.endswith("-nopdl") else None  # None: on where the GPU and Triton have it
@@ -248,7 +247,7 @@ def measure(name):
     t0 = time.perf_counter()
     g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp, row_kernel=row_kernel,
                        windows=() if name == "graphs-full" else None, fused_step=fused_step,
-                       fused_block=name == "compiled-fused-block", block_attention=name == "compiled-fused-tree")
+                       block_attention=name == "compiled-fused-tree")
     res[name + "_capture_s"] = time.perf_counter() - t0
     if dec.gpu_row_kernel:
         res[name + "_row_kernel"] = dec.gpu_row_kernel
@@ -268,19 +267,15 @@ def measure(name):
         agreement(name, g)
         block_agreement(name, g)
         try:
-            if name == "compiled-fused-block":
-                block_parts()
-            else:
-                fused_parts()
+            fused_parts()
         except Exception as e:  # noqa: BLE001
             print(f"!! fused parts: {type(e).__name__}: {e}"[:300], flush=True)
-    if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "compiled-fused-nopdl", "graphs-fused",
-                              "compiled-fused-block"):
+    if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "compiled-fused-nopdl", "graphs-fused"):
         del g
-        profile_step(name, comp, row_kernel, fused_step, name == "compiled-fused-block")
+        profile_step(name, comp, row_kernel, fused_step)
     gemv.uninstall(dec)
     dec.static_fns = None
-    dec.fused_row_step = dec.fused_block_step = False
+    dec.fused_row_step = False
     for layer in dec.layers:
         layer.self_attn.block_kernel = False
     torch.cuda.empty_cache()
@@ -341,41 +336,6 @@ def block_agreement(name, g, steps=64, block=16):
     save()
 
 
-def block_parts():
-    """GPU time of each kernel of the fused block layer (`fused.block_layer`) per layer, for blocks
-    of each size, over all the layers (one CUDA graph each)."""
-    from semiar.models import fused
-
-    L, cfg = dec.layers, dec.config
-    cache = dec.new_cache(a.capacity)
-    W = next(w for w in (256, 512, 1024, a.capacity) if w > a.context + 64)
-    out = {}
-    for S in sizes:
-        h = torch.randn(1, S, cfg.hidden_size, device="cuda", dtype=dec.dtype)
-        qkv = torch.randn(1, S, L[0].self_attn.qkv_proj.out_features, device="cuda", dtype=dec.dtype)
-        act = torch.randn(1, S, cfg.intermediate_size, device="cuda", dtype=dec.dtype)
-        q = torch.randn(1, cfg.num_heads, S, cfg.head_dim, device="cuda", dtype=dec.dtype)
-        cos, sin = torch.ones(1, S, cfg.head_dim, device="cuda", dtype=dec.dtype), torch.zeros(1, S, cfg.head_dim, device="cuda", dtype=dec.dtype)
-        slots = torch.arange(a.context, a.context + S, device="cuda")
-        mask = torch.ones(S, W, dtype=torch.bool, device="cuda")
-        parts = {
-            "qkv+norm": lambda: [fused.block_product(h, l.self_attn.qkv_proj.weight, l.self_attn.qkv_proj.bias,
-                                                     norm_weight=l.input_layernorm.weight) for l in L],
-            "rope+cache": lambda: [fused.block_rope(qkv, cos, sin, cache.k[i], cache.v[i], slots, cfg.num_heads,
-                                                    cfg.num_kv_heads) for i in range(len(L))],
-            "attention": lambda: [fused.block_attention(q, cache.k[i], cache.v[i], mask, slots, token_major=True)
-                                  for i in range(len(L))],
-            "o+residual": lambda: [fused.block_product(h, l.self_attn.o_proj.weight, residual=h) for l in L],
-            "gate_up+norm+swiglu": lambda: [fused.block_product(h, l.mlp.gate_up_proj.weight, swiglu=True,
-                                                                norm_weight=l.post_attention_layernorm.weight) for l in L],
-            "down+residual": lambda: [fused.block_product(act, l.mlp.down_proj.weight, residual=h) for l in L],
-        }
-        out[S] = {k: round(gemv._graph_ms(f, 1) / len(L) * 1e3, 2) for k, f in parts.items()}
-    res.setdefault("block_parts_us_per_layer", {})[f"pdl={fused.PDL}"] = out
-    print(f"fused block kernels per layer (us): {out}", flush=True)
-    save()
-
-
 def fused_parts():
     """GPU time of each fused kernel of a layer against the plain one-row kernel for the same weights,
     over all the layers (as a step reads them, so no weight sits in L2), one CUDA graph each."""
@@ -414,16 +374,7 @@ def fused_parts():
     save()
 
 
-def profile_step(name, comp, row_kernel, fused_step, fused_block=False):
-    if fused_block:  # the one-token step is compiled-fused's; this variant's own is the block forward
-        p = res[name + "_profile16"] = kernel_profile(dec, a.context, comp, row_kernel, fused_step, True, 16)
-        print(f"\n{name}: per 16-token forward, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
-              f"{p['matmul']['gpu_ms_per_step']:.3f} ms, everything else {p['other']['kernels_per_step']:.0f} kernels "
-              f"{p['other']['gpu_ms_per_step']:.3f} ms", flush=True)
-        for row in p["top"]:
-            print(f"  {row['us_per_step']:8.1f} us  x{row['per_step']:<4} {row['kernel']}")
-        save()
-        return
+def profile_step(name, comp, row_kernel, fused_step):
     p = res[name + "_profile"] = kernel_profile(dec, a.context, comp, row_kernel, fused_step)
     print(f"\n{name}: per 1-token step, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
           f"{p['matmul']['gpu_ms_per_step']:.3f} ms, everything else {p['other']['kernels_per_step']:.0f} kernels "
@@ -446,5 +397,5 @@ for variant in a.variants.split(","):
         print(f"!! {variant} failed: {res[variant + '_error']}", flush=True)
         gemv.uninstall(dec)
         dec.static_fns = None
-        dec.fused_row_step = dec.fused_block_step = False
+        dec.fused_row_step = False
         save()

@@ -50,43 +50,6 @@ def test_row_product_equals_the_unfused_layer_work(dtype, norm, swiglu, residual
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [3, 17])
-@pytest.mark.parametrize("norm,swiglu,residual,bias", [(True, False, False, True), (False, False, True, False),
-                                                       (True, True, False, False)])
-def test_block_product_equals_the_unfused_layer_work(dtype, rows, norm, swiglu, residual, bias):
-    torch.manual_seed(3)
-    N, K = 37, 70
-    w = (torch.randn(2 * N if swiglu else N, K) / 8).to(dtype)
-    b = torch.randn(w.shape[0]).to(dtype) if bias else None
-    x = torch.randn(1, rows, K).to(dtype)
-    r = torch.randn(1, rows, N).to(dtype) if residual else None
-    nrm = RMSNorm(K, 1e-6).to(dtype)
-    with torch.no_grad():
-        nrm.weight.copy_(torch.rand(K) + 0.5)
-        ref = F.linear(nrm(x) if norm else x, w, b)
-        if swiglu:
-            g, u = ref.split(N, dim=-1)
-            ref = F.silu(g) * u
-        if residual:
-            ref = ref + r
-    y = fused.block_product(x, w, b, norm_weight=nrm.weight if norm else None, eps=1e-6, swiglu=swiglu, residual=r)
-    assert y.shape == (1, rows, N) and y.dtype == dtype
-    assert _close(y, ref, dtype)
-    # each row as the one-token step's product computes it (same roundings; fp32 sums in another order)
-    one = fused.row_product(x[:, 1:2], w, b, norm_weight=nrm.weight if norm else None, eps=1e-6, swiglu=swiglu,
-                            residual=None if r is None else r[:, 1:2])
-    assert (one.float() - y[:, 1:2].float()).abs().max() <= (1e-5 if dtype == torch.float32 else ref.abs().max() / 64)
-
-
-def test_block_product_refuses_blocks_it_cannot_take():
-    with pytest.raises(ValueError, match="1 to 64 rows"):
-        fused.block_product(torch.zeros(1, 65, 8), torch.zeros(4, 8))
-    with pytest.raises(ValueError, match="does not fit"):
-        fused.block_product(torch.zeros(1, 3, 8), torch.zeros(4, 6))
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("start", [0, 5, 16, 37])
 @pytest.mark.parametrize("split", [16, 64])
 def test_decode_attention_equals_the_attention_layer(dtype, start, split, monkeypatch):
@@ -146,24 +109,18 @@ def test_off_the_gpu_it_is_off_unless_forced(monkeypatch):
     monkeypatch.setenv("SEMIAR_FUSED", "yes")
     with pytest.warns(UserWarning, match="SEMIAR_FUSED"):
         fused.install(m.decoder)
-    monkeypatch.setenv("SEMIAR_FUSED", "1")
-    monkeypatch.setattr(fused, "supported", lambda dec: None)
-    monkeypatch.setenv("SEMIAR_FUSED_TREE", "on")
-    with pytest.warns(UserWarning, match="SEMIAR_FUSED_TREE='on' is not 0 or 1; using the default"):
-        assert fused.install(m.decoder) is True
-    assert m.decoder.fused_block_step is fused.BLOCK_DEFAULT
-    monkeypatch.setenv("SEMIAR_FUSED_TREE", "1")
-    fused.install(m.decoder)
-    assert m.decoder.fused_block_step is True
     # block attention: with the fused step on CUDA only, unless forced (here: the CPU)
+    monkeypatch.setattr(fused, "supported", lambda dec: None)
+    monkeypatch.delenv("SEMIAR_FUSED")
     assert fused.install_block_attention(m.decoder) is False
+    monkeypatch.setenv("SEMIAR_BLOCK_ATTENTION", "on")
+    with pytest.warns(UserWarning, match="SEMIAR_BLOCK_ATTENTION='on' is not 0 or 1; using the default"):
+        assert fused.install_block_attention(m.decoder) is False
     monkeypatch.setenv("SEMIAR_BLOCK_ATTENTION", "1")
     assert fused.install_block_attention(m.decoder) is True
+    assert all(layer.self_attn.block_kernel for layer in m.decoder.layers)
     monkeypatch.setenv("SEMIAR_BLOCK_ATTENTION", "0")
     assert fused.install_block_attention(m.decoder, on=None) is False
-    monkeypatch.setenv("SEMIAR_FUSED", "0")
-    fused.install(m.decoder)  # no block layer without the one-token step
-    assert m.decoder.fused_row_step is False and m.decoder.fused_block_step is False
 
 
 def test_unsupported_shapes_are_refused_with_a_reason(monkeypatch):
@@ -201,9 +158,6 @@ def test_block_attention_equals_masked_attention(dtype, start, monkeypatch):
     scores = (q.float() @ keys.transpose(-1, -2)) / D ** 0.5
     ref = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ values
     assert out.shape == (1, H, S, D) and _close(out, ref, dtype)
-    # token-major, as the next product reads it: [1, S, heads * head_dim]
-    out = fused.block_attention(q, kc, vc, mask, slots, token_major=True)
-    assert torch.equal(out, fused.block_attention(q, kc, vc, mask, slots).transpose(1, 2).reshape(1, S, H * D))
 
 
 @needs_triton
@@ -238,7 +192,7 @@ def test_kernels_that_fail_with_pdl_run_without_then_leave_the_plain_layers(monk
     # what install does on CUDA before turning the step on (here with the launches stubbed)
     monkeypatch.setattr(fused, "PDL", None)
     monkeypatch.setattr(fused, "_pdl_on", lambda device: fused.PDL is not False)
-    for name in ("decode_attention", "block_product", "block_rope", "block_attention"):
+    for name in ("decode_attention", "block_attention"):
         monkeypatch.setattr(fused, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
 
@@ -261,34 +215,19 @@ def test_kernels_that_fail_with_pdl_run_without_then_leave_the_plain_layers(monk
 
 @needs_triton
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_fused_block_layer_keeps_verification_and_greedy_output(family, monkeypatch):
+def test_block_attention_serves_the_engines_trees(family, monkeypatch):
     from semiar.methods import make_drafter
 
     monkeypatch.setattr(fused, "ATTENTION_SPLIT", 16)  # the prefix and the tree over several splits
     m, _ = tiny_target(family)
     prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
     ref = Engine(m).generate(prompt, max_new_tokens=16).run().token_ids
-    dec = m.decoder
-    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
-                        dtype=torch.bool)
-    outs, caches = [], []
-    for block in (False, True):
-        g = GraphedDecoder(dec, capacity=64, sizes=(1, 4, 8), capture=False, fused_step=True, fused_block=block)
-        assert dec.fused_block_step is block
-        cache = g.new_cache(40)
-        g(torch.tensor([prompt]), cache)
-        outs.append(g(torch.tensor([[5, 6, 7, 8, 2]]), cache, positions=torch.tensor([[19, 20, 20, 21, 21]]),
-                      tree_mask=tree, return_hidden=True))
-        caches.append(cache.k[:, :, :, :cache.length].clone())
-    assert (outs[0].logits - outs[1].logits).abs().max() < 1e-4
-    assert (outs[0].hidden - outs[1].hidden).abs().max() < 1e-4
-    assert (caches[0] - caches[1]).abs().max() < 1e-5  # the tree's keys at their slots, rotated by depth
-    # the engine's own trees (up to 64 tokens) through the fused layers, counted to be sure they ran
-    g = GraphedDecoder(dec, capacity=192, sizes=(1, 8, 16, 32, 64), capture=False, fused_step=True, fused_block=True)
+    # the engine's own trees (up to 64 tokens) under the fused step, counted to be sure they ran
+    m.runner = GraphedDecoder(m.decoder, capacity=192, sizes=(1, 8, 16, 32, 64), capture=False, fused_step=True,
+                              block_attention=True)
     sizes = []
-    monkeypatch.setattr(fused, "block_layer", lambda layer, x, *a, f=fused.block_layer: sizes.append(x.shape[1])
-                        or f(layer, x, *a))
-    m.runner = g
+    monkeypatch.setattr(fused, "block_attention", lambda q, *a, f=fused.block_attention: sizes.append(q.shape[2])
+                        or f(q, *a))
     for method in ("pld", "copy", "lookahead"):
         assert Engine(m, make_drafter(method, m)).generate(prompt, max_new_tokens=16).run().token_ids == ref, method
     assert len(set(sizes)) >= 2, sizes

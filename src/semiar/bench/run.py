@@ -260,8 +260,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     if getattr(runner.target.decoder, "fused_row_step", False):  # one-token steps as fused kernels (models.fused)
         from ..models import fused
 
-        machine["gpu_fused_step"] = {"on": True, "pdl": bool(fused.PDL),
-                                     "tree_blocks": bool(getattr(runner.target.decoder, "fused_block_step", False))}
+        machine["gpu_fused_step"] = {"on": True, "pdl": bool(fused.PDL), "block_attention": bool(
+            getattr(runner.target.decoder.layers[0].self_attn, "block_kernel", False))}
     results = {"settings": asdict(cfg), "machine": machine, "target": runner.target.name,
                "draft_model": runner.draft.name if runner.draft else None, "interrupted": False,
                "prompts": [{"task": p.task, "id": p.id, "prompt_tokens": len(ids)} for p, ids in zip(prompts, encoded)],

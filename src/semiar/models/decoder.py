@@ -399,8 +399,6 @@ class Decoder(nn.Module):
         self.gpu_row_kernel = {}
         #: one-token fixed-shape forwards run each layer as five fused Triton kernels (models.fused.install)
         self.fused_row_step = False
-        #: and those of 2 to fused.MAX_BLOCK tokens (tree verification) as seven (models.fused.block_layer)
-        self.fused_block_step = False
 
     @property
     def device(self):
@@ -487,8 +485,6 @@ class Decoder(nn.Module):
         prologue, layer_fn, epilogue = self.static_fns or (_static_prologue, _call_layer, _static_epilogue)
         if self.fused_row_step and input_ids.shape[1] == 1:
             layer_fn = fused.row_layer
-        elif self.fused_block_step and input_ids.shape[1] <= fused.MAX_BLOCK:
-            layer_fn = fused.block_layer
         x, cos, sin, slots, mask = prologue(self.embed_tokens, self._inv_freq_on(input_ids.device), input_ids,
                                             positions, start, block_mask, window or k_cache.shape[3])
         for i, layer in enumerate(self.layers):

@@ -29,13 +29,12 @@ start-up overlaps the last one's tail. SEMIAR_PDL=0 turns that off.
 `install(decoder)` turns it on for `Decoder.forward_static`'s one-token blocks (CUDA and Triton,
 a power-of-two head size of at least 16); `SEMIAR_FUSED=0/1` turns it off / forces it (the CPU
 tests run it under Triton's interpreter). The choice is kept as `decoder.fused_row_step`.
-The 2-64-token blocks that verify trees get the same layer in seven kernels (`block_layer`):
-tensor-core products of the whole block against each weight (`block_product`, same epilogues and
-roundings), the block's rotary and cache write in one kernel, and the split attention under the
-tree mask (`block_attention`), kept as `decoder.fused_block_step` (SEMIAR_FUSED_TREE=1). Measured on
-the H200 it is still slower than the compiled layer with cuBLAS (16 tokens: 2.36 against 2.00 ms;
-its products are short of the bandwidth), so it is off by default; the compiled layer's attention
-alone goes through `block_attention` by default (`install_block_attention`, a measured win).
+The 2-64-token forwards that verify trees (and prefill chunks) keep the compiled layer, whose
+products cuBLAS runs faster than the tensor-core Triton kernels tried here (twice: the last, with
+the fused norm/SwiGLU/residual, split-K and a deterministic fix-up, took 2.36 against 2.00 ms for
+16 tokens on the H200; docs/benchmarks.md). Their attention goes through `block_attention`: the
+same split-and-merge kernels under the tree mask, over the filled slots only (on where the fused
+step is; SEMIAR_BLOCK_ATTENTION=0/1), which also gives them the one-token step's attention rounding.
 """
 
 from __future__ import annotations
@@ -56,13 +55,6 @@ def _kernels():
     from . import fused_kernels as k
 
     return k.row_product, k.attention_split, k.block_attention_split, k.attention_merge, k.HAS_GDC
-
-
-@functools.lru_cache(maxsize=None)
-def _block_kernels():
-    from . import fused_kernels as k
-
-    return k.block_product, k.block_rope, k.block_configs
 
 
 #: programmatic dependent launch between the fused kernels (see row_product's kernel); None: not
@@ -104,77 +96,12 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return y
 
 
-#: the most tokens a block forward runs through `block_layer` (the product kernels' row tile)
+#: the most tokens a block forward attends through `block_attention` (tree verification, prefill chunks)
 MAX_BLOCK = 64
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def block_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, swiglu: bool = False,
-                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`row_product` for 1 to MAX_BLOCK rows (the tokens of a tree): the same fused norm, SwiGLU
-    and residual with the same roundings, through tensor-core products that read each weight once.
-    x: [..., K] with M rows in all; returns [..., N]."""
-    K = x.shape[-1]
-    M = x.numel() // K
-    if not 1 <= M <= MAX_BLOCK:
-        raise ValueError(f"block_product takes 1 to {MAX_BLOCK} rows, got {M}")
-    if weight.shape[1] != K or weight.stride(1) != 1:
-        raise ValueError(f"weight {tuple(weight.shape)} (row-major) does not fit an input of {K} features")
-    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    BM = max(16, 1 << (M - 1).bit_length())
-    part, ss, count = _split_workspace(x.device, BM, N)
-    kernel = _block_kernels()[0]
-    grid = lambda meta: ((N + meta["BLOCK_N"] - 1) // meta["BLOCK_N"], meta["SPLIT"])  # noqa: E731
-    pdl = _pdl_on(x.device)
-    kernel[grid](x, weight, weight if bias is None else bias, x if norm_weight is None else norm_weight,
-                 y if residual is None else residual.contiguous(), y, part, ss, count, M, N, K, weight.stride(0),
-                 float(eps), HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
-                 RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32 or _interpreted(), PDL=pdl, BM=BM,
-                 **({"launch_pdl": True} if pdl else {}))
-    return y
-
-
-_workspaces: dict = {}
-
-
-def _split_workspace(device, BM: int, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`block_product`'s split-K scratch for blocks of BM rows and N outputs: partial sums, partial
-    sums of squares, and a zeroed counter per tile (each tile's last program resets its own).
-    Allocated once per shape and kept (CUDA graphs hold their addresses); products run one after
-    another, so the layers share it."""
-    key = (str(device), BM, N)
-    if key not in _workspaces:
-        configs = _block_kernels()[2]
-        split = max(c.kwargs["SPLIT"] for c in configs)
-        tiles = -(-N // min(c.kwargs["BLOCK_N"] for c in configs))
-        _workspaces[key] = (torch.empty(split, 2, BM, N, dtype=torch.float32, device=device),
-                            torch.empty(tiles, split, BM, dtype=torch.float32, device=device),
-                            torch.zeros(tiles, dtype=torch.int32, device=device))
-    return _workspaces[key]
-
-
-def block_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               slots: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """Rotary for a block of S tokens, as `decode_attention` does it for one: qkv [1, S, (heads +
-    2 kv_heads) * head_dim], cos/sin [1, S, head_dim]; each token's key and value are written to the
-    caches [1, kv_heads, capacity, head_dim] at its slot (slots: [S] long on the device). Returns
-    the rotated queries [1, heads, S, head_dim]."""
-    S = qkv.shape[1]
-    D = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
-    q = torch.empty(1, num_heads, S, D, dtype=qkv.dtype, device=qkv.device)
-    pdl = _pdl_on(qkv.device)
-    _block_kernels()[1][(S,)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), slots, q, k_cache, v_cache, S,
-                              k_cache.stride(1), k_cache.stride(2), H=num_heads, KVH=num_kv_heads,
-                              HP=1 << (num_heads + num_kv_heads - 1).bit_length(),
-                              VP=1 << max(num_kv_heads - 1, 0).bit_length(), D=D, PDL=pdl, num_warps=4,
-                              **({"launch_pdl": True} if pdl else {}))
-    return q
 
 
 #: cache slots per attention program (a split); a step reads only the splits up to the new token
@@ -214,18 +141,17 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
                               H=num_heads, KVH=num_kv_heads, G=G, GP=max(16, 1 << (G - 1).bit_length()), D=D, C=C,
                               IEEE=qkv.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
                               PDL=pdl, num_warps=4, **launch)
-    merge[(num_heads,)](m, l, acc, start, out, NS, 1, 1, num_heads, C=C, D=D, SB=16, TOKEN_MAJOR=False, PDL=pdl,
-                        num_warps=4, **launch)
+    merge[(num_heads,)](m, l, acc, start, out, NS, 1, C=C, D=D, SB=16, PDL=pdl, num_warps=4, **launch)
     return out
 
 
 def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
-                    slots: torch.Tensor, token_major: bool = False) -> torch.Tensor:
+                    slots: torch.Tensor) -> torch.Tensor:
     """Attention of a block of S query tokens (a token tree) over a cache that already holds their
     keys and values: q [1, heads, S, head_dim] (rotated); caches [1, kv_heads, capacity, head_dim];
     mask [S, W] bool, which of the first W slots each token sees (the cached prefix, then the tree);
     slots: [S] long on the device, the block's slots start..start + S - 1, so that a CUDA graph reads
-    only the filled ones. Returns [1, heads, S, head_dim], or token_major: [1, S, heads * head_dim].
+    only the filled ones. Returns [1, heads, S, head_dim].
 
     The same flash-decoding as `decode_attention`: a program per kv head, tile of 64 query rows (the
     group's heads times the block's tokens) and split of ATTENTION_SPLIT slots, then a merge."""
@@ -243,7 +169,7 @@ def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     m = torch.empty(H * S, NS, dtype=torch.float32, device=dev)
     l = torch.empty(H * S, NS, dtype=torch.float32, device=dev)
     acc = torch.empty(H * S, NS, D, dtype=torch.float32, device=dev)
-    out = torch.empty(*((1, S, H * D) if token_major else (1, H, S, D)), dtype=q.dtype, device=dev)
+    out = torch.empty(1, H, S, D, dtype=q.dtype, device=dev)
     mask = mask.contiguous().view(torch.uint8)
     _, _, split, merge, _ = _kernels()
     pdl = _pdl_on(dev)
@@ -252,8 +178,7 @@ def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                       k_cache.stride(1), k_cache.stride(2), mask.stride(0), 1.0 / math.sqrt(D), S, NS,
                                       G=G, D=D, BM=BM, C=C, IEEE=q.dtype == torch.float32 or _interpreted(), PDL=pdl,
                                       num_warps=4, **launch)
-    merge[(H * S,)](m, l, acc, slots, out, NS, S, S, H, C=C, D=D, SB=16, TOKEN_MAJOR=token_major, PDL=pdl,
-                    num_warps=4, **launch)
+    merge[(H * S,)](m, l, acc, slots, out, NS, S, C=C, D=D, SB=16, PDL=pdl, num_warps=4, **launch)
     return out
 
 
@@ -281,20 +206,6 @@ def row_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask):
     return row_product(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
 
 
-def block_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask):
-    """`decoder._call_layer` for a block of 2 to MAX_BLOCK tokens (a tree to verify) in seven
-    kernels: `row_layer`'s with tensor-core products (`block_product`), the rotary and cache write
-    of all the block's tokens in one (`block_rope`), and `block_attention` under the [S, W] mask."""
-    attn, mlp = layer.self_attn, layer.mlp
-    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-    qkv = block_product(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
-    q = block_rope(qkv, cos, sin, k_cache, v_cache, slots, attn.h, attn.kvh)
-    a = block_attention(q, k_cache, v_cache, mask, slots, token_major=True)
-    x = block_product(a, attn.o_proj.weight, attn.o_proj.bias, residual=x)
-    act = block_product(x, mlp.gate_up_proj.weight, None, norm_weight=n2.weight, eps=n2.eps, swiglu=True)
-    return block_product(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
-
-
 def supported(decoder) -> Optional[str]:
     """Why the fused step cannot serve this decoder, or None when it can."""
     cfg = decoder.config
@@ -312,23 +223,13 @@ def supported(decoder) -> Optional[str]:
     return None
 
 
-#: whether `install` serves the 2-MAX_BLOCK-token forwards with `block_layer` when neither its
-#: `block` argument nor SEMIAR_FUSED_TREE decides
-BLOCK_DEFAULT = False
-
-
-def install(decoder, force: Optional[bool] = None, block: Optional[bool] = None) -> bool:
+def install(decoder, force: Optional[bool] = None) -> bool:
     """Serve the decoder's one-token fixed-shape forwards (`forward_static` with one token) with
-    `row_layer`, and (block) those of 2 to MAX_BLOCK tokens with `block_layer`. Default: on for a
-    CUDA decoder it supports; force=True on any device (the CPU tests, under Triton's interpreter),
-    False off; SEMIAR_FUSED=1/0 decides when force is None, SEMIAR_FUSED_TREE=1/0 when block is
-    None (else BLOCK_DEFAULT). Returns whether the one-token step is on, kept as
-    `decoder.fused_row_step`; the block layer is on where that is and block is, as `decoder.fused_block_step`."""
+    `row_layer`. Default: on for a CUDA decoder it supports; force=True on any device (the CPU
+    tests, under Triton's interpreter), False off; SEMIAR_FUSED=1/0 decides when force is None.
+    Returns whether it is on, also kept as `decoder.fused_row_step`."""
     if force is None:
         force = env_switch("SEMIAR_FUSED", "using the default")
-    if block is None:
-        block = env_switch("SEMIAR_FUSED_TREE", "using the default")
-    block = BLOCK_DEFAULT if block is None else block
     why = supported(decoder)
     on = force is not False and why is None and (force or decoder.device.type == "cuda")
     if force and why:
@@ -336,7 +237,6 @@ def install(decoder, force: Optional[bool] = None, block: Optional[bool] = None)
     if on and decoder.device.type == "cuda":
         on = _works_on(decoder.device)
     decoder.fused_row_step = on
-    decoder.fused_block_step = on and bool(block)
     return on
 
 
@@ -369,12 +269,8 @@ def _works_on(device) -> bool:
             cache = torch.zeros(1, 1, 64, 16, device=device, dtype=torch.bfloat16)
             decode_attention(x[..., :48], x[..., :16], x[..., :16], cache, cache.clone(),
                              torch.tensor([3], device=device), 1, 1)
-            xs = torch.randn(1, 3, 64, device=device, dtype=torch.bfloat16)
-            block_product(xs, w, norm_weight=x[0, 0], residual=xs[..., :32])
-            slots = torch.arange(3, 6, device=device)
-            q = block_rope(xs[..., :48], xs[..., :16], xs[..., :16], cache, cache.clone(), slots, 1, 1)
-            block_attention(q, cache, cache.clone(), torch.ones(3, 64, dtype=torch.bool, device=device), slots,
-                            token_major=True)
+            block_attention(torch.randn(1, 1, 3, 16, device=device, dtype=torch.bfloat16), cache, cache.clone(),
+                            torch.ones(3, 64, dtype=torch.bool, device=device), torch.arange(3, 6, device=device))
             torch.cuda.synchronize(device)
             return True
         except Exception as e:  # noqa: BLE001 - whatever Triton raised, the plain layers still work

@@ -88,170 +88,6 @@ def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
     tl.store(y_ptr + rows, y.to(dt), mask=row_ok)
 
 
-# (BLOCK_N, BLOCK_K, SPLIT, warps, stages): a block's rows are re-read by every program, so BLOCK_N
-# is wide (the re-reads are BM / BLOCK_N of the weight bytes) and SPLIT splits K for enough programs
-block_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT": sp}, num_warps=w, num_stages=st)
-                 for n, k, sp, w, st in [(32, 128, 4, 4, 4), (64, 64, 4, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4),
-                                         (64, 128, 8, 4, 3), (128, 64, 4, 4, 4), (128, 128, 2, 8, 3),
-                                         (128, 128, 4, 8, 3), (64, 256, 1, 4, 3)]]
-if os.environ.get("TRITON_INTERPRET") == "1":  # two splits: the CPU tests run the fix-up
-    block_configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT": 2}, num_warps=1)]
-
-
-@triton.jit
-def _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM: tl.constexpr,
-                 SWIGLU: tl.constexpr, IEEE: tl.constexpr):
-    # one BLOCK_K chunk of the block's rows [BM, BLOCK_K] against weight rows w (and up rows wu)
-    x = tl.load(x_ptr + m[:, None] * K + cols[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0)
-    if NORM:  # as `_chunk`: squares summed alongside, the row times the norm's weight rounded
-        xf = x.to(tl.float32)
-        ss += tl.sum(xf * xf, axis=1)
-        x = (xf * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
-    if IEEE:  # fp32 models and Triton's interpreter (whose bf16 dot is broken): exact fp32 products
-        acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        if SWIGLU:
-            acc_up += tl.dot(x.to(tl.float32), tl.trans(wu.to(tl.float32)), input_precision="ieee")
-    else:
-        acc = tl.dot(x, tl.trans(w), acc)
-        if SWIGLU:
-            acc_up = tl.dot(x, tl.trans(wu), acc_up)
-    return acc, acc_up, ss
-
-
-@triton.jit
-def _block_epilogue(acc, acc_up, ss, b_ptr, r_ptr, y_ptr, m, m_ok, rows, row_ok, N, K, eps, HAS_BIAS: tl.constexpr,
-                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
-    # row_product's epilogue for a tile [BM, BLOCK_N]: the norm's scale, bias, SwiGLU, residual
-    dt = y_ptr.dtype.element_ty
-    y = acc
-    if NORM:
-        rstd = tl.rsqrt(ss / K + eps)
-        y = y * rstd[:, None]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:
-        up = acc_up
-        if NORM:
-            up = up * rstd[:, None]
-        gate = y.to(dt).to(tl.float32)
-        up = up.to(dt).to(tl.float32)
-        y = gate / (1.0 + tl.exp(-gate)) * up
-    at = m[:, None] * N + rows[None, :]
-    out_ok = m_ok[:, None] & row_ok[None, :]
-    if RESIDUAL:
-        y = y.to(dt).to(tl.float32) + tl.load(r_ptr + at, mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + at, y.to(dt), mask=out_ok)
-
-
-@triton.autotune(configs=block_configs, key=["BM", "N", "K", "NORM", "SWIGLU", "RESIDUAL"])
-@triton.jit
-def block_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, part_ptr, ss_ptr, count_ptr, M, N, K, stride_wn, eps,
-                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                  IEEE: tl.constexpr, PDL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
-    # `row_product` for a block of M <= BM rows (a token tree): y[M, N] = x[M, K] @ W.T through
-    # tensor-core products with the same epilogues, roundings and PDL order. Program (tile of
-    # BLOCK_N weight rows, split of K): with SPLIT > 1 each writes its partial sums (and the rows'
-    # partial sums of squares) to part / ss, and the tile's last program to finish (a counter per
-    # tile, reset by it) adds them in split order, so the result does not depend on which was last
-    if PDL:
-        gdc_launch_dependents()
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    m = tl.arange(0, BM)
-    m_ok = m < M
-    acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
-    ss = tl.zeros((BM,), dtype=tl.float32)
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
-    k_lo = split * per_split
-    k_hi = tl.minimum(K, k_lo + per_split)
-    cols = k_lo + tl.arange(0, BLOCK_K)
-    col_ok = cols < k_hi
-    ok = row_ok[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
-    wu = w
-    if SWIGLU:
-        wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
-                     eviction_policy="evict_first")
-    if PDL:
-        gdc_wait()
-    acc, acc_up, ss = _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM, SWIGLU,
-                                   IEEE)
-    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < k_hi
-        ok = row_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0,
-                    eviction_policy="evict_first")
-        if SWIGLU:
-            wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
-                         eviction_policy="evict_first")
-        acc, acc_up, ss = _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM,
-                                       SWIGLU, IEEE)
-    if SPLIT == 1:
-        _block_epilogue(acc, acc_up, ss, b_ptr, r_ptr, y_ptr, m, m_ok, rows, row_ok, N, K, eps, HAS_BIAS, NORM, SWIGLU,
-                        RESIDUAL)
-    else:
-        # part: [SPLIT, 2, BM, N] fp32 (the up half for SwiGLU); ss: [tiles, SPLIT, BM]
-        at = m[:, None] * N + rows[None, :]
-        tl.store(part_ptr + split * 2 * BM * N + at, acc, mask=row_ok[None, :])
-        if SWIGLU:
-            tl.store(part_ptr + (split * 2 + 1) * BM * N + at, acc_up, mask=row_ok[None, :])
-        if NORM:
-            tl.store(ss_ptr + (tile * SPLIT + split) * BM + m, ss)
-        tl.debug_barrier()  # every thread's partial stored before the counter moves
-        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT - 1:  # the last of the tile's splits: the sum, in split order
-            acc = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((BM, BLOCK_N), dtype=tl.float32)
-            ss = tl.zeros((BM,), dtype=tl.float32)
-            for sp in tl.static_range(SPLIT):
-                acc += tl.load(part_ptr + sp * 2 * BM * N + at, mask=row_ok[None, :], other=0.0, cache_modifier=".cg")
-                if SWIGLU:
-                    acc_up += tl.load(part_ptr + (sp * 2 + 1) * BM * N + at, mask=row_ok[None, :], other=0.0,
-                                      cache_modifier=".cg")
-                if NORM:
-                    ss += tl.load(ss_ptr + (tile * SPLIT + sp) * BM + m, cache_modifier=".cg")
-            _block_epilogue(acc, acc_up, ss, b_ptr, r_ptr, y_ptr, m, m_ok, rows, row_ok, N, K, eps, HAS_BIAS, NORM,
-                            SWIGLU, RESIDUAL)
-            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next product
-
-
-@triton.jit
-def block_rope(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr, S, stride_kh, stride_ks,
-               H: tl.constexpr, KVH: tl.constexpr, HP: tl.constexpr, VP: tl.constexpr, D: tl.constexpr,
-               PDL: tl.constexpr):
-    # program per block token s: rotary on its H query and KVH key heads as `attention_split` does
-    # for one token; q goes to q [H, S, D], the key and value to the caches at slot slots[s]
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    dt = qkv_ptr.dtype.element_ty
-    s = tl.program_id(0)
-    d = tl.arange(0, D)
-    rot = (d + D // 2) % D
-    sign = tl.where(d < D // 2, -1.0, 1.0)
-    cos = tl.load(cos_ptr + s * D + d).to(tl.float32)
-    sin = tl.load(sin_ptr + s * D + d).to(tl.float32)
-    row = qkv_ptr + s * (H + 2 * KVH) * D
-    hh = tl.arange(0, HP)  # the query heads, then the key heads
-    h_ok = hh < H + KVH
-    x = tl.load(row + hh[:, None] * D + d[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32)
-    xr = tl.load(row + hh[:, None] * D + rot[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32)
-    y = (x * cos[None, :] + sign[None, :] * xr * sin[None, :]).to(dt)
-    tl.store(q_ptr + (hh[:, None] * S + s) * D + d[None, :], y, mask=(hh < H)[:, None])
-    slot = tl.load(slot_ptr + s)
-    kv = tl.where(hh >= H, hh - H, 0)
-    tl.store(kc_ptr + kv[:, None] * stride_kh + slot * stride_ks + d[None, :], y, mask=((hh >= H) & h_ok)[:, None])
-    vv = tl.arange(0, VP)
-    v_ok = vv < KVH
-    v = tl.load(row + (H + KVH + vv[:, None]) * D + d[None, :], mask=v_ok[:, None], other=0.0)
-    tl.store(vc_ptr + vv[:, None] * stride_kh + slot * stride_ks + d[None, :], v, mask=v_ok[:, None])
-
-
 @triton.jit
 def _partial_store(q, kb, vb, seen, row, row_ok, m_ptr, l_ptr, acc_ptr, scale, D: tl.constexpr, IEEE: tl.constexpr):
     # one split's share of attention for query rows q [R, D] over keys kb / values vb [C, D], the
@@ -327,12 +163,12 @@ def attention_split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, start_ptr, m_ptr,
 
 
 @triton.jit
-def attention_merge(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, NS, new, S, H, C: tl.constexpr, D: tl.constexpr,
-                    SB: tl.constexpr, TOKEN_MAJOR: tl.constexpr, PDL: tl.constexpr):
+def attention_merge(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, NS, new, C: tl.constexpr, D: tl.constexpr,
+                    SB: tl.constexpr, PDL: tl.constexpr):
     # program per query row (a head of the one-token step, head * S + token of a block): its splits
     # merged by their maxima; the filled slots are len + new (one token: len is the new token's
     # slot, new 1; a block: len its first slot, new S), and a split the row saw nothing of has
-    # m = -inf and weighs nothing. Output row `row`, or TOKEN_MAJOR: token-major [S, H, D]
+    # m = -inf and weighs nothing
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -354,10 +190,7 @@ def attention_merge(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, NS, new, S, H, C: t
         a = tl.load(acc_ptr + (row * NS + sp[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
         out = out * old + tl.sum(w[:, None] * a, axis=0)
         big_m = m_new
-    at = row
-    if TOKEN_MAJOR:
-        at = (row % S) * H + row // S
-    tl.store(out_ptr + at * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * D + d, (out / big_l).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit

@@ -136,8 +136,7 @@ class GraphedDecoder:
     def __init__(self, decoder: Decoder, capacity: int = 2048, sizes: Sequence[int] = DEFAULT_SIZES,
                  compile: bool = False, capture: Optional[bool] = None,
                  windows: Optional[Sequence[int]] = None, row_kernel: Optional[bool] = None,
-                 fused_step: Optional[bool] = None, fused_block: Optional[bool] = None,
-                 block_attention: Optional[bool] = None):
+                 fused_step: Optional[bool] = None, block_attention: Optional[bool] = None):
         """sizes: the block sizes captured (a block of T tokens replays the smallest size >= T);
         windows: the attention widths captured for each size (default: 256, 512, ... up to the
         capacity), so a step attends over the smallest window that holds the cache, not over the
@@ -145,8 +144,7 @@ class GraphedDecoder:
         without, the same fixed-shape forwards run directly, which is how the CPU tests check
         the logic; row_kernel: one-row products through the Triton kernel (`models.gemv`; default:
         on CUDA, for the weight shapes where it beats cuBLAS; False: cuBLAS only); fused_step: one-token
-        steps as five fused Triton kernels per layer (`models.fused`; default: on CUDA); fused_block: blocks
-        of 2-64 tokens likewise (`fused.block_layer`; default: `fused.install`'s); block_attention:
+        steps as five fused Triton kernels per layer (`models.fused`; default: on CUDA); block_attention:
         the compiled layer's blocks of 2-64 tokens attend through one Triton kernel over the filled slots
         (`fused.block_attention`; default: where the fused one-token step is on)."""
         capture = decoder.device.type == "cuda" if capture is None else capture
@@ -167,7 +165,7 @@ class GraphedDecoder:
         t0 = time.perf_counter()
         # before compiling: the compiled layer calls the kernel as one opaque op (CUDA only, unless forced)
         gemv.install(decoder, force=row_kernel)
-        fused.install(decoder, force=fused_step, block=fused_block)
+        fused.install(decoder, force=fused_step)
         fused.install_block_attention(decoder, on=block_attention)
 
         def build(comp: bool) -> None:
