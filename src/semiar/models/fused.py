@@ -17,9 +17,11 @@ and attention reads only the cache's filled slots, not the captured window. H200
 Numerics follow the compiled layer's bf16 roundings where it has them (the qkv and gate/up outputs,
 rotated q and k, the attention scores, each product's output before the residual add), with fp32
 arithmetic in between, and differ in two places: RMSNorm's scale is one number per row, so it is
-summed alongside the product and applied after it (the normed row is never rounded), and the
-attention probabilities are rounded before they are normalised. With the summation order of the
-kernels, a fused step can differ from the block forward in the last bf16 bit of a logit.
+summed alongside the product and applied after it (the row times the norm's weight is rounded
+once, where the compiled layer rounds the scaled row and then its product with the weight), and
+the attention probabilities are rounded before they are normalised (as `block_attention`, which
+the tree forwards use, does too). With the summation order of the kernels, a fused step can
+differ from the block forward in the last bf16 bit of a logit.
 
 On Hopper and later the kernels are launched with programmatic dependent launch (PDL): each lets
 the next one start as soon as all its own programs run, and each reads its first weights (attention:
