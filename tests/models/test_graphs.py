@@ -1,6 +1,7 @@
 """The fixed-shape forward behind CUDA graphs (models.graphs), checked on the CPU without capture:
 padding, the mask built from the cache length, trees, fallbacks, and the one-lease cache rule.
 The capture itself needs CUDA (scripts/gpu/smoke.py runs it)."""
+import pytest
 import torch
 
 from semiar.engine import Engine
@@ -74,6 +75,31 @@ def test_a_long_prompt_is_prefilled_in_graph_sized_chunks():
     g.decoder.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
     g(prompt, g.new_cache(64))
     assert not calls  # no eager forward: three replays of the 8-token graph
+
+
+def test_default_sizes_prefill_a_prompt_in_one_replay_and_keep_the_padding_slack():
+    from semiar.models.graphs import DEFAULT_SIZES
+
+    m, _ = tiny_target("qwen2")
+    g = GraphedDecoder(m.decoder, capacity=600, capture=False)
+    assert g.sizes == list(DEFAULT_SIZES) and g.slack == 127  # a 129-token block replays the 256 graph
+    assert g.new_cache(600 - 127).k is g.cache.k
+    with pytest.warns(UserWarning, match="CUDA-graph capacity 473"):
+        assert g.new_cache(600 - 126).k is not g.cache.k
+    replays = []
+    for key, graph in g.graphs.items():
+        graph.replay = lambda f=graph.replay, key=key: replays.append(key[0]) or f()
+    prompt = torch.tensor([[(5 * i + 3) % 90 + 2 for i in range(300)]])
+    ref, got = m.decoder.new_cache(400), g.new_cache(400)
+    a = m.decoder(prompt[:, :157], ref, logits_at=slice(-1, None))
+    b = g(prompt[:, :157], got, logits_at=slice(-1, None))
+    assert replays == [256] and torch.allclose(a.logits, b.logits, atol=1e-4)  # one replay, not three chunks
+    del got
+    replays.clear()
+    ref, got = m.decoder.new_cache(400), g.new_cache(400)
+    a = m.decoder(prompt, ref, logits_at=slice(-1, None))
+    b = g(prompt, got, logits_at=slice(-1, None))
+    assert replays == [256, 64] and torch.allclose(a.logits, b.logits, atol=1e-4)
 
 
 def test_engine_on_static_decoder_matches_eager_greedy_and_sampled():

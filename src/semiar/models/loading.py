@@ -252,7 +252,7 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
     if backend == "native" and str(device).startswith("cuda") and cuda_graphs is not False:
         from .graphs import GraphedDecoder
 
-        runner = GraphedDecoder(decoder, capacity=min(graph_capacity, cfg.max_position_embeddings + 64),
+        runner = GraphedDecoder(decoder, capacity=min(graph_capacity, cfg.max_position_embeddings + 128),
                                 compile=compile)
     return LoadedModel(name=name, path=path, decoder=decoder, tokenizer=tokenizer, config=cfg,
                        eos_ids=eos_ids_of(path, hf_config, tokenizer), runner=runner)
