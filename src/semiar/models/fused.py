@@ -59,6 +59,10 @@ def _kernels():
     return k.row_product, k.attention_split, k.block_attention_split, k.attention_merge, k.HAS_GDC
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 #: programmatic dependent launch between the fused kernels (see row_product's kernel); None: not
 #: decided yet (on at first use where the GPU and Triton have it, unless SEMIAR_PDL=0)
 PDL: Optional[bool] = None
@@ -66,7 +70,7 @@ PDL: Optional[bool] = None
 
 def _pdl_on(device: torch.device) -> bool:
     global PDL
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or _interpreted():
         return False
     if PDL is None:
         PDL = (env_switch("SEMIAR_PDL", "using PDL where it works") is not False and _kernels()[4]
@@ -100,10 +104,6 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 #: the most tokens a block forward attends through `block_attention` (tree verification, prefill chunks)
 MAX_BLOCK = 64
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 #: cache slots per attention program (a split); a step reads only the splits up to the new token
@@ -141,7 +141,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     split[(num_kv_heads, NS)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), k_cache, v_cache, start, m, l, acc,
                               k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(D), NS,
                               H=num_heads, KVH=num_kv_heads, G=G, GP=max(16, 1 << (G - 1).bit_length()), D=D, C=C,
-                              IEEE=qkv.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+                              IEEE=qkv.dtype == torch.float32 or _interpreted(),
                               PDL=pdl, num_warps=4, **launch)
     merge[(num_heads,)](m, l, acc, start, out, NS, 1, C=C, D=D, SB=16, PDL=pdl, num_warps=4, **launch)
     return out

@@ -23,7 +23,7 @@ def _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM: tl.constex
     # one BLOCK_K chunk of the row against its weight rows w (and the up rows wu)
     x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if NORM:  # RMSNorm's scale is one number per row: summed alongside, applied at the end; the
-        ss += x * x  # row times the norm's weight is rounded as `_block_chunk` must (its dot's input)
+        ss += x * x  # row times the norm's weight is rounded once to the model's dtype
         x = (x * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)).to(w.dtype).to(tl.float32)
     acc += w.to(tl.float32) * x[None, :]
     if SWIGLU:
