@@ -55,7 +55,7 @@ for method in ("pld", "ngram", "copy", "lookahead"):
     print(f"compiled {method} == AR:", gen.token_ids == b, "tau", round(gen.stats.tau, 2))
 
 # the one-row Triton kernel (models.gemv) on this GPU: against cuBLAS at the 1.5B's shapes, then
-# forced on for every layer of compiled graphs (SEMIAR_GEMV=1)
+# forced on for every layer of compiled graphs (SEMIAR_GEMV=1, the fused step off)
 import os  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
@@ -74,6 +74,7 @@ for N, K in [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960), (151936, 1
           f"Triton {mine_ms:.4f} ({N * K * 2 / mine_ms / 1e9:.2f} TB/s)", flush=True)
     del ws
 os.environ["SEMIAR_GEMV"] = "1"
+os.environ["SEMIAR_FUSED"] = "0"  # the fused step does the one-row products itself: the kernel alone here
 rows = load_model(str(d), device="cuda", compile=True)
 print("row kernel:", rows.decoder.gpu_row_kernel)
 c = Engine(rows).generate(long_ids, max_new_tokens=60).run().token_ids
@@ -84,6 +85,7 @@ for method in ("pld", "copy", "lookahead"):
 
 # the tree forwards' attention through fused.block_attention (on with the fused one-token step, the
 # default on CUDA): greedy output of the tree methods against AR
+del os.environ["SEMIAR_FUSED"], os.environ["SEMIAR_GEMV"]
 tree = load_model(str(d), device="cuda", compile=True)
 print("fused one-token step:", tree.decoder.fused_row_step, "block attention:",
       tree.decoder.layers[0].self_attn.block_kernel)

@@ -80,10 +80,11 @@ def _pdl_on(device: torch.device) -> bool:
 
 def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, swiglu: bool = False,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None, pdl: Optional[bool] = None) -> torch.Tensor:
     """One row times a weight, with the layer's work around it fused: `norm_weight`: RMSNorm the
     row first; `swiglu`: the weight is [gate; up] and the result silu(gate) * up; `residual`: added
-    to the result. x: [..., K] with one row in all; returns [..., N] (N = rows, or rows / 2 with swiglu)."""
+    to the result. x: [..., K] with one row in all; returns [..., N] (N = rows, or rows / 2 with swiglu).
+    pdl=False launches it without programmatic dependent launch (default: `PDL`'s choice)."""
     K = x.shape[-1]
     if x.numel() != K:
         raise ValueError(f"row_product takes one row, got an input of shape {tuple(x.shape)}")
@@ -94,7 +95,7 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     kernel = _kernels()[0]
     grid = lambda meta: ((N + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)  # noqa: E731
-    pdl = _pdl_on(x.device)
+    pdl = pdl is not False and _pdl_on(x.device)
     kernel[grid](x, weight, weight if bias is None else bias, x if norm_weight is None else norm_weight,
                  y if residual is None else residual.contiguous(), y, N, K, weight.stride(0), float(eps),
                  HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,

@@ -4,16 +4,17 @@ A batch-1 decode step multiplies one row by every weight matrix: all it does is 
 so it should run at the GPU's memory bandwidth. cuBLAS's one-row kernels did not: on an H200 the
 113 products of a qwen2.5-coder-1.5b step, replayed alone in one CUDA graph, took 1.30 ms, 2.4 TB/s
 of the 4.8 the memory moves, and they were three quarters of a compiled step. `gemv` is the
-plain kernel for that case: each program reads BLOCK_N weight rows in BLOCK_K chunks (evicted
-first: they are read once), multiplies with the row in fp32 and reduces; the block shape is
-autotuned per matrix shape.
+plain kernel for that case (`fused.row_product` with nothing fused): each program reads BLOCK_N
+weight rows in BLOCK_K chunks (evicted first: they are read once), multiplies with the row in fp32
+and reduces; the block shape is autotuned per matrix shape.
 
 `RowLinear` wraps an `nn.Linear` (same weight and bias tensors, so the state dict and tied
 embeddings are untouched) and sends one-row inputs to the kernel, everything else to `F.linear`.
 `install(decoder)` times the kernel against cuBLAS for each weight shape of the model, inside CUDA
 graphs as the decode step runs them, and wraps only the layers whose shape the kernel serves
 faster; `SEMIAR_GEMV=0` turns it off, `SEMIAR_GEMV=1` uses it for every shape without timing.
-`GraphedDecoder` installs it before it compiles and captures.
+`GraphedDecoder` installs it before it compiles and captures, where the fused one-token step
+(`models.fused`, which does the same products with the layer's work fused in) is off.
 
 Measured on an H200 (docs/benchmarks.md): the 113 one-row products of a qwen2.5-coder-1.5b step
 took 1.03 ms instead of cuBLAS's 1.26-1.30, and a compiled step 1.64 instead of 1.87-1.90 ms. The
@@ -66,56 +67,13 @@ def triton_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    import triton
-    import triton.language as tl
-
-    # (rows per program, columns per chunk, warps): few rows and long chunks keep many programs
-    # in flight for the narrow matrices (1536 rows), more rows per program for the LM head
-    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-               for n, k, w in [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
-                               (8, 512, 8), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (16, 1024, 8), (32, 128, 4), (32, 256, 8),
-                               (32, 512, 8), (64, 256, 8)]]
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU tests: one config, no timing
-        configs = configs[5:6]
-
-    @triton.autotune(configs=configs, key=["N", "K"])
-    @triton.jit
-    def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                        other=0.0, eviction_policy="evict_first")
-            acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
-
-    return gemv_kernel
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for an x of one row ([..., K] with one row in all): [..., N]."""
-    K = x.shape[-1]
-    if x.numel() != K:
-        raise ValueError(f"gemv takes one row, got an input of shape {tuple(x.shape)}")
-    N = weight.shape[0]
-    if weight.shape[1] != K or weight.stride(1) != 1:
-        raise ValueError(f"weight {tuple(weight.shape)} (row-major) does not fit an input of {K} features")
-    x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    kernel = _kernel()
-    grid = lambda meta: ((N + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)  # noqa: E731
-    kernel[grid](x, weight, bias if bias is not None else weight, y, N, K, weight.stride(0), HAS_BIAS=bias is not None)
-    return y
+    """F.linear(x, weight, bias) for an x of one row ([..., K] with one row in all): [..., N].
+    The kernel is the fused step's `row_product` with nothing fused and no PDL (its neighbours
+    here are Inductor's and cuBLAS's kernels)."""
+    from .fused import row_product  # (fused imports this module)
+
+    return row_product(x, weight, bias, pdl=False)
 
 
 @torch.library.custom_op("semiar::gemv", mutates_args=())

@@ -146,7 +146,8 @@ class GraphedDecoder:
         whole capacity; capture: record CUDA graphs (default: when the decoder is on CUDA);
         without, the same fixed-shape forwards run directly, which is how the CPU tests check
         the logic; row_kernel: one-row products through the Triton kernel (`models.gemv`; default:
-        on CUDA, for the weight shapes where it beats cuBLAS; False: cuBLAS only); fused_step: one-token
+        on CUDA where the fused step is off, for the weight shapes where it beats cuBLAS; False: cuBLAS
+        only; True: every shape, with or without the fused step); fused_step: one-token
         steps as five fused Triton kernels per layer (`models.fused`; default: on CUDA); block_attention:
         the compiled layer's blocks of 2-64 tokens attend through one Triton kernel over the filled slots
         (`fused.block_attention`; default: where the fused one-token step is on)."""
@@ -169,9 +170,12 @@ class GraphedDecoder:
             windows = [w for w in (256, 512, 1024) if w < capacity]
         self.windows = sorted(set(int(w) for w in windows if 0 < w < capacity)) + [capacity]
         t0 = time.perf_counter()
-        # before compiling: the compiled layer calls the kernel as one opaque op (CUDA only, unless forced)
-        gemv.install(decoder, force=row_kernel)
-        fused.install(decoder, force=fused_step)
+        # before compiling: the compiled layer calls the kernels as opaque ops (CUDA only, unless forced);
+        # the one-row kernel only where the fused step, which does those products itself, is off
+        if fused.install(decoder, force=fused_step) and row_kernel is not True:
+            gemv.uninstall(decoder)
+        else:
+            gemv.install(decoder, force=row_kernel)
         fused.install_block_attention(decoder, on=block_attention)
 
         def build(comp: bool) -> None:
