@@ -111,6 +111,15 @@ MAX_BLOCK = 64
 ATTENTION_SPLIT = 64
 
 
+def _heads_unsupported(head_dim: int, heads: int, kv_heads: int) -> Optional[str]:
+    """Why the attention kernels cannot take these heads, or None."""
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return f"head size {head_dim} is not a power of two of at least 16"
+    if heads % kv_heads:
+        return f"{heads} query heads are not a multiple of {kv_heads} kv heads"
+    return None
+
+
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, start: torch.Tensor, num_heads: int, num_kv_heads: int,
                      window: Optional[int] = None) -> torch.Tensor:
@@ -125,9 +134,9 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     splits. The probabilities are rounded to the model's dtype before they multiply the values
     unnormalised (the block forward rounds them normalised): another rounding of the same size."""
     D = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
-    if D & (D - 1) or D < 16 or num_heads % num_kv_heads:
-        raise ValueError(f"decode_attention needs a power-of-two head size of at least 16 and whole query "
-                         f"groups, got head size {D}, {num_heads} heads over {num_kv_heads} kv heads")
+    why = _heads_unsupported(D, num_heads, num_kv_heads)
+    if why:
+        raise ValueError(f"decode_attention needs a power-of-two head size of at least 16 and whole query groups: {why}")
     G = num_heads // num_kv_heads
     C = ATTENTION_SPLIT
     NS = -(-(window or k_cache.shape[2]) // C)
@@ -160,9 +169,9 @@ def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group's heads times the block's tokens) and split of ATTENTION_SPLIT slots, then a merge."""
     _, H, S, D = q.shape
     KVH = k_cache.shape[1]
-    if D & (D - 1) or D < 16 or H % KVH:
-        raise ValueError(f"block_attention needs a power-of-two head size of at least 16 and whole query groups, "
-                         f"got head size {D}, {H} heads over {KVH} kv heads")
+    why = _heads_unsupported(D, H, KVH)
+    if why:
+        raise ValueError(f"block_attention needs a power-of-two head size of at least 16 and whole query groups: {why}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     G, C, W = H // KVH, ATTENTION_SPLIT, mask.shape[-1]
@@ -214,10 +223,9 @@ def supported(decoder) -> Optional[str]:
     cfg = decoder.config
     if not triton_available():
         return "Triton is not installed"
-    if cfg.head_dim & (cfg.head_dim - 1) or cfg.head_dim < 16:
-        return f"head size {cfg.head_dim} is not a power of two of at least 16"
-    if cfg.num_heads % cfg.num_kv_heads:
-        return "query heads are not a multiple of kv heads"
+    why = _heads_unsupported(cfg.head_dim, cfg.num_heads, cfg.num_kv_heads)
+    if why:
+        return why
     if decoder.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {decoder.dtype}"
     if not all(hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2
