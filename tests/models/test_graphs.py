@@ -86,6 +86,9 @@ def test_default_sizes_prefill_a_prompt_in_one_replay_and_keep_the_padding_slack
     assert g.new_cache(600 - 127).k is g.cache.k
     with pytest.warns(UserWarning, match="CUDA-graph capacity 473"):
         assert g.new_cache(600 - 126).k is not g.cache.k
+    for bad in ((), (0, 4), (1, 600)):
+        with pytest.raises(ValueError, match="block sizes must be positive"):
+            GraphedDecoder(m.decoder, capacity=600, sizes=bad, capture=False)
     replays = []
     for key, graph in g.graphs.items():
         graph.replay = lambda f=graph.replay, key=key: replays.append(key[0]) or f()

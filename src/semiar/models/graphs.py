@@ -136,11 +136,12 @@ class GraphedDecoder:
 
     accepts_host_inputs = True
 
-    def __init__(self, decoder: Decoder, capacity: int = 2048, sizes: Sequence[int] = DEFAULT_SIZES,
+    def __init__(self, decoder: Decoder, capacity: int = 2048, sizes: Optional[Sequence[int]] = None,
                  compile: bool = False, capture: Optional[bool] = None,
                  windows: Optional[Sequence[int]] = None, row_kernel: Optional[bool] = None,
                  fused_step: Optional[bool] = None, block_attention: Optional[bool] = None):
-        """sizes: the block sizes captured (a block of T tokens replays the smallest size >= T);
+        """sizes: the block sizes captured (a block of T tokens replays the smallest size >= T;
+        default: DEFAULT_SIZES up to half the capacity);
         windows: the attention widths captured for each size (default: 256, 512, ... up to the
         capacity), so a step attends over the smallest window that holds the cache, not over the
         whole capacity; capture: record CUDA graphs (default: when the decoder is on CUDA);
@@ -156,7 +157,11 @@ class GraphedDecoder:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.decoder = decoder
         self.config = decoder.config
+        if sizes is None:
+            sizes = [s for s in DEFAULT_SIZES if 2 * s <= capacity]
         self.sizes = sorted(set(int(s) for s in sizes))
+        if not self.sizes or self.sizes[0] < 1 or self.sizes[-1] >= capacity:
+            raise ValueError(f"block sizes must be positive and below the capacity {capacity}, got {list(sizes)}")
         #: the most padding slots a block can take (a block of T tokens replays the smallest size >= T;
         #: prompts longer than the largest size run in chunks of it, only the last one padded)
         self.slack = max(b - a - 1 for a, b in zip([0] + self.sizes, self.sizes))
