@@ -12,7 +12,9 @@
 #                                    cuBLAS / the one-row Triton kernel / the fused one-token step (with and without
 #                                    PDL) / the tree forwards' block attention (AUTOTUNE=1: + Triton mm autotuning;
 #                                    VARIANTS= any of step_cost.py's), kernel profiles (scripts/gpu/step_cost.py);
-#                                    MODEL=random:qwen2.5-1.5b times the same shapes with random weights, no staging
+#                                    MODEL=random:qwen2.5-1.5b times the same shapes with random weights, no staging;
+#                                    PROFILE_SIZES=16,64: also the tree forwards' kernels; PRODUCTS=1,16,64: the
+#                                    products alone for blocks of that many rows, cuBLAS and cuBLASLt
 # The benches compile the models (semiar bench's default on CUDA); TREES sets per-method trees (default: each method's own).
 # Each step leaves a results tarball (and drafter weights) under $OUT; docs/benchmarks.md quotes them.
 # Set SECS below the device time left: a command the lease cuts off returns only what is under $OUT
@@ -112,6 +114,7 @@ case "${1:-}" in
     ;;
   step)
     timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "${MODEL:-$T15}" --profile --out "$OUT/step" \
+      ${PROFILE_SIZES:+--profile-sizes "$PROFILE_SIZES"} ${PRODUCTS:+--products "$PRODUCTS"} \
       --variants "${VARIANTS:-compiled,compiled-gemv,compiled-fused,compiled-fused-tree${AUTOTUNE:+,compiled-autotune}}" \
       2>&1 | grep -v -i 'warn\|Loading weights'
     cp -r "$OUT/step" "$RUNS/" 2>/dev/null

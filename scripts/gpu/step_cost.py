@@ -81,15 +81,16 @@ def matmuls_alone(dec, reps, product=F.linear):
     return timed(g.graph.replay, reps), len(linears)
 
 
-def kernel_profile(dec, context, compiled, row_kernel, fused_step):
-    """Kernels of one 1-token fixed-shape step (no graph: the same kernels a replay runs)."""
+def kernel_profile(dec, context, compiled, row_kernel, fused_step, T=1, block_attention=None, block_mlp=None):
+    """Kernels of one T-token fixed-shape forward (no graph: the same kernels a replay runs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1], capture=False, compile=compiled,
-                       row_kernel=row_kernel, fused_step=fused_step)
+    g = GraphedDecoder(dec, capacity=a.capacity, sizes=sorted({1, T}), capture=False, compile=compiled,
+                       row_kernel=row_kernel, fused_step=fused_step, block_attention=block_attention,
+                       block_mlp=block_mlp)
     cache = g.new_cache(context + 100)
-    step_costs(g, cache, context, [], 5)
-    ids = torch.randint(100, 1000, (1, 1), device="cuda")
+    step_costs(g, cache, context, [T] if T > 1 else [], 5)
+    ids = torch.randint(100, 1000, (1, T), device="cuda")
     steps = 10
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -113,8 +114,43 @@ def kernel_profile(dec, context, compiled, row_kernel, fused_step):
     dec.static_fns = None
     top.sort(reverse=True)
     out = {k: {"kernels_per_step": c / steps, "gpu_ms_per_step": us / steps / 1e3} for k, (c, us) in kinds.items()}
-    out["top"] = [{"us_per_step": round(t, 1), "per_step": n, "kernel": k} for t, n, k in top[:15]]
+    out["top"] = [{"us_per_step": round(t, 1), "per_step": n, "kernel": k} for t, n, k in top[:25 if T > 1 else 15]]
     return out
+
+
+def products_by_rows(rows_list, reps):
+    """GPU time of each kind of matrix product of a forward (qkv, o, gate_up, down over all layers, the
+    LM head) for blocks of M rows, one CUDA graph per kind, through cuBLAS and through cuBLASLt
+    (torch.backends.cuda.preferred_blas_library): what the tree forward's products cost and could."""
+    L = dec.layers
+    kinds = {"qkv": [l.self_attn.qkv_proj for l in L], "o": [l.self_attn.o_proj for l in L],
+             "gate_up": [l.mlp.gate_up_proj for l in L], "down": [l.mlp.down_proj for l in L],
+             "lm_head": [dec.lm_head]}
+    out = {}
+    before = torch.backends.cuda.preferred_blas_library()
+    for lib in ("cublas", "cublaslt"):
+        try:
+            torch.backends.cuda.preferred_blas_library(lib)
+        except Exception as e:  # noqa: BLE001
+            out[lib] = f"{type(e).__name__}: {e}"[:200]
+            continue
+        for M in rows_list:
+            row = out.setdefault(lib, {}).setdefault(str(M), {})
+            for kind, mods in kinds.items():
+                xs = [torch.randn(1, M, m.in_features, device="cuda", dtype=dec.dtype) for m in mods]
+
+                def run():
+                    for m, x in zip(mods, xs):
+                        F.linear(x, m.weight, m.bias)
+
+                ms = timed(_Captured(run, []).graph.replay, reps)
+                nbytes = sum(m.weight.numel() * m.weight.element_size() for m in mods)
+                row[kind] = {"us_per_layer": round(ms * 1e3 / len(mods), 2), "TBps": round(nbytes / ms / 1e9, 2)}
+            row["total_ms"] = round(sum(v["us_per_layer"] * len(kinds[k]) for k, v in row.items()) / 1e3, 3)
+            print(f"products {lib} M={M}: {row}", flush=True)
+    torch.backends.cuda.preferred_blas_library(before)
+    res["products_by_rows"] = out
+    save()
 
 
 ap = argparse.ArgumentParser()
@@ -129,16 +165,21 @@ ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv
                      "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-fused (+ one-token steps as five "
                      "fused Triton kernels per layer, models.fused; compiled-fused-nopdl: without programmatic dependent "
                      "launch; compiled-fused-tree: + blocks of 2-64 tokens attending through fused.block_attention; "
+                     "compiled-fused-mlp: + their MLP's add, norm, gate/up and SwiGLU in one kernel; "
                      "graphs-fused: without torch.compile for the larger blocks), compiled-rowsum (one-row products "
                      "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
                      "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
 ap.add_argument("--bandwidth", type=float, default=None)
 ap.add_argument("--out", default="runs/step_cost")
 ap.add_argument("--profile", action="store_true", help="also profile the kernels of a 1-token step")
+ap.add_argument("--profile-sizes", default="",
+                help="with --profile: also profile the compiled-fused-tree variant's forwards of these sizes")
+ap.add_argument("--products", default="", help="rows, e.g. 1,16,64: time each kind of product for blocks of "
+                                               "that many rows, cuBLAS and cuBLASLt, before the variants")
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
-            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-rowsum", "compiled-cdt",
+            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-rowsum", "compiled-cdt",
             "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
@@ -235,7 +276,7 @@ def configure(name):
     gemv.RowLinear.forward = rowsum_forward if name == "compiled-rowsum" else ROW_FORWARD
     torch._dynamo.reset()
     row_kernel = {"compiled-gemv": None, "compiled-fused": None, "compiled-fused-nopdl": None, "graphs-fused": None,
-                  "compiled-fused-tree": None, "compiled-rowsum": True}.get(name, False)
+                  "compiled-fused-tree": None, "compiled-fused-mlp": None, "compiled-rowsum": True}.get(name, False)
     from semiar.models import fused
 
     fused.PDL = False if name.endswith("-nopdl") else None  # None: on where the GPU and Triton have it
@@ -247,7 +288,8 @@ def measure(name):
     t0 = time.perf_counter()
     g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp, row_kernel=row_kernel,
                        windows=() if name == "graphs-full" else None, fused_step=fused_step,
-                       block_attention=name == "compiled-fused-tree")
+                       block_attention=name in ("compiled-fused-tree", "compiled-fused-mlp"),
+                       block_mlp=name == "compiled-fused-mlp")
     res[name + "_capture_s"] = time.perf_counter() - t0
     if dec.gpu_row_kernel:
         res[name + "_row_kernel"] = dec.gpu_row_kernel
@@ -273,11 +315,16 @@ def measure(name):
     if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "compiled-fused-nopdl", "graphs-fused"):
         del g
         profile_step(name, comp, row_kernel, fused_step)
+    elif a.profile and name in ("compiled-fused-tree", "compiled-fused-mlp") and a.profile_sizes:
+        del g
+        for T in (int(t) for t in a.profile_sizes.split(",")):
+            profile_step(name, comp, row_kernel, fused_step, T)
     gemv.uninstall(dec)
     dec.static_fns = None
     dec.fused_row_step = False
     for layer in dec.layers:
         layer.self_attn.block_kernel = False
+        layer.mlp.block_kernel = False
     torch.cuda.empty_cache()
 
 
@@ -374,9 +421,12 @@ def fused_parts():
     save()
 
 
-def profile_step(name, comp, row_kernel, fused_step):
-    p = res[name + "_profile"] = kernel_profile(dec, a.context, comp, row_kernel, fused_step)
-    print(f"\n{name}: per 1-token step, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
+def profile_step(name, comp, row_kernel, fused_step, T=1):
+    key = name + "_profile" + (f"_{T}" if T > 1 else "")
+    p = res[key] = kernel_profile(dec, a.context, comp, row_kernel, fused_step, T,
+                                  block_attention=name in ("compiled-fused-tree", "compiled-fused-mlp"),
+                       block_mlp=name == "compiled-fused-mlp")
+    print(f"\n{name}: per {T}-token forward, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
           f"{p['matmul']['gpu_ms_per_step']:.3f} ms, everything else {p['other']['kernels_per_step']:.0f} kernels "
           f"{p['other']['gpu_ms_per_step']:.3f} ms", flush=True)
     for row in p["top"]:
@@ -385,6 +435,11 @@ def profile_step(name, comp, row_kernel, fused_step):
 
 
 ROW_FORWARD = gemv.RowLinear.forward
+if a.products:
+    try:
+        products_by_rows([int(r) for r in a.products.split(",")], a.reps)
+    except Exception as e:  # noqa: BLE001
+        print(f"!! products: {type(e).__name__}: {e}"[:300], flush=True)
 # Ordered so that a run stopped at its time limit keeps the most: put the slow tuning last.
 for variant in a.variants.split(","):
     try:

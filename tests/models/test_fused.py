@@ -231,3 +231,83 @@ def test_block_attention_serves_the_engines_trees(family, monkeypatch):
     for method in ("pld", "copy", "lookahead"):
         assert Engine(m, make_drafter(method, m)).generate(prompt, max_new_tokens=16).run().token_ids == ref, method
     assert len(set(sizes)) >= 2, sizes
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 5, 16, 23])
+def test_block_swiglu_equals_the_norm_and_swiglu(dtype, T):
+    torch.manual_seed(2)
+    N, K = 40, 70  # neither a multiple of the kernel's tiles
+    w = (torch.randn(2 * N, K) / 8).to(dtype)
+    h = torch.randn(1, T, K).to(dtype)
+    nrm = RMSNorm(K, 1e-6).to(dtype)
+    with torch.no_grad():
+        nrm.weight.copy_(torch.rand(K) + 0.5)
+        g, u = F.linear(nrm(h), w).split(N, dim=-1)
+        ref = F.silu(g) * u
+    act = fused.block_swiglu(*fused.norm_fold(h, nrm.weight, 1e-6), w)
+    assert act.shape == (1, T, N) and act.dtype == dtype
+    assert _close(act, ref, dtype)
+    if T == 1:  # one row: rounded as the one-token step's fused product rounds it
+        one = fused.row_product(h, w, norm_weight=nrm.weight, eps=1e-6, swiglu=True)
+        assert _close(act, one, dtype) and (dtype == torch.bfloat16 or (act - one).abs().max() < 1e-5)
+
+
+def test_block_swiglu_refuses_shapes_it_cannot_take():
+    x = torch.zeros(1, 3, 8)
+    with pytest.raises(ValueError, match="their \\[1, T\\] scales"):
+        fused.block_swiglu(x, torch.zeros(1, 2), torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="their \\[1, T\\] scales"):
+        fused.block_swiglu(torch.zeros(1, 65, 8), torch.zeros(1, 65), torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        fused.block_swiglu(x, torch.zeros(1, 3), torch.zeros(7, 8))
+
+
+@needs_triton
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_block_mlp_keeps_logits_and_serves_the_engines_trees(family, monkeypatch):
+    from semiar.methods import make_drafter
+
+    m, _ = tiny_target(family)
+    prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
+    ref = Engine(m).generate(prompt, max_new_tokens=16).run().token_ids
+    dec = m.decoder
+    outs = []
+    for on in (False, True):
+        g = GraphedDecoder(dec, capacity=192, sizes=(1, 4, 8, 16, 32, 64), capture=False, block_attention=on,
+                           block_mlp=on)
+        assert all(layer.mlp.block_kernel == on for layer in dec.layers)
+        cache = g.new_cache(60)
+        g(torch.tensor([prompt]), cache)
+        tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+        outs.append(g(torch.tensor([[5, 6, 7, 8]]), cache, tree_mask=tree).logits)
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+    del cache  # (the static cache is free again for the engine's requests)
+    m.runner = g
+    rows = []
+    monkeypatch.setattr(fused, "block_swiglu", lambda x, *a, f=fused.block_swiglu: rows.append(x.shape[1])
+                        or f(x, *a))
+    for method in ("pld", "copy", "lookahead"):
+        assert Engine(m, make_drafter(method, m)).generate(prompt, max_new_tokens=16).run().token_ids == ref, method
+    assert len(set(rows)) >= 2, rows
+    # traced by Dynamo as the compiled layer runs it (one opaque call); "eager": no code generation
+    monkeypatch.setattr(graphs, "COMPILE_BACKEND", "eager")
+    m.runner = GraphedDecoder(dec, capacity=192, sizes=(1, 4, 8), capture=False, compile=True, block_attention=True,
+                              block_mlp=True)
+    assert m.runner.compiled
+    assert Engine(m, make_drafter("pld", m)).generate(prompt, max_new_tokens=16).run().token_ids == ref
+    fused.install_block_mlp(dec, on=False)
+    assert not any(layer.mlp.block_kernel for layer in dec.layers)
+
+
+def test_block_mlp_is_off_on_the_cpu_unless_asked(monkeypatch):
+    m, _ = tiny_target("qwen2")
+    monkeypatch.delenv("SEMIAR_BLOCK_MLP", raising=False)
+    assert not fused.install_block_mlp(m.decoder)
+    monkeypatch.setenv("SEMIAR_BLOCK_MLP", "1")
+    assert fused.install_block_mlp(m.decoder) == gemv.triton_available()
+    monkeypatch.setenv("SEMIAR_BLOCK_MLP", "maybe")
+    with pytest.warns(UserWarning):
+        assert not fused.install_block_mlp(m.decoder)
+    fused.install_block_mlp(m.decoder, on=False)

@@ -324,6 +324,9 @@ class MLP(nn.Module):
         self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        #: static blocks of 2-64 tokens: gate/up and SwiGLU in one kernel (models.fused.block_swiglu;
+        #: on with block attention)
+        self.block_kernel = False
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -339,7 +342,14 @@ class Layer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+        if (self.mlp.block_kernel and 1 < x.shape[1] <= fused.MAX_BLOCK and x.shape[0] == 1
+                and isinstance(start, torch.Tensor) and mask.dim() == 2):
+            x = x + a
+            norm = self.post_attention_layernorm
+            act = fused.block_swiglu_op(*fused.norm_fold(x, norm.weight, norm.eps), self.mlp.gate_up_proj.weight)
+            return x + self.mlp.down_proj(act)
+        x = x + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

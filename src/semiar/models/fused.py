@@ -206,6 +206,50 @@ def _(q, k_cache, v_cache, mask, slots):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def norm_fold(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm split as the fused products take it: (x * norm_weight rounded to x's dtype, the rows'
+    scale rsqrt(mean(x^2) + eps) in fp32 [..., rows]); the product of the first times a weight, scaled
+    by the second, is the normed rows' product. Plain torch, so the compiled layer fuses it."""
+    xf = x.float()
+    return (xf * norm_weight.float()).to(x.dtype), torch.rsqrt(xf.pow(2).mean(-1) + eps)
+
+
+def block_swiglu(xn: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A block's gate/up product and SwiGLU in one kernel: silu(g) * u with [g | u] = (xn @ weight.T) * rstd,
+    for 1..MAX_BLOCK rows; with (xn, rstd) = `norm_fold(h, norm_weight, eps)` that is the MLP's first
+    half on RMSNorm(h), rounded as `row_product(norm_weight=..., swiglu=True)` rounds one row (so a tree's
+    MLP rounds as the one-token step does). xn: [1, T, K]; rstd: [1, T] fp32; weight: [2N, K] (gate rows,
+    then up rows). Returns [1, T, N]. The compiled layer took two kernels after the norm (cuBLAS's
+    product, SiLU * up) for the same (docs/benchmarks.md)."""
+    T, K = xn.shape[-2], xn.shape[-1]
+    if xn.dim() != 3 or xn.shape[0] != 1 or not 1 <= T <= MAX_BLOCK or tuple(rstd.shape) != (1, T):
+        raise ValueError(f"block_swiglu takes [1, T <= {MAX_BLOCK}, K] rows and their [1, T] scales, "
+                         f"got {tuple(xn.shape)} and {tuple(rstd.shape)}")
+    if weight.shape[1] != K or weight.shape[0] % 2 or weight.stride(1) != 1:
+        raise ValueError(f"weight {tuple(weight.shape)} (row-major, [gate; up]) does not fit {K} features")
+    N = weight.shape[0] // 2
+    y = torch.empty(1, T, N, dtype=xn.dtype, device=xn.device)
+    from .fused_kernels import block_swiglu as kernel
+
+    pdl = _pdl_on(xn.device)
+    grid = lambda meta: ((N + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)  # noqa: E731
+    kernel[grid](xn.contiguous(), rstd.float().contiguous(), weight, y, T, N, K, weight.stride(0),
+                 IEEE=xn.dtype == torch.float32 or _interpreted(), PDL=pdl, BM=max(16, 1 << (T - 1).bit_length()),
+                 **({"launch_pdl": True} if pdl else {}))
+    return y
+
+
+@torch.library.custom_op("semiar::block_swiglu", mutates_args=())
+def block_swiglu_op(xn: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`block_swiglu` as a PyTorch custom op, so the compiled layer calls it as one opaque kernel."""
+    return block_swiglu(xn, rstd, weight)
+
+
+@block_swiglu_op.register_fake
+def _(xn, rstd, weight):
+    return xn.new_empty(*xn.shape[:-1], weight.shape[0] // 2)
+
+
 def row_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask):
     """`decoder._call_layer` for a one-token block, in five kernels (see the module doc); `mask` is
     not needed: the token sees the cache's first `slots[0]` slots and itself."""
@@ -248,6 +292,31 @@ def install(decoder, force: Optional[bool] = None) -> bool:
     if on and decoder.device.type == "cuda":
         on = _works_on(decoder.device)
     decoder.fused_row_step = on
+    return on
+
+
+def install_block_mlp(decoder, on: Optional[bool] = None) -> bool:
+    """The compiled layer's fixed-shape forwards of 2 to MAX_BLOCK tokens do the MLP's gate/up product
+    and SwiGLU in one kernel (`block_swiglu`, after `norm_fold`) instead of two.
+    on=None: SEMIAR_BLOCK_MLP=0/1 decides, else on where block attention is (the kernels run once on
+    small inputs first; one that fails leaves the compiled layer, with a warning); on=True also serves
+    the CPU tests under Triton's interpreter. Returns whether it is on."""
+    if on is None:
+        on = env_switch("SEMIAR_BLOCK_MLP", "using the default")
+        if on is None:
+            on = all(layer.self_attn.block_kernel for layer in decoder.layers) and decoder.device.type == "cuda"
+    on = bool(on) and supported(decoder) is None
+    if on and decoder.device.type == "cuda":
+        try:
+            x = torch.randn(1, 3, 64, device=decoder.device, dtype=torch.bfloat16)
+            block_swiglu(x, x[..., 0].float(), torch.randn(64, 64, device=decoder.device, dtype=torch.bfloat16))
+            torch.cuda.synchronize(decoder.device)
+        except Exception as e:  # noqa: BLE001 - whatever Triton raised, the compiled layer still works
+            warnings.warn(f"the block MLP kernel failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "using the compiled layer", stacklevel=2)
+            on = False
+    for layer in decoder.layers:
+        layer.mlp.block_kernel = on
     return on
 
 

@@ -139,7 +139,8 @@ class GraphedDecoder:
     def __init__(self, decoder: Decoder, capacity: int = 2048, sizes: Optional[Sequence[int]] = None,
                  compile: bool = False, capture: Optional[bool] = None,
                  windows: Optional[Sequence[int]] = None, row_kernel: Optional[bool] = None,
-                 fused_step: Optional[bool] = None, block_attention: Optional[bool] = None):
+                 fused_step: Optional[bool] = None, block_attention: Optional[bool] = None,
+                 block_mlp: Optional[bool] = None):
         """sizes: the block sizes captured (a block of T tokens replays the smallest size >= T;
         default: DEFAULT_SIZES up to half the capacity);
         windows: the attention widths captured for each size (default: 256, 512, ... up to the
@@ -151,7 +152,9 @@ class GraphedDecoder:
         only; True: every shape, with or without the fused step); fused_step: one-token
         steps as five fused Triton kernels per layer (`models.fused`; default: on CUDA); block_attention:
         the compiled layer's blocks of 2-64 tokens attend through one Triton kernel over the filled slots
-        (`fused.block_attention`; default: where the fused one-token step is on)."""
+        (`fused.block_attention`; default: where the fused one-token step is on); block_mlp: those blocks'
+        MLP gate/up product and SwiGLU as one Triton kernel (`fused.block_swiglu`; default: where block
+        attention is on)."""
         capture = decoder.device.type == "cuda" if capture is None else capture
         if capture and decoder.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -182,6 +185,7 @@ class GraphedDecoder:
         else:
             gemv.install(decoder, force=row_kernel)
         fused.install_block_attention(decoder, on=block_attention)
+        fused.install_block_mlp(decoder, on=block_mlp)
 
         def build(comp: bool) -> None:
             if comp:
