@@ -165,7 +165,8 @@ ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv
                      "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-fused (+ one-token steps as five "
                      "fused Triton kernels per layer, models.fused; compiled-fused-nopdl: without programmatic dependent "
                      "launch; compiled-fused-tree: + blocks of 2-64 tokens attending through fused.block_attention; "
-                     "compiled-fused-mlp: + their MLP's add, norm, gate/up and SwiGLU in one kernel; "
+                     "compiled-fused-mlp: + their MLP's gate/up and SwiGLU in one kernel (-emulate: Inductor rounds "
+                     "every bf16 intermediate as eager does); "
                      "graphs-fused: without torch.compile for the larger blocks), compiled-rowsum (one-row products "
                      "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
                      "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
@@ -179,7 +180,7 @@ ap.add_argument("--products", default="", help="rows, e.g. 1,16,64: time each ki
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
-            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-rowsum", "compiled-cdt",
+            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-mlp-emulate", "compiled-rowsum", "compiled-cdt",
             "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
@@ -270,13 +271,15 @@ def configure(name):
 
     Attention.static_sdpa = name == "graphs-sdpa"
     ic.coordinate_descent_tuning = name == "compiled-cdt"
+    ic.emulate_precision_casts = name.endswith("-emulate")
     ic.max_autotune_gemm = name == "compiled-autotune"
     if name == "compiled-autotune":  # one-row products: cuBLAS vs Triton's mm templates, the faster kept per shape
         ic.max_autotune_gemm_backends = "ATEN,TRITON"
     gemv.RowLinear.forward = rowsum_forward if name == "compiled-rowsum" else ROW_FORWARD
     torch._dynamo.reset()
     row_kernel = {"compiled-gemv": None, "compiled-fused": None, "compiled-fused-nopdl": None, "graphs-fused": None,
-                  "compiled-fused-tree": None, "compiled-fused-mlp": None, "compiled-rowsum": True}.get(name, False)
+                  "compiled-fused-tree": None, "compiled-fused-mlp": None, "compiled-fused-mlp-emulate": None,
+                  "compiled-rowsum": True}.get(name, False)
     from semiar.models import fused
 
     fused.PDL = False if name.endswith("-nopdl") else None  # None: on where the GPU and Triton have it
@@ -288,8 +291,8 @@ def measure(name):
     t0 = time.perf_counter()
     g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp, row_kernel=row_kernel,
                        windows=() if name == "graphs-full" else None, fused_step=fused_step,
-                       block_attention=name in ("compiled-fused-tree", "compiled-fused-mlp"),
-                       block_mlp=name == "compiled-fused-mlp")
+                       block_attention=name.startswith(("compiled-fused-tree", "compiled-fused-mlp")),
+                       block_mlp=name.startswith("compiled-fused-mlp"))
     res[name + "_capture_s"] = time.perf_counter() - t0
     if dec.gpu_row_kernel:
         res[name + "_row_kernel"] = dec.gpu_row_kernel
@@ -424,8 +427,8 @@ def fused_parts():
 def profile_step(name, comp, row_kernel, fused_step, T=1):
     key = name + "_profile" + (f"_{T}" if T > 1 else "")
     p = res[key] = kernel_profile(dec, a.context, comp, row_kernel, fused_step, T,
-                                  block_attention=name in ("compiled-fused-tree", "compiled-fused-mlp"),
-                       block_mlp=name == "compiled-fused-mlp")
+                                  block_attention=name.startswith(("compiled-fused-tree", "compiled-fused-mlp")),
+                                  block_mlp=name.startswith("compiled-fused-mlp"))
     print(f"\n{name}: per {T}-token forward, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
           f"{p['matmul']['gpu_ms_per_step']:.3f} ms, everything else {p['other']['kernels_per_step']:.0f} kernels "
           f"{p['other']['gpu_ms_per_step']:.3f} ms", flush=True)

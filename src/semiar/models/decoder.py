@@ -342,21 +342,30 @@ class Layer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
+        x, d = self.forward_deferred(x, None, cos, sin, k_cache, v_cache, start, mask)
+        return x + d
+
+    def forward_deferred(self, x, d, cos, sin, k_cache, v_cache, start, mask):
+        """The layer with its last residual add left to the caller: takes the previous layer's (x, d)
+        (d None for the first) and returns its own, where x + d is the layer's output. Compiled one
+        layer at a time, the add then fuses into the next layer's norm kernel instead of being one."""
+        if d is not None:
+            x = x + d
         a = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+        x = x + a
         if (self.mlp.block_kernel and 1 < x.shape[1] <= fused.MAX_BLOCK and x.shape[0] == 1
                 and isinstance(start, torch.Tensor) and mask.dim() == 2):
-            x = x + a
             norm = self.post_attention_layernorm
             act = fused.block_swiglu_op(*fused.norm_fold(x, norm.weight, norm.eps), self.mlp.gate_up_proj.weight)
-            return x + self.mlp.down_proj(act)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x))
+            return x, self.mlp.down_proj(act)
+        return x, self.mlp(self.post_attention_layernorm(x))
 
 
-def _call_layer(layer, x, cos, sin, k_cache, v_cache, start, mask):
-    """One decoder layer as a free function: compiled once (`torch.compile(_call_layer)`), it
-    serves every layer of the same shapes, since the module's weights are inputs, not constants."""
-    return layer(x, cos, sin, k_cache, v_cache, start, mask)
+def _call_layer(layer, x, d, cos, sin, k_cache, v_cache, start, mask):
+    """One decoder layer as a free function, its last residual add deferred (`Layer.forward_deferred`):
+    compiled once (`torch.compile(_call_layer)`), it serves every layer of the same shapes, since the
+    module's weights are inputs, not constants."""
+    return layer.forward_deferred(x, d, cos, sin, k_cache, v_cache, start, mask)
 
 
 def _static_prologue(embed, inv_freq, input_ids, positions, start, block_mask, capacity: int):
@@ -374,9 +383,10 @@ def _static_prologue(embed, inv_freq, input_ids, positions, start, block_mask, c
     return x, cos, sin, slots, mask
 
 
-def _static_epilogue(norm, lm_head, x):
-    """The final norm and the LM head of a fixed-shape forward: (logits fp32, normed features)."""
-    x = norm(x)
+def _static_epilogue(norm, lm_head, x, d=None):
+    """The last layer's residual add (d, when deferred), the final norm and the LM head of a
+    fixed-shape forward: (logits fp32, normed features)."""
+    x = norm(x if d is None else x + d)
     return lm_head(x).float(), x
 
 
@@ -497,9 +507,13 @@ class Decoder(nn.Module):
             layer_fn = fused.row_layer
         x, cos, sin, slots, mask = prologue(self.embed_tokens, self._inv_freq_on(input_ids.device), input_ids,
                                             positions, start, block_mask, window or k_cache.shape[3])
+        d = None
         for i, layer in enumerate(self.layers):
-            x = layer_fn(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
-        return epilogue(self.norm, self.lm_head, x)
+            if layer_fn is fused.row_layer:
+                x = layer_fn(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
+            else:
+                x, d = layer_fn(layer, x, d, cos, sin, k_cache[i], v_cache[i], slots, mask)
+        return epilogue(self.norm, self.lm_head, x, d)
 
     def pack_for_cpu(self, dense_rows: int = 2, small: Optional[str] = None) -> bool:
         """Replace every linear layer (lm_head included) by its oneDNN-packed form when on a CPU
