@@ -166,13 +166,17 @@ ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv
                      "fused Triton kernels per layer, models.fused; compiled-fused-nopdl: without programmatic dependent "
                      "launch; compiled-fused-tree: + blocks of 2-64 tokens attending through fused.block_attention; "
                      "compiled-fused-mlp: + their MLP's gate/up and SwiGLU in one kernel (-emulate: Inductor rounds "
-                     "every bf16 intermediate as eager does); "
+                     "every bf16 intermediate as eager does; -nodefer: each layer adds its own last residual, not the next "
+                     "one; also for compiled-fused-tree); "
                      "graphs-fused: without torch.compile for the larger blocks), compiled-rowsum (one-row products "
                      "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
                      "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
 ap.add_argument("--bandwidth", type=float, default=None)
 ap.add_argument("--out", default="runs/step_cost")
 ap.add_argument("--profile", action="store_true", help="also profile the kernels of a 1-token step")
+ap.add_argument("--agreement-steps", type=int, default=64, help="one-token steps whose tokens the blocks re-feed")
+ap.add_argument("--agreement-only", action="store_true",
+                help="after the timings, only the block-agreement check (no lockstep eager check, no per-kernel timings)")
 ap.add_argument("--profile-sizes", default="",
                 help="with --profile: also profile the compiled-fused-tree variant's forwards of these sizes")
 ap.add_argument("--products", default="", help="rows, e.g. 1,16,64: time each kind of product for blocks of "
@@ -180,7 +184,7 @@ ap.add_argument("--products", default="", help="rows, e.g. 1,16,64: time each ki
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
-            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-mlp-emulate", "compiled-rowsum", "compiled-cdt",
+            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-mlp-emulate", "compiled-fused-mlp-nodefer", "compiled-fused-tree-nodefer", "compiled-rowsum", "compiled-cdt",
             "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
@@ -272,6 +276,7 @@ def configure(name):
     Attention.static_sdpa = name == "graphs-sdpa"
     ic.coordinate_descent_tuning = name == "compiled-cdt"
     ic.emulate_precision_casts = name.endswith("-emulate")
+    dec.defer_residual = not name.endswith("-nodefer")
     ic.max_autotune_gemm = name == "compiled-autotune"
     if name == "compiled-autotune":  # one-row products: cuBLAS vs Triton's mm templates, the faster kept per shape
         ic.max_autotune_gemm_backends = "ATEN,TRITON"
@@ -279,6 +284,7 @@ def configure(name):
     torch._dynamo.reset()
     row_kernel = {"compiled-gemv": None, "compiled-fused": None, "compiled-fused-nopdl": None, "graphs-fused": None,
                   "compiled-fused-tree": None, "compiled-fused-mlp": None, "compiled-fused-mlp-emulate": None,
+                  "compiled-fused-mlp-nodefer": None, "compiled-fused-tree-nodefer": None,
                   "compiled-rowsum": True}.get(name, False)
     from semiar.models import fused
 
@@ -309,10 +315,12 @@ def measure(name):
         from semiar.models import fused
 
         res[name + "_pdl"] = fused.PDL
-        agreement(name, g)
-        block_agreement(name, g)
+        if not a.agreement_only:
+            agreement(name, g)
+        block_agreement(name, g, steps=a.agreement_steps)
         try:
-            fused_parts()
+            if not a.agreement_only:
+                fused_parts()
         except Exception as e:  # noqa: BLE001
             print(f"!! fused parts: {type(e).__name__}: {e}"[:300], flush=True)
     if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "compiled-fused-nopdl", "graphs-fused"):
@@ -360,7 +368,8 @@ def block_agreement(name, g, steps=64, block=16):
     """Tree verification's side of identity: the tokens a run of one-token steps chose, fed again in
     blocks of `block` (causal, as a chain verifies), and per position whether the block forward's
     next token is the step's, the largest logit difference, and the step's logit gap where they differ."""
-    prompt = torch.randint(100, 1000, (1, a.context), device="cuda")
+    # the same prompt for every variant, so that they re-feed the same tokens
+    prompt = torch.randint(100, 1000, (1, a.context), generator=torch.Generator().manual_seed(7)).cuda()
     cache = g.new_cache(a.context + steps + block + 8)
     last = g(prompt, cache, logits_at=slice(-1, None)).logits[:, -1]
     toks, ref = [], []

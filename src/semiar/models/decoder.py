@@ -419,6 +419,9 @@ class Decoder(nn.Module):
         self.gpu_row_kernel = {}
         #: one-token fixed-shape forwards run each layer as five fused Triton kernels (models.fused.install)
         self.fused_row_step = False
+        #: fixed-shape forwards of the compiled layer defer each layer's last residual add into the
+        #: next layer (`Layer.forward_deferred`); False: each layer adds its own (for measurements)
+        self.defer_residual = True
 
     @property
     def device(self):
@@ -513,6 +516,8 @@ class Decoder(nn.Module):
                 x = layer_fn(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
             else:
                 x, d = layer_fn(layer, x, d, cos, sin, k_cache[i], v_cache[i], slots, mask)
+                if not self.defer_residual:
+                    x, d = x + d, None
         return epilogue(self.norm, self.lm_head, x, d)
 
     def pack_for_cpu(self, dense_rows: int = 2, small: Optional[str] = None) -> bool:
