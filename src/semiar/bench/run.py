@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -284,6 +285,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     for m in list(cfg.methods):
         attempt(m, encoded[0], min(8, cfg.max_new_tokens), cfg.seed)
     _drop_failed(results, cfg)
+    # Python's collector, kept out of the timings: what is loaded by now (models, compiled code,
+    # tokenizers: over half a million objects after torch.compile) is frozen, so that a full collection
+    # no longer walks it (0.3 s for a tiny compiled model on a 2-core CPU), and each run starts after
+    # a collection. (The suspected cause of single 0.6-0.8 s stalls in GPU runs; docs/benchmarks.md)
+    gc.collect()
+    gc.freeze()
 
     total = len(prompts) * cfg.repeats * len(cfg.methods)
     # `timeout` and job schedulers stop with SIGTERM: treat it like Ctrl-C and keep what finished
@@ -302,6 +309,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                         if m in results["failed"]:
                             continue
                         bar.update(task, description=f"{m:12s} {p.task}/{p.id}")
+                        gc.collect()
                         per_method[m].append(attempt(m, ids, cfg.max_new_tokens, cfg.seed + 1000 * pi + rep))
                         bar.advance(task)
                 _drop_failed(results, cfg)
@@ -317,6 +325,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         console.print("[yellow]interrupted: writing the prompts that finished[/]")
     finally:
         _restore_sigterm(old_term)
+        gc.unfreeze()  # the caller's process as it was: its garbage collectable again
     results["identity"] = identity_check(results, cfg)
     classify_mismatches(results["identity"], results["runs"], runner.target, encoded, prompts)
     results["summary"] = summarize(results)
