@@ -31,12 +31,15 @@ start-up overlaps the last one's tail. SEMIAR_PDL=0 turns that off.
 `install(decoder)` turns it on for `Decoder.forward_static`'s one-token blocks (CUDA and Triton,
 a power-of-two head size of at least 16); `SEMIAR_FUSED=0/1` turns it off / forces it (the CPU
 tests run it under Triton's interpreter). The choice is kept as `decoder.fused_row_step`.
-The 2-64-token forwards that verify trees (and prefill chunks) keep the compiled layer, whose
-products cuBLAS runs faster than the tensor-core Triton kernels tried here (twice: the last, with
-the fused norm/SwiGLU/residual, split-K and a deterministic fix-up, took 2.36 against 2.00 ms for
-16 tokens on the H200; docs/benchmarks.md). Their attention goes through `block_attention`: the
-same split-and-merge kernels under the tree mask, over the filled slots only (on where the fused
-step is; SEMIAR_BLOCK_ATTENTION=0/1), which also gives them the one-token step's attention rounding.
+The 2-64-token forwards that verify trees (and prefill chunks) keep the compiled layer, with
+cuBLAS for the qkv, o and down products: two whole Triton layers for them lost to it (the last, with
+the fused norm/SwiGLU/residual, split-K and a deterministic fix-up, took 2.36 against 2.00 ms for 16
+tokens on the H200; docs/benchmarks.md). Two pieces of it are kernels from here: attention goes
+through `block_attention`, the same split-and-merge kernels under the tree mask over the filled
+slots only (on where the fused step is; SEMIAR_BLOCK_ATTENTION=0/1), and the MLP's gate/up product
+with SwiGLU through `block_swiglu`, whose swapped operands put the weight tile on the wide side of
+the tensor-core product (on with block attention; SEMIAR_BLOCK_MLP=0/1). Both round as the one-token
+step does.
 """
 
 from __future__ import annotations
