@@ -41,6 +41,20 @@ def test_static_forward_equals_eager_for_padded_blocks_and_trees():
     assert torch.allclose(ref.k[:, :, :, :n], got.k[:, :, :, :n], atol=1e-5)
 
 
+def test_deferred_residual_adds_give_the_same_forward():
+    # each layer's last residual add done by the next layer (the default) or by the layer itself
+    m, g = _pair()
+    prompt = torch.tensor([[3, 9, 4, 1, 7, 2, 5]])
+    outs = []
+    for defer in (True, False):
+        m.decoder.defer_residual = defer
+        cache = g.new_cache(64)
+        outs.append(g(prompt, cache, return_hidden=True))
+        del cache
+    m.decoder.defer_residual = True
+    assert torch.equal(outs[0].logits, outs[1].logits) and torch.equal(outs[0].hidden, outs[1].hidden)
+
+
 def test_attention_windows_follow_the_cache_length():
     # windows of 16 and 32 slots under a 96-slot capacity: as the cache grows, steps move from
     # the 16-slot graph to the 32-slot one and then to the whole capacity, with eager's logits
