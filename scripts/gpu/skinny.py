@@ -8,6 +8,7 @@ kernels (commit f182c6e) put the block rows there. SPLIT > 1 splits K for enough
 down projection's 1536 rows are 24 tiles of 64) and writes fp32 partials that a second kernel adds.
 
 usage: python scripts/gpu/skinny.py [--rows 16,64] [--reps 100] [--out DIR]
+(with the package importable: installed, or PYTHONPATH=src as scripts/gpu/session.sh sets it)
 """
 import argparse
 import itertools
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from semiar.models.graphs import _Captured
 
 
 @triton.jit
@@ -53,16 +56,8 @@ def add_splits(p_ptr, y_ptr, total, stride, SPLIT: tl.constexpr, BLOCK: tl.const
 
 
 def graph_ms(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g, stream=s):
-            fn()
-    torch.cuda.synchronize()
+    """ms per replay of `fn` captured as one CUDA graph (models.graphs._Captured), the mean of `reps`."""
+    g = _Captured(fn, []).graph
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()

@@ -81,13 +81,12 @@ def matmuls_alone(dec, reps, product=F.linear):
     return timed(g.graph.replay, reps), len(linears)
 
 
-def kernel_profile(dec, context, compiled, row_kernel, fused_step, T=1, block_attention=None, block_mlp=None):
-    """Kernels of one T-token fixed-shape forward (no graph: the same kernels a replay runs)."""
+def kernel_profile(dec, context, kw, T=1):
+    """Kernels of one T-token fixed-shape forward (no graph: the same kernels a replay runs);
+    kw: the variant's GraphedDecoder options (`configure`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    g = GraphedDecoder(dec, capacity=a.capacity, sizes=sorted({1, T}), capture=False, compile=compiled,
-                       row_kernel=row_kernel, fused_step=fused_step, block_attention=block_attention,
-                       block_mlp=block_mlp)
+    g = GraphedDecoder(dec, capacity=a.capacity, sizes=sorted({1, T}), capture=False, **kw)
     cache = g.new_cache(context + 100)
     step_costs(g, cache, context, [T] if T > 1 else [], 5)
     ids = torch.randint(100, 1000, (1, T), device="cuda")
@@ -270,7 +269,8 @@ def rowsum_forward(self, x):
 
 
 def configure(name):
-    """Inductor's settings and the product path for a variant; returns (compile, row_kernel, fused_step)."""
+    """Inductor's settings for a variant, and its GraphedDecoder options: compile, row_kernel, fused_step,
+    block_attention, block_mlp."""
     import torch._inductor.config as ic
 
     Attention.static_sdpa = name == "graphs-sdpa"
@@ -289,16 +289,16 @@ def configure(name):
     from semiar.models import fused
 
     fused.PDL = False if name.endswith("-nopdl") else None  # None: on where the GPU and Triton have it
-    return name.startswith("compiled"), row_kernel, "-fused" in name
+    return dict(compile=name.startswith("compiled"), row_kernel=row_kernel, fused_step="-fused" in name,
+                block_attention=name.startswith(("compiled-fused-tree", "compiled-fused-mlp")),
+                block_mlp=name.startswith("compiled-fused-mlp"))
 
 
 def measure(name):
-    comp, row_kernel, fused_step = configure(name)
+    kw = configure(name)
     t0 = time.perf_counter()
-    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes, compile=comp, row_kernel=row_kernel,
-                       windows=() if name == "graphs-full" else None, fused_step=fused_step,
-                       block_attention=name.startswith(("compiled-fused-tree", "compiled-fused-mlp")),
-                       block_mlp=name.startswith("compiled-fused-mlp"))
+    g = GraphedDecoder(dec, capacity=a.capacity, sizes=[1, 2] + sizes,
+                       windows=() if name == "graphs-full" else None, **kw)
     res[name + "_capture_s"] = time.perf_counter() - t0
     if dec.gpu_row_kernel:
         res[name + "_row_kernel"] = dec.gpu_row_kernel
@@ -311,7 +311,7 @@ def measure(name):
     res[name + "_replay_ms"] = timed(lambda: g.graphs[1, W].replay(), a.reps)
     report(name)
     del cache  # (the graphs' static cache is free again)
-    if fused_step:
+    if kw["fused_step"]:
         from semiar.models import fused
 
         res[name + "_pdl"] = fused.PDL
@@ -325,11 +325,11 @@ def measure(name):
             print(f"!! fused parts: {type(e).__name__}: {e}"[:300], flush=True)
     if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "compiled-fused-nopdl", "graphs-fused"):
         del g
-        profile_step(name, comp, row_kernel, fused_step)
+        profile_step(name, kw)
     elif a.profile and name in ("compiled-fused-tree", "compiled-fused-mlp") and a.profile_sizes:
         del g
         for T in (int(t) for t in a.profile_sizes.split(",")):
-            profile_step(name, comp, row_kernel, fused_step, T)
+            profile_step(name, kw, T)
     gemv.uninstall(dec)
     dec.static_fns = None
     dec.fused_row_step = False
@@ -433,11 +433,9 @@ def fused_parts():
     save()
 
 
-def profile_step(name, comp, row_kernel, fused_step, T=1):
+def profile_step(name, kw, T=1):
     key = name + "_profile" + (f"_{T}" if T > 1 else "")
-    p = res[key] = kernel_profile(dec, a.context, comp, row_kernel, fused_step, T,
-                                  block_attention=name.startswith(("compiled-fused-tree", "compiled-fused-mlp")),
-                                  block_mlp=name.startswith("compiled-fused-mlp"))
+    p = res[key] = kernel_profile(dec, a.context, kw, T)
     print(f"\n{name}: per {T}-token forward, matrix products {p['matmul']['kernels_per_step']:.0f} kernels "
           f"{p['matmul']['gpu_ms_per_step']:.3f} ms, everything else {p['other']['kernels_per_step']:.0f} kernels "
           f"{p['other']['gpu_ms_per_step']:.3f} ms", flush=True)

@@ -86,12 +86,11 @@ class _Detokenizer:
     output, quadratic over a request: with the Qwen tokenizer 10 µs per token on average over a
     128-token output (this project's CPU), where a copy step on the H200 emits ~7 tokens in ~3 ms;
     this way, 2 µs, and flat in the output's length (scripts/host_cost.py text). Here each step
-    decodes only the ids from the previous
-    step's start (`_prefix`) on and subtracts the text those older ids gave: that keeps context for
-    tokenizers whose text depends on the token before (SentencePiece's leading space), and text
-    that ends in an incomplete UTF-8 character is held back until a later step completes it.
-    Stop strings are searched in the text a step adds; only a step that completes one is walked
-    token by token, to find the token that completed it."""
+    decodes only the ids from the previous step's start (`_prefix`) on and subtracts the text those
+    older ids gave: that keeps context for tokenizers whose text depends on the token before
+    (SentencePiece's leading space), and text that ends in an incomplete UTF-8 character is held
+    back until a later step completes it. Stop strings are searched in the text a step adds; only a
+    step that completes one is walked token by token, to find the token that completed it."""
 
     def __init__(self, tokenizer, stop: Sequence[str]):
         self.tok = tokenizer

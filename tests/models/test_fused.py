@@ -160,6 +160,16 @@ def test_block_attention_equals_masked_attention(dtype, start, monkeypatch):
     assert out.shape == (1, H, S, D) and _close(out, ref, dtype)
 
 
+def _tree_logits(dec, prompt, **graphed):
+    """Logits of one 4-token tree after `prompt` through GraphedDecoder(dec, capture=False, **graphed),
+    and that decoder (its static cache free again)."""
+    g = GraphedDecoder(dec, capture=False, **graphed)
+    cache = g.new_cache(len(prompt) + 40)
+    g(torch.tensor([prompt]), cache)
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    return g(torch.tensor([[5, 6, 7, 8]]), cache, tree_mask=tree).logits, g
+
+
 @needs_triton
 def test_block_attention_keeps_verification_and_greedy_output(monkeypatch):
     from semiar.methods import make_drafter
@@ -170,12 +180,9 @@ def test_block_attention_keeps_verification_and_greedy_output(monkeypatch):
     dec = m.decoder
     outs = []
     for on in (False, True):
-        g = GraphedDecoder(dec, capacity=64, sizes=(1, 4, 8), capture=False, block_attention=on)
+        logits, g = _tree_logits(dec, prompt, capacity=64, sizes=(1, 4, 8), block_attention=on)
         assert all(layer.self_attn.block_kernel == on for layer in dec.layers)
-        cache = g.new_cache(40)
-        g(torch.tensor([prompt]), cache)
-        tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
-        outs.append(g(torch.tensor([[5, 6, 7, 8]]), cache, tree_mask=tree).logits)
+        outs.append(logits)
     assert (outs[0] - outs[1]).abs().max() < 1e-4
     m.runner = g
     assert Engine(m, make_drafter("pld", m)).generate(prompt, max_new_tokens=16).run().token_ids == ref
@@ -192,7 +199,7 @@ def test_kernels_that_fail_with_pdl_run_without_then_leave_the_plain_layers(monk
     # what install does on CUDA before turning the step on (here with the launches stubbed)
     monkeypatch.setattr(fused, "PDL", None)
     monkeypatch.setattr(fused, "_pdl_on", lambda device: fused.PDL is not False)
-    for name in ("decode_attention", "block_attention"):
+    for name in ("decode_attention", "block_attention", "block_swiglu"):
         monkeypatch.setattr(fused, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
 
@@ -275,15 +282,11 @@ def test_block_mlp_keeps_logits_and_serves_the_engines_trees(family, monkeypatch
     dec = m.decoder
     outs = []
     for on in (False, True):
-        g = GraphedDecoder(dec, capacity=192, sizes=(1, 4, 8, 16, 32, 64), capture=False, block_attention=on,
-                           block_mlp=on)
+        logits, g = _tree_logits(dec, prompt, capacity=192, sizes=(1, 4, 8, 16, 32, 64), block_attention=on,
+                                 block_mlp=on)
         assert all(layer.mlp.block_kernel == on for layer in dec.layers)
-        cache = g.new_cache(60)
-        g(torch.tensor([prompt]), cache)
-        tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
-        outs.append(g(torch.tensor([[5, 6, 7, 8]]), cache, tree_mask=tree).logits)
+        outs.append(logits)
     assert (outs[0] - outs[1]).abs().max() < 1e-4
-    del cache  # (the static cache is free again for the engine's requests)
     m.runner = g
     rows = []
     monkeypatch.setattr(fused, "block_swiglu", lambda x, *a, f=fused.block_swiglu: rows.append(x.shape[1])

@@ -295,7 +295,7 @@ class Attention(nn.Module):
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-        if self.block_kernel and 1 < T <= fused.MAX_BLOCK and isinstance(start, torch.Tensor) and mask.dim() == 2:
+        if self.block_kernel and fused.block_path(T, start, mask):
             # one attention kernel over the filled slots only (start[-1] + 1 of them)
             out = fused.block_attention_op(q, k_cache, v_cache, mask, start)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d))
@@ -325,7 +325,7 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         #: static blocks of 2-64 tokens: gate/up and SwiGLU in one kernel (models.fused.block_swiglu;
-        #: on with block attention)
+        #: on where the fused one-token step is)
         self.block_kernel = False
 
     def forward(self, x):
@@ -353,8 +353,7 @@ class Layer(nn.Module):
             x = x + d
         a = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
         x = x + a
-        if (self.mlp.block_kernel and 1 < x.shape[1] <= fused.MAX_BLOCK and x.shape[0] == 1
-                and isinstance(start, torch.Tensor) and mask.dim() == 2):
+        if self.mlp.block_kernel and fused.block_path(x.shape[1], start, mask):
             norm = self.post_attention_layernorm
             act = fused.block_swiglu_op(*fused.norm_fold(x, norm.weight, norm.eps), self.mlp.gate_up_proj.weight)
             return x, self.mlp.down_proj(act)

@@ -38,7 +38,7 @@ tokens on the H200; docs/benchmarks.md). Two pieces of it are kernels from here:
 through `block_attention`, the same split-and-merge kernels under the tree mask over the filled
 slots only (on where the fused step is; SEMIAR_BLOCK_ATTENTION=0/1), and the MLP's gate/up product
 with SwiGLU through `block_swiglu`, whose swapped operands put the weight tile on the wide side of
-the tensor-core product (on with block attention; SEMIAR_BLOCK_MLP=0/1). Both round as the one-token
+the tensor-core product (on where the fused step is; SEMIAR_BLOCK_MLP=0/1). Both round as the one-token
 step does.
 """
 
@@ -298,29 +298,21 @@ def install(decoder, force: Optional[bool] = None) -> bool:
     return on
 
 
-def install_block_mlp(decoder, on: Optional[bool] = None) -> bool:
-    """The compiled layer's fixed-shape forwards of 2 to MAX_BLOCK tokens do the MLP's gate/up product
-    and SwiGLU in one kernel (`block_swiglu`, after `norm_fold`) instead of two.
-    on=None: SEMIAR_BLOCK_MLP=0/1 decides, else on where block attention is (the kernels run once on
-    small inputs first; one that fails leaves the compiled layer, with a warning); on=True also serves
-    the CPU tests under Triton's interpreter. Returns whether it is on."""
+def _block_switch(decoder, on: Optional[bool], env: str) -> bool:
+    """The decision of `install_block_attention` / `install_block_mlp`: `on`, else the environment
+    switch `env` (0/1), else on where the fused one-token step is (CUDA, kernels that ran: `_works_on`);
+    and only for a decoder `supported` takes."""
     if on is None:
-        on = env_switch("SEMIAR_BLOCK_MLP", "using the default")
+        on = env_switch(env, "using the default")
         if on is None:
-            on = all(layer.self_attn.block_kernel for layer in decoder.layers) and decoder.device.type == "cuda"
-    on = bool(on) and supported(decoder) is None
-    if on and decoder.device.type == "cuda":
-        try:
-            x = torch.randn(1, 3, 64, device=decoder.device, dtype=torch.bfloat16)
-            block_swiglu(x, x[..., 0].float(), torch.randn(64, 64, device=decoder.device, dtype=torch.bfloat16))
-            torch.cuda.synchronize(decoder.device)
-        except Exception as e:  # noqa: BLE001 - whatever Triton raised, the compiled layer still works
-            warnings.warn(f"the block MLP kernel failed ({type(e).__name__}: {str(e)[:200]}); "
-                          "using the compiled layer", stacklevel=2)
-            on = False
-    for layer in decoder.layers:
-        layer.mlp.block_kernel = on
-    return on
+            on = bool(getattr(decoder, "fused_row_step", False)) and decoder.device.type == "cuda"
+    return bool(on) and supported(decoder) is None
+
+
+def block_path(T: int, start, mask) -> bool:
+    """Whether a layer's forward of T tokens is a fixed-shape block that the block kernels serve
+    (2 to MAX_BLOCK tokens, the slots as a tensor, one [T, W] mask), where they are installed."""
+    return 1 < T <= MAX_BLOCK and isinstance(start, torch.Tensor) and mask.dim() == 2
 
 
 def install_block_attention(decoder, on: Optional[bool] = None) -> bool:
@@ -328,15 +320,22 @@ def install_block_attention(decoder, on: Optional[bool] = None) -> bool:
     verification, prefill chunks) through `block_attention`, over the filled slots only, instead of
     the compiled matmul-softmax-matmul over the whole window (H200, 1.5B: 16/32/64-token forwards
     2.05/2.12/2.26 -> 1.96/2.04/2.21 ms). on=None: SEMIAR_BLOCK_ATTENTION=0/1 decides, else on where
-    the fused one-token step is (CUDA, kernels that work); on=True also serves the CPU tests under
-    Triton's interpreter. Needs what `supported` asks. Returns whether it is on."""
-    if on is None:
-        on = env_switch("SEMIAR_BLOCK_ATTENTION", "using the default")
-        if on is None:
-            on = bool(getattr(decoder, "fused_row_step", False)) and decoder.device.type == "cuda"
-    on = bool(on) and supported(decoder) is None
+    the fused one-token step is; on=True also serves the CPU tests under Triton's interpreter.
+    Returns whether it is on."""
+    on = _block_switch(decoder, on, "SEMIAR_BLOCK_ATTENTION")
     for layer in decoder.layers:
         layer.self_attn.block_kernel = on
+    return on
+
+
+def install_block_mlp(decoder, on: Optional[bool] = None) -> bool:
+    """The compiled layer's fixed-shape forwards of 2 to MAX_BLOCK tokens do the MLP's gate/up product
+    and SwiGLU in one kernel (`block_swiglu`, after `norm_fold`) instead of two. on=None:
+    SEMIAR_BLOCK_MLP=0/1 decides, else on where the fused one-token step is; on=True also serves the
+    CPU tests under Triton's interpreter. Returns whether it is on."""
+    on = _block_switch(decoder, on, "SEMIAR_BLOCK_MLP")
+    for layer in decoder.layers:
+        layer.mlp.block_kernel = on
     return on
 
 
@@ -354,6 +353,7 @@ def _works_on(device) -> bool:
                              torch.tensor([3], device=device), 1, 1)
             block_attention(torch.randn(1, 1, 3, 16, device=device, dtype=torch.bfloat16), cache, cache.clone(),
                             torch.ones(3, 64, dtype=torch.bool, device=device), torch.arange(3, 6, device=device))
+            block_swiglu(x.expand(1, 3, 64).contiguous(), x[0, :, :3].float(), w)
             torch.cuda.synchronize(device)
             return True
         except Exception as e:  # noqa: BLE001 - whatever Triton raised, the plain layers still work

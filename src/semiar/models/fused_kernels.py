@@ -31,6 +31,27 @@ def _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM: tl.constex
     return acc, acc_up, ss
 
 
+@triton.jit
+def _weight_rows(w_ptr, rows, row_ok, cols, col_ok, N, stride_wn, SWIGLU: tl.constexpr):
+    # the weight tile [rows, cols] (evicted first: read once), and with SWIGLU the up rows N further on
+    ok = row_ok[:, None] & col_ok[None, :]
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
+    wu = w
+    if SWIGLU:
+        wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
+                     eviction_policy="evict_first")
+    return w, wu
+
+
+@triton.jit
+def _swiglu(gate, up, y_ptr):
+    # silu(g) * u of the gate/up product's outputs, rounded to y's dtype (the model's) first, fp32 after
+    dt = y_ptr.dtype.element_ty
+    gate = gate.to(dt).to(tl.float32)
+    up = up.to(dt).to(tl.float32)
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
 @triton.autotune(configs=configs, key=["N", "K", "NORM", "SWIGLU", "RESIDUAL"])
 @triton.jit
 def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
@@ -51,24 +72,14 @@ def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     cols = tl.arange(0, BLOCK_K)
     col_ok = cols < K
-    ok = row_ok[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
-    wu = w
-    if SWIGLU:
-        wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
-                     eviction_policy="evict_first")
+    w, wu = _weight_rows(w_ptr, rows, row_ok, cols, col_ok, N, stride_wn, SWIGLU)
     if PDL:
         gdc_wait()  # from here on: the row, the residual, and every store
     acc, acc_up, ss = _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM, SWIGLU)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        ok = row_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0,
-                    eviction_policy="evict_first")
-        if SWIGLU:
-            wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
-                         eviction_policy="evict_first")
+        w, wu = _weight_rows(w_ptr, rows, row_ok, cols, col_ok, N, stride_wn, SWIGLU)
         acc, acc_up, ss = _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM, SWIGLU)
     y = tl.sum(acc, axis=1)
     if NORM:
@@ -80,9 +91,7 @@ def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
         up = tl.sum(acc_up, axis=1)
         if NORM:
             up = up * rstd
-        gate = y.to(dt).to(tl.float32)
-        up = up.to(dt).to(tl.float32)
-        y = gate / (1.0 + tl.exp(-gate)) * up
+        y = _swiglu(y, up, y_ptr)
     if RESIDUAL:
         y = y.to(dt).to(tl.float32) + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(dt), mask=row_ok)
@@ -267,10 +276,7 @@ def block_swiglu(x_ptr, r_ptr, w_ptr, y_ptr, M, N, K, stride_wn, IEEE: tl.conste
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        ok = row_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
-        wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=ok, other=0.0,
-                     eviction_policy="evict_first")
+        w, wu = _weight_rows(w_ptr, rows, row_ok, cols, col_ok, N, stride_wn, True)
         xt = tl.load(x_ptr + m[None, :] * K + cols[:, None], mask=m_ok[None, :] & col_ok[:, None], other=0.0)
         if IEEE:  # fp32 models and Triton's interpreter (whose bf16 dot is broken): exact fp32 products
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
@@ -279,9 +285,7 @@ def block_swiglu(x_ptr, r_ptr, w_ptr, y_ptr, M, N, K, stride_wn, IEEE: tl.conste
             acc = tl.dot(w, xt, acc)
             acc_up = tl.dot(wu, xt, acc_up)
     r = tl.load(r_ptr + m, mask=m_ok, other=0.0)[None, :]
-    gate = (acc * r).to(dt).to(tl.float32)
-    up = (acc_up * r).to(dt).to(tl.float32)
-    y = gate / (1.0 + tl.exp(-gate)) * up
+    y = _swiglu(acc * r, acc_up * r, y_ptr)
     tl.store(y_ptr + m[None, :] * N + rows[:, None], y.to(dt), mask=row_ok[:, None] & m_ok[None, :])
 
 

@@ -29,7 +29,6 @@ Example (needs a CUDA device):
 from __future__ import annotations
 
 import functools
-import gc
 import time
 import warnings
 import weakref
@@ -154,8 +153,8 @@ class GraphedDecoder:
         steps as five fused Triton kernels per layer (`models.fused`; default: on CUDA); block_attention:
         the compiled layer's blocks of 2-64 tokens attend through one Triton kernel over the filled slots
         (`fused.block_attention`; default: where the fused one-token step is on); block_mlp: those blocks'
-        MLP gate/up product and SwiGLU as one Triton kernel (`fused.block_swiglu`; default: where block
-        attention is on)."""
+        MLP gate/up product and SwiGLU as one Triton kernel (`fused.block_swiglu`; default: where the
+        fused one-token step is on)."""
         capture = decoder.device.type == "cuda" if capture is None else capture
         if capture and decoder.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -198,10 +197,6 @@ class GraphedDecoder:
         self.compiled = build_with_compile_fallback(build, compile, "the model")
         if capture:
             torch.cuda.synchronize(dev)
-            # compiling and capturing leave the process with over half a million Python objects that
-            # live as long as the model; frozen, the collector's full passes (0.3 s and more) skip them
-            gc.collect()
-            gc.freeze()
         self.capture_seconds = time.perf_counter() - t0
         self.cache.length = 0
 
