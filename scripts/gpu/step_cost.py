@@ -104,7 +104,7 @@ def kernel_profile(dec, context, kw, T=1):
         if not t or e.count == 0 or e.key.startswith("ProfilerStep"):
             continue
         # Inductor's fused kernels (triton_*) name the ops they fuse, gemv among them: not products
-        kind = ("matmul" if e.key.startswith(("row_product", "block_product", "block_swiglu")) or (not e.key.startswith("triton_")
+        kind = ("matmul" if e.key.startswith(("row_product", "block_swiglu")) or (not e.key.startswith("triton_")
                                                                 and any(w in e.key.lower() for w in gemm_words))
                 else "other")
         kinds[kind][0] += e.count
@@ -166,8 +166,7 @@ ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv
                      "launch; compiled-fused-tree: + blocks of 2-64 tokens attending through fused.block_attention; "
                      "compiled-fused-mlp: + their MLP's gate/up and SwiGLU in one kernel (-emulate: Inductor rounds "
                      "every bf16 intermediate as eager does; -nodefer: each layer adds its own last residual, not the next "
-                     "one; also for compiled-fused-tree); compiled-fused-layer: those blocks as seven Triton "
-                     "kernels per layer instead of the compiled layer (fused.block_layer); "
+                     "one; also for compiled-fused-tree); "
                      "graphs-fused: without torch.compile for the larger blocks), compiled-rowsum (one-row products "
                      "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
                      "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
@@ -184,7 +183,7 @@ ap.add_argument("--products", default="", help="rows, e.g. 1,16,64: time each ki
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
-            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-mlp-emulate", "compiled-fused-mlp-nodefer", "compiled-fused-tree-nodefer", "compiled-fused-layer", "compiled-rowsum", "compiled-cdt",
+            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-mlp-emulate", "compiled-fused-mlp-nodefer", "compiled-fused-tree-nodefer", "compiled-rowsum", "compiled-cdt",
             "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
@@ -286,14 +285,13 @@ def configure(name):
     row_kernel = {"compiled-gemv": None, "compiled-fused": None, "compiled-fused-nopdl": None, "graphs-fused": None,
                   "compiled-fused-tree": None, "compiled-fused-mlp": None, "compiled-fused-mlp-emulate": None,
                   "compiled-fused-mlp-nodefer": None, "compiled-fused-tree-nodefer": None,
-                  "compiled-fused-layer": None, "compiled-rowsum": True}.get(name, False)
+                  "compiled-rowsum": True}.get(name, False)
     from semiar.models import fused
 
     fused.PDL = False if name.endswith("-nopdl") else None  # None: on where the GPU and Triton have it
     return dict(compile=name.startswith("compiled"), row_kernel=row_kernel, fused_step="-fused" in name,
-                block_attention=name.startswith(("compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-layer")),
-                block_mlp=name.startswith(("compiled-fused-mlp", "compiled-fused-layer")),
-                block_layer=name.startswith("compiled-fused-layer"))
+                block_attention=name.startswith(("compiled-fused-tree", "compiled-fused-mlp")),
+                block_mlp=name.startswith("compiled-fused-mlp"))
 
 
 def measure(name):
@@ -328,14 +326,13 @@ def measure(name):
     if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "compiled-fused-nopdl", "graphs-fused"):
         del g
         profile_step(name, kw)
-    elif a.profile and name in ("compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-layer") and a.profile_sizes:
+    elif a.profile and name in ("compiled-fused-tree", "compiled-fused-mlp") and a.profile_sizes:
         del g
         for T in (int(t) for t in a.profile_sizes.split(",")):
             profile_step(name, kw, T)
     gemv.uninstall(dec)
     dec.static_fns = None
     dec.fused_row_step = False
-    dec.fused_block_step = False
     for layer in dec.layers:
         layer.self_attn.block_kernel = False
         layer.mlp.block_kernel = False

@@ -158,6 +158,9 @@ def test_block_attention_equals_masked_attention(dtype, start, monkeypatch):
     scores = (q.float() @ keys.transpose(-1, -2)) / D ** 0.5
     ref = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ values
     assert out.shape == (1, H, S, D) and _close(out, ref, dtype)
+    # the layout the o product reads, written by the merge itself: the same values
+    tokens = fused.block_attention(q, kc, vc, mask, slots, token_major=True)
+    assert tokens.shape == (1, S, H * D) and torch.equal(tokens, out.transpose(1, 2).reshape(1, S, H * D))
 
 
 def _tree_logits(dec, prompt, **graphed):
@@ -199,7 +202,7 @@ def test_kernels_that_fail_with_pdl_run_without_then_leave_the_plain_layers(monk
     # what install does on CUDA before turning the step on (here with the launches stubbed)
     monkeypatch.setattr(fused, "PDL", None)
     monkeypatch.setattr(fused, "_pdl_on", lambda device: fused.PDL is not False)
-    for name in ("decode_attention", "block_attention", "block_swiglu", "block_product", "block_rope_cache"):
+    for name in ("decode_attention", "block_attention", "block_swiglu"):
         monkeypatch.setattr(fused, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
 
@@ -233,8 +236,8 @@ def test_block_attention_serves_the_engines_trees(family, monkeypatch):
     m.runner = GraphedDecoder(m.decoder, capacity=192, sizes=(1, 8, 16, 32, 64), capture=False, fused_step=True,
                               block_attention=True)
     sizes = []
-    monkeypatch.setattr(fused, "block_attention", lambda q, *a, f=fused.block_attention: sizes.append(q.shape[2])
-                        or f(q, *a))
+    monkeypatch.setattr(fused, "block_attention", lambda q, *a, f=fused.block_attention, **k: sizes.append(q.shape[2])
+                        or f(q, *a, **k))
     for method in ("pld", "copy", "lookahead"):
         assert Engine(m, make_drafter(method, m)).generate(prompt, max_new_tokens=16).run().token_ids == ref, method
     assert len(set(sizes)) >= 2, sizes
@@ -314,120 +317,3 @@ def test_block_mlp_is_off_on_the_cpu_unless_asked(monkeypatch):
     with pytest.warns(UserWarning):
         assert not fused.install_block_mlp(m.decoder)
     fused.install_block_mlp(m.decoder, on=False)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T", [1, 6, 23])
-@pytest.mark.parametrize("norm,swiglu,residual,bias", [(True, False, False, True), (False, False, True, False),
-                                                       (True, True, False, False), (False, False, False, True)])
-def test_block_product_rounds_each_row_as_row_product(dtype, T, norm, swiglu, residual, bias):
-    torch.manual_seed(3)
-    N, K = 37, 70
-    w = (torch.randn(2 * N if swiglu else N, K) / 8).to(dtype)
-    b = torch.randn(w.shape[0]).to(dtype) if bias else None
-    x = torch.randn(1, T, K).to(dtype)
-    r = torch.randn(1, T, N).to(dtype) if residual else None
-    nw = (torch.rand(K) + 0.5).to(dtype) if norm else None
-    y = fused.block_product(x, w, b, norm_weight=nw, eps=1e-6, swiglu=swiglu, residual=r)
-    assert y.shape == (1, T, N) and y.dtype == dtype
-    rows = torch.cat([fused.row_product(x[:, t:t + 1], w, b, norm_weight=nw, eps=1e-6, swiglu=swiglu,
-                                        residual=None if r is None else r[:, t:t + 1]) for t in range(T)], dim=1)
-    assert _close(y, rows, dtype) and (dtype == torch.bfloat16 or (y - rows).abs().max() < 1e-5)
-
-
-def test_block_product_refuses_shapes_it_cannot_take():
-    x = torch.zeros(1, 3, 8)
-    with pytest.raises(ValueError, match="T <= 64"):
-        fused.block_product(torch.zeros(1, 65, 8), torch.zeros(4, 8))
-    with pytest.raises(ValueError, match="does not fit"):
-        fused.block_product(x, torch.zeros(4, 7))
-    with pytest.raises(ValueError, match="gate; up"):
-        fused.block_product(x, torch.zeros(5, 8), swiglu=True)
-    with pytest.raises(ValueError, match="residual must be"):
-        fused.block_product(x, torch.zeros(4, 8), residual=torch.zeros(1, 3, 5))
-    with pytest.raises(ValueError, match="scale must be"):
-        fused.block_product(x, torch.zeros(4, 8), scale=torch.zeros(1, 2))
-    with pytest.raises(ValueError, match="power-of-two"):
-        fused.block_rope_cache(torch.zeros(1, 3, 24 * 8), None, None, None, None, None, 4, 2)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_rope_cache_rotates_and_writes_as_the_attention_layer(dtype):
-    torch.manual_seed(4)
-    H, KVH, D, T, cap = 4, 2, 16, 5, 32
-    cfg = DecoderConfig(vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1, num_heads=H,
-                        num_kv_heads=KVH, head_dim=D, rope_theta=10000.0)
-    qkv = torch.randn(1, T, (H + 2 * KVH) * D).to(dtype)
-    positions = torch.tensor([[7, 8, 8, 9, 10]])  # a tree's depths: two tokens at one position
-    cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions, dtype)
-    kc, vc = torch.randn(1, KVH, cap, D).to(dtype), torch.randn(1, KVH, cap, D).to(dtype)
-    k_ref, v_ref = kc.clone(), vc.clone()
-    slots = torch.arange(7, 7 + T)
-    q = fused.block_rope_cache(qkv, cos, sin, kc, vc, slots, H, KVH)
-    # the reference: the layer's rotary in fp32, rounded once (as the compiled layer computes it)
-    qr, kr, vr = qkv.float().split([H * D, KVH * D, KVH * D], dim=-1)
-    rot = lambda t, n: (t.view(1, T, n, D) * cos.float().unsqueeze(2)  # noqa: E731
-                        + torch.cat([-t.view(1, T, n, D)[..., D // 2:], t.view(1, T, n, D)[..., :D // 2]], -1)
-                        * sin.float().unsqueeze(2)).to(dtype)
-    assert q.shape == (1, T, H, D) and _close(q, rot(qr, H), dtype)
-    k_ref[:, :, slots] = rot(kr, KVH).transpose(1, 2)
-    v_ref[:, :, slots] = vr.to(dtype).view(1, T, KVH, D).transpose(1, 2)
-    assert _close(kc, k_ref, dtype) and torch.equal(vc, v_ref)
-    assert torch.equal(kc[:, :, :7], k_ref[:, :, :7]) and torch.equal(kc[:, :, 7 + T:], k_ref[:, :, 7 + T:])
-
-
-@needs_triton
-def test_block_attention_in_token_major_layout(monkeypatch):
-    monkeypatch.setattr(fused, "ATTENTION_SPLIT", 16)
-    torch.manual_seed(5)
-    H, KVH, D, S, W = 4, 2, 16, 6, 48
-    q = torch.randn(1, S, H, D)
-    kc, vc = torch.randn(1, KVH, W, D), torch.randn(1, KVH, W, D)
-    mask = torch.ones(S, W, dtype=torch.bool).tril(diagonal=20)
-    slots = torch.arange(20, 20 + S)
-    heads = fused.block_attention(q.transpose(1, 2), kc, vc, mask, slots)
-    tokens = fused.block_attention(q.transpose(1, 2), kc, vc, mask, slots, token_major=True)
-    assert tokens.shape == (1, S, H * D)
-    assert torch.equal(tokens, heads.transpose(1, 2).reshape(1, S, H * D))
-
-
-@needs_triton
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_block_layer_keeps_logits_and_serves_the_engines_trees(family, monkeypatch):
-    from semiar.methods import make_drafter
-
-    monkeypatch.setattr(fused, "ATTENTION_SPLIT", 16)  # the prefix and the tree over several splits
-    m, _ = tiny_target(family)
-    prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
-    ref = Engine(m).generate(prompt, max_new_tokens=16).run().token_ids
-    dec = m.decoder
-    outs = []
-    for on in (False, True):
-        logits, g = _tree_logits(dec, prompt, capacity=192, sizes=(1, 4, 8, 16, 32, 64), fused_step=True,
-                                 block_attention=True, block_mlp=True, block_layer=on)
-        assert dec.fused_block_step == on
-        outs.append(logits)
-    assert (outs[0] - outs[1]).abs().max() < 1e-4
-    m.runner = g
-    rows = []
-    monkeypatch.setattr(fused, "block_rope_cache", lambda qkv, *a, f=fused.block_rope_cache: rows.append(qkv.shape[1])
-                        or f(qkv, *a))
-    for method in ("pld", "copy", "lookahead"):
-        assert Engine(m, make_drafter(method, m)).generate(prompt, max_new_tokens=16).run().token_ids == ref, method
-    assert len(set(rows)) >= 2, rows  # trees of several sizes went through the block layer
-    fused.install_block_layer(dec, on=False)
-    assert not dec.fused_block_step
-
-
-def test_block_layer_is_off_unless_asked(monkeypatch):
-    m, _ = tiny_target("qwen2")
-    monkeypatch.delenv("SEMIAR_BLOCK_LAYER", raising=False)
-    assert not fused.install_block_layer(m.decoder)
-    monkeypatch.setenv("SEMIAR_BLOCK_LAYER", "1")
-    assert fused.install_block_layer(m.decoder) == gemv.triton_available()
-    monkeypatch.setenv("SEMIAR_BLOCK_LAYER", "perhaps")
-    with pytest.warns(UserWarning):
-        assert not fused.install_block_layer(m.decoder)
-    fused.install_block_layer(m.decoder, on=False)

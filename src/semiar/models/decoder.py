@@ -297,8 +297,7 @@ class Attention(nn.Module):
             keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
         if self.block_kernel and fused.block_path(T, start, mask):
             # one attention kernel over the filled slots only (start[-1] + 1 of them)
-            out = fused.block_attention_op(q, k_cache, v_cache, mask, start)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d))
+            return self.o_proj(fused.block_attention_op(q, k_cache, v_cache, mask, start))
         # GQA without copying K/V: fold the query group into the row dimension.
         g = self.h // self.kvh
         q = q.reshape(B, self.kvh, g * T, self.d)  # [B, kvh, g*T, d]
@@ -418,8 +417,6 @@ class Decoder(nn.Module):
         self.gpu_row_kernel = {}
         #: one-token fixed-shape forwards run each layer as five fused Triton kernels (models.fused.install)
         self.fused_row_step = False
-        #: fixed-shape forwards of 2-64 tokens run each layer as seven Triton kernels (models.fused.install_block_layer)
-        self.fused_block_step = False
         #: fixed-shape forwards of the compiled layer defer each layer's last residual add into the
         #: next layer (`Layer.forward_deferred`); False: each layer adds its own (for measurements)
         self.defer_residual = True
@@ -509,13 +506,11 @@ class Decoder(nn.Module):
         prologue, layer_fn, epilogue = self.static_fns or (_static_prologue, _call_layer, _static_epilogue)
         if self.fused_row_step and input_ids.shape[1] == 1:
             layer_fn = fused.row_layer
-        elif self.fused_block_step and fused.block_path(input_ids.shape[1], start, block_mask):
-            layer_fn = fused.block_layer
         x, cos, sin, slots, mask = prologue(self.embed_tokens, self._inv_freq_on(input_ids.device), input_ids,
                                             positions, start, block_mask, window or k_cache.shape[3])
         d = None
         for i, layer in enumerate(self.layers):
-            if layer_fn is fused.row_layer or layer_fn is fused.block_layer:
+            if layer_fn is fused.row_layer:
                 x = layer_fn(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
             else:
                 x, d = layer_fn(layer, x, d, cos, sin, k_cache[i], v_cache[i], slots, mask)

@@ -164,11 +164,11 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
 def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
                     slots: torch.Tensor, token_major: bool = False) -> torch.Tensor:
     """Attention of a block of S query tokens (a token tree) over a cache that already holds their
-    keys and values: q [1, heads, S, head_dim] (rotated; any strides with unit stride along head_dim);
-    caches [1, kv_heads, capacity, head_dim]; mask [S, W] bool, which of the first W slots each token
-    sees (the cached prefix, then the tree); slots: [S] long on the device, the block's slots
-    start..start + S - 1, so that a CUDA graph reads only the filled ones. Returns [1, heads, S, head_dim],
-    or with token_major [1, S, heads * head_dim] (the layout the o product reads).
+    keys and values: q [1, heads, S, head_dim] (rotated); caches [1, kv_heads, capacity, head_dim];
+    mask [S, W] bool, which of the first W slots each token sees (the cached prefix, then the tree);
+    slots: [S] long on the device, the block's slots start..start + S - 1, so that a CUDA graph reads
+    only the filled ones. Returns [1, heads, S, head_dim], or with token_major [1, S, heads * head_dim],
+    the layout the o product reads (the merge writes it, where a transpose was a kernel of its own).
 
     The same flash-decoding as `decode_attention`: a program per kv head, tile of 64 query rows (the
     group's heads times the block's tokens) and split of ATTENTION_SPLIT slots, then a merge."""
@@ -203,13 +203,15 @@ def block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 @torch.library.custom_op("semiar::block_attention", mutates_args=())
 def block_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
                        slots: torch.Tensor) -> torch.Tensor:
-    """`block_attention` as a PyTorch custom op, so the compiled layer calls it as one opaque kernel."""
-    return block_attention(q, k_cache, v_cache, mask, slots)
+    """`block_attention(..., token_major=True)` as a PyTorch custom op, so the compiled layer calls it as one
+    opaque kernel: [1, S, heads * head_dim]."""
+    return block_attention(q, k_cache, v_cache, mask, slots, token_major=True)
 
 
 @block_attention_op.register_fake
 def _(q, k_cache, v_cache, mask, slots):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    _, H, S, D = q.shape
+    return q.new_empty(1, S, H * D)
 
 
 def norm_fold(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,53 +222,29 @@ def norm_fold(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> tuple[t
     return (xf * norm_weight.float()).to(x.dtype), torch.rsqrt(xf.pow(2).mean(-1) + eps)
 
 
-def block_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, swiglu: bool = False,
-                  residual: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`row_product` for a block of 1..MAX_BLOCK rows, in one kernel with the same options and the same
-    roundings per row: x [1, T, K]; `norm_weight`: RMSNorm each row first (its scale summed alongside);
-    `scale` [1, T] fp32: the rows are already times the norm's weight and these are their scales
-    (`norm_fold`); `swiglu`: the weight is [gate; up] and the result silu(gate) * up; `residual`
-    [1, T, N]: added to the result. Returns [1, T, N] (N = rows, or rows / 2 with swiglu).
-    The operands are swapped (the weight tile is the wide side of the tensor-core product) and, on
-    Hopper, the kernel is launched with PDL and reads its first weight tile before it waits."""
-    T, K = x.shape[-2], x.shape[-1]
-    if x.dim() != 3 or x.shape[0] != 1 or not 1 <= T <= MAX_BLOCK:
-        raise ValueError(f"block_product takes [1, T <= {MAX_BLOCK}, K] rows, got {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != K or weight.stride(1) != 1 or (swiglu and weight.shape[0] % 2):
-        raise ValueError(f"weight {tuple(weight.shape)} (row-major{', [gate; up]' if swiglu else ''}) "
-                         f"does not fit {K} features")
-    if scale is not None and (tuple(scale.shape) != (1, T) or norm_weight is not None):
-        raise ValueError(f"scale must be [1, {T}] and excludes norm_weight, got {tuple(scale.shape)}")
-    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    if residual is not None and tuple(residual.shape) != (1, T, N):
-        raise ValueError(f"residual must be [1, {T}, {N}], got {tuple(residual.shape)}")
-    y = torch.empty(1, T, N, dtype=x.dtype, device=x.device)
-    from .fused_kernels import block_product as kernel
-
-    pdl = _pdl_on(x.device)
-    grid = lambda meta: ((N + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)  # noqa: E731
-    kernel[grid](x.contiguous(), weight, weight if bias is None else bias, x if norm_weight is None else norm_weight,
-                 y if scale is None else scale.float().contiguous(), y if residual is None else residual.contiguous(),
-                 y, T, N, K, weight.stride(0), float(eps), HAS_BIAS=bias is not None, NORM=norm_weight is not None,
-                 SCALE=scale is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-                 IEEE=x.dtype == torch.float32 or _interpreted(), PDL=pdl, BM=max(16, 1 << (T - 1).bit_length()),
-                 **({"launch_pdl": True} if pdl else {}))
-    return y
-
-
 def block_swiglu(xn: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A block's gate/up product and SwiGLU in one kernel: silu(g) * u with [g | u] = (xn @ weight.T) * rstd,
     for 1..MAX_BLOCK rows; with (xn, rstd) = `norm_fold(h, norm_weight, eps)` that is the MLP's first
     half on RMSNorm(h), rounded as `row_product(norm_weight=..., swiglu=True)` rounds one row (so a tree's
     MLP rounds as the one-token step does). xn: [1, T, K]; rstd: [1, T] fp32; weight: [2N, K] (gate rows,
     then up rows). Returns [1, T, N]. The compiled layer took two kernels after the norm (cuBLAS's
-    product, SiLU * up) for the same (docs/benchmarks.md). `block_product` with `scale`."""
-    T = xn.shape[-2]
+    product, SiLU * up) for the same (docs/benchmarks.md)."""
+    T, K = xn.shape[-2], xn.shape[-1]
     if xn.dim() != 3 or xn.shape[0] != 1 or not 1 <= T <= MAX_BLOCK or tuple(rstd.shape) != (1, T):
         raise ValueError(f"block_swiglu takes [1, T <= {MAX_BLOCK}, K] rows and their [1, T] scales, "
                          f"got {tuple(xn.shape)} and {tuple(rstd.shape)}")
-    return block_product(xn, weight, swiglu=True, scale=rstd)
+    if weight.shape[1] != K or weight.shape[0] % 2 or weight.stride(1) != 1:
+        raise ValueError(f"weight {tuple(weight.shape)} (row-major, [gate; up]) does not fit {K} features")
+    N = weight.shape[0] // 2
+    y = torch.empty(1, T, N, dtype=xn.dtype, device=xn.device)
+    from .fused_kernels import block_swiglu as kernel
+
+    pdl = _pdl_on(xn.device)
+    grid = lambda meta: ((N + meta["BLOCK_N"] - 1) // meta["BLOCK_N"],)  # noqa: E731
+    kernel[grid](xn.contiguous(), rstd.float().contiguous(), weight, y, T, N, K, weight.stride(0),
+                 IEEE=xn.dtype == torch.float32 or _interpreted(), PDL=pdl, BM=max(16, 1 << (T - 1).bit_length()),
+                 **({"launch_pdl": True} if pdl else {}))
+    return y
 
 
 @torch.library.custom_op("semiar::block_swiglu", mutates_args=())
@@ -278,43 +256,6 @@ def block_swiglu_op(xn: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) 
 @block_swiglu_op.register_fake
 def _(xn, rstd, weight):
     return xn.new_empty(*xn.shape[:-1], weight.shape[0] // 2)
-
-
-def block_rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, slots: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """A block's rotary and cache writes in one kernel: qkv [1, T, (heads + 2 kv_heads) * head_dim];
-    cos, sin [1, T, head_dim]; caches [1, kv_heads, capacity, head_dim], written at `slots` [T] (long,
-    on the device). Returns the rotated queries [1, T, heads, head_dim]. The compiled layer took three
-    kernels (rotary, two cache writes) and a transpose for the same (docs/benchmarks.md)."""
-    T = qkv.shape[1]
-    D = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
-    if qkv.dim() != 3 or qkv.shape[0] != 1 or D * (num_heads + 2 * num_kv_heads) != qkv.shape[-1] or D & (D - 1):
-        raise ValueError(f"block_rope_cache takes [1, T, (heads + 2 kv_heads) * head_dim] with a power-of-two "
-                         f"head size, got {tuple(qkv.shape)} for {num_heads} / {num_kv_heads} heads")
-    q = torch.empty(1, T, num_heads, D, dtype=qkv.dtype, device=qkv.device)
-    from .fused_kernels import block_rope_cache as kernel
-
-    pdl = _pdl_on(qkv.device)
-    kernel[(T,)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), slots, k_cache, v_cache, q,
-                 k_cache.stride(1), k_cache.stride(2), H=num_heads, KVH=num_kv_heads,
-                 HP=1 << (num_heads + num_kv_heads - 1).bit_length(), VP=max(1, 1 << (num_kv_heads - 1).bit_length()),
-                 D=D, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
-    return q
-
-
-def block_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask):
-    """`decoder._call_layer` for a block of 2..MAX_BLOCK tokens (tree verification, prefill chunks) in
-    seven kernels, the one-token step's design for blocks: `block_product` for the four products (norm,
-    bias, SwiGLU, residual fused in as `row_layer` fuses them), `block_rope_cache`, and `block_attention`'s
-    split and merge, all launched with PDL on Hopper. The residual adds are not deferred."""
-    attn, mlp = layer.self_attn, layer.mlp
-    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-    qkv = block_product(x, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=n1.weight, eps=n1.eps)
-    q = block_rope_cache(qkv, cos, sin, k_cache, v_cache, slots, attn.h, attn.kvh)
-    a = block_attention(q.transpose(1, 2), k_cache, v_cache, mask, slots, token_major=True)
-    x = block_product(a, attn.o_proj.weight, attn.o_proj.bias, residual=x)
-    act = block_product(x, mlp.gate_up_proj.weight, None, norm_weight=n2.weight, eps=n2.eps, swiglu=True)
-    return block_product(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
 
 
 def row_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask):
@@ -403,23 +344,6 @@ def install_block_mlp(decoder, on: Optional[bool] = None) -> bool:
     return on
 
 
-def install_block_layer(decoder, on: Optional[bool] = None) -> bool:
-    """Serve `Decoder.forward_static`'s blocks of 2 to MAX_BLOCK tokens with `block_layer` instead of the
-    compiled layer. on=None: SEMIAR_BLOCK_LAYER=0/1 decides, else off (see `BLOCK_LAYER_DEFAULT`);
-    on=True also serves the CPU tests under Triton's interpreter. Returns whether it is on, also kept
-    as `decoder.fused_block_step`."""
-    if on is None:
-        on = env_switch("SEMIAR_BLOCK_LAYER", "using the default")
-        if on is None:
-            on = BLOCK_LAYER_DEFAULT and bool(getattr(decoder, "fused_row_step", False)) and decoder.device.type == "cuda"
-    decoder.fused_block_step = bool(on) and supported(decoder) is None
-    return decoder.fused_block_step
-
-
-#: whether `install_block_layer` turns the block layer on where the fused one-token step is
-BLOCK_LAYER_DEFAULT = False
-
-
 def _works_on(device) -> bool:
     """Run the kernels once on small inputs; a Triton that cannot launch them with PDL gets them
     without, one that cannot build them leaves the plain layers (with a warning)."""
@@ -435,10 +359,6 @@ def _works_on(device) -> bool:
             block_attention(torch.randn(1, 1, 3, 16, device=device, dtype=torch.bfloat16), cache, cache.clone(),
                             torch.ones(3, 64, dtype=torch.bool, device=device), torch.arange(3, 6, device=device))
             block_swiglu(x.expand(1, 3, 64).contiguous(), x[0, :, :3].float(), w)
-            xb = x.expand(1, 3, 64).contiguous()
-            block_product(xb, w, norm_weight=x[0, 0], residual=xb[..., :32])
-            block_rope_cache(xb[..., :48], xb[..., :16], xb[..., :16], cache, cache.clone(),
-                             torch.arange(3, 6, device=device), 1, 1)
             torch.cuda.synchronize(device)
             return True
         except Exception as e:  # noqa: BLE001 - whatever Triton raised, the plain layers still work

@@ -177,7 +177,7 @@ def attention_merge(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, NS, new, H, C: tl.c
     # program per query row (a head of the one-token step, head * S + token of a block): its splits
     # merged by their maxima; the filled slots are len + new (one token: len is the new token's
     # slot, new 1; a block: len its first slot, new S), and a split the row saw nothing of has
-    # m = -inf and weighs nothing. Output [H, S, D], or with TOKEN_MAJOR [S, H, D] (of H heads)
+    # m = -inf and weighs nothing. Output [H, S, D], or with TOKEN_MAJOR [S, H, D] (H heads)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -249,46 +249,22 @@ def block_attention_split(q_ptr, kc_ptr, vc_ptr, mask_ptr, slot_ptr, m_ptr, l_pt
 
 
 # (BLOCK_N, BLOCK_K, warps, stages); H200, 1.5B gate/up (17920 x 1536) alone, swapped operands: 16 rows
-# 15.7 us against cuBLAS's 17.7 (64, 128, 4, 3), 64 rows 17.5 against 18.8 (64, 64, 4, 4) (scripts/gpu/skinny.py);
-# the narrow tiles (16, 32 weight rows) give the small and the long products (qkv, o; down) enough programs
+# 15.7 us against cuBLAS's 17.7 (64, 128, 4, 3), 64 rows 17.5 against 18.8 (64, 64, 4, 4) (scripts/gpu/skinny.py)
 mlp_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-               for n, k, w, st in [(64, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3),
-                                   (16, 128, 4, 4), (16, 256, 4, 3)]]
+               for n, k, w, st in [(64, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 4), (32, 128, 4, 4), (64, 64, 8, 3),
+                                   (128, 64, 8, 3)]]
 if os.environ.get("TRITON_INTERPRET") == "1":
     mlp_configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
 
 
+@triton.autotune(configs=mlp_configs, key=["BM", "N", "K"])
 @triton.jit
-def _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM: tl.constexpr,
-                 SWIGLU: tl.constexpr, IEEE: tl.constexpr):
-    # one BLOCK_K chunk of the block's rows (as columns: xt [BLOCK_K, BM]) against the weight tile
-    xt = tl.load(x_ptr + m[None, :] * K + cols[:, None], mask=m_ok[None, :] & col_ok[:, None], other=0.0)
-    if NORM:  # as row_product: the rows' squares summed alongside, the row times the norm's weight rounded
-        xf = xt.to(tl.float32)
-        ss += tl.sum(xf * xf, axis=0)
-        xt = (xf * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]).to(w.dtype)
-    if IEEE:  # fp32 models and Triton's interpreter (whose bf16 dot is broken): exact fp32 products
-        acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        if SWIGLU:
-            acc_up += tl.dot(wu.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-    else:
-        acc = tl.dot(w, xt, acc)
-        if SWIGLU:
-            acc_up = tl.dot(wu, xt, acc_up)
-    return acc, acc_up, ss
-
-
-@triton.autotune(configs=mlp_configs, key=["BM", "N", "K", "NORM", "SCALE", "SWIGLU", "RESIDUAL"])
-@triton.jit
-def block_product(x_ptr, w_ptr, b_ptr, nw_ptr, s_ptr, r_ptr, y_ptr, M, N, K, stride_wn, eps,
-                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
-                  RESIDUAL: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                  BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # row_product for a block of M <= BM rows: y[M, N] = x[M, K] @ W.T (+ b), with NORM (RMSNorm of each
-    # row, its scale summed alongside), SCALE (rows already times the norm's weight, their scales s [M]
-    # given), SWIGLU (W = [gate; up], y = silu(g) * u) and RESIDUAL (y += r), rounded as row_product
-    # rounds one row. Operands swapped (acc[BLOCK_N, BM] = W_tile @ x_tile.T): the weight tile is the
-    # wide side of the tensor-core product. PDL: the first weight tile is read before the wait
+def block_swiglu(x_ptr, r_ptr, w_ptr, y_ptr, M, N, K, stride_wn, IEEE: tl.constexpr, PDL: tl.constexpr,
+                 BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A block's gate/up product and SwiGLU for M <= BM rows: y = silu(g) * u, [g | u] = (x @ W.T) * r, where
+    # x is the normed rows before their scale (the row times the norm's weight, rounded) and r [M] the
+    # scale; W [2N, K]. Operands swapped (acc[BLOCK_N, BM] = W_tile @ x_tile.T) so that the weight tile is
+    # the wide side of the tensor-core product; g and u rounded, as `row_product`'s NORM + SWIGLU
     if PDL:
         gdc_launch_dependents()
     dt = y_ptr.dtype.element_ty
@@ -298,67 +274,22 @@ def block_product(x_ptr, w_ptr, b_ptr, nw_ptr, s_ptr, r_ptr, y_ptr, M, N, K, str
     m_ok = m < M
     acc = tl.zeros((BLOCK_N, BM), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BM), dtype=tl.float32)
-    ss = tl.zeros((BM,), dtype=tl.float32)
-    cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    w, wu = _weight_rows(w_ptr, rows, row_ok, cols, col_ok, N, stride_wn, SWIGLU)
     if PDL:
-        gdc_wait()  # from here on: the rows, the residual and every store
-    acc, acc_up, ss = _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM, SWIGLU,
-                                   IEEE)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+        gdc_wait()
+    for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        w, wu = _weight_rows(w_ptr, rows, row_ok, cols, col_ok, N, stride_wn, SWIGLU)
-        acc, acc_up, ss = _block_chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, m, m_ok, cols, col_ok, K, NORM,
-                                       SWIGLU, IEEE)
-    if NORM:
-        scale = tl.rsqrt(ss / K + eps)[None, :]
-    elif SCALE:
-        scale = tl.load(s_ptr + m, mask=m_ok, other=0.0)[None, :]
-    else:
-        scale = tl.full((1, BM), 1.0, tl.float32)
-    y = acc * scale
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    if SWIGLU:
-        y = _swiglu(y, acc_up * scale, y_ptr)
-    ok = row_ok[:, None] & m_ok[None, :]
-    if RESIDUAL:
-        y = y.to(dt).to(tl.float32) + tl.load(r_ptr + m[None, :] * N + rows[:, None], mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m[None, :] * N + rows[:, None], y.to(dt), mask=ok)
-
-
-@triton.jit
-def block_rope_cache(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, q_ptr, stride_kh, stride_ks,
-                     H: tl.constexpr, KVH: tl.constexpr, HP: tl.constexpr, VP: tl.constexpr, D: tl.constexpr,
-                     PDL: tl.constexpr):
-    # program per block token t: rotary on its H query and KVH key heads (fp32, rounded once, as the
-    # compiled layer), q to q [T, H, D], k and v to the caches' slot slots[t]; qkv: [T, (H + 2 KVH) * D]
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    t = tl.program_id(0)
-    dt = qkv_ptr.dtype.element_ty
-    row = qkv_ptr + t * (H + 2 * KVH) * D
-    d = tl.arange(0, D)
-    rot = (d + D // 2) % D  # rotate_half: [-x2, x1]
-    sign = tl.where(d < D // 2, -1.0, 1.0)
-    cos = tl.load(cos_ptr + t * D + d).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + t * D + d).to(tl.float32)[None, :]
-    h = tl.arange(0, HP)
-    h_ok = (h < H + KVH)[:, None]
-    x = tl.load(row + h[:, None] * D + d[None, :], mask=h_ok, other=0.0).to(tl.float32)
-    xr = tl.load(row + h[:, None] * D + rot[None, :], mask=h_ok, other=0.0).to(tl.float32)
-    y = (x * cos + sign[None, :] * xr * sin).to(dt)  # [HP, D]: the query heads, then the key heads
-    slot = tl.load(slot_ptr + t)
-    tl.store(q_ptr + (t * H + h[:, None]) * D + d[None, :], y, mask=(h < H)[:, None])
-    kv = tl.where(h >= H, h - H, 0)[:, None]
-    tl.store(kc_ptr + kv * stride_kh + slot * stride_ks + d[None, :], y, mask=((h >= H) & (h < H + KVH))[:, None])
-    j = tl.arange(0, VP)
-    j_ok = (j < KVH)[:, None]
-    v = tl.load(row + (H + KVH + j[:, None]) * D + d[None, :], mask=j_ok, other=0.0)
-    tl.store(vc_ptr + j[:, None] * stride_kh + slot * stride_ks + d[None, :], v, mask=j_ok)
+        w, wu = _weight_rows(w_ptr, rows, row_ok, cols, col_ok, N, stride_wn, True)
+        xt = tl.load(x_ptr + m[None, :] * K + cols[:, None], mask=m_ok[None, :] & col_ok[:, None], other=0.0)
+        if IEEE:  # fp32 models and Triton's interpreter (whose bf16 dot is broken): exact fp32 products
+            acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            acc_up += tl.dot(wu.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+            acc_up = tl.dot(wu, xt, acc_up)
+    r = tl.load(r_ptr + m, mask=m_ok, other=0.0)[None, :]
+    y = _swiglu(acc * r, acc_up * r, y_ptr)
+    tl.store(y_ptr + m[None, :] * N + rows[:, None], y.to(dt), mask=row_ok[:, None] & m_ok[None, :])
 
 
 HAS_GDC = gdc_wait is not None

@@ -140,7 +140,7 @@ class GraphedDecoder:
                  compile: bool = False, capture: Optional[bool] = None,
                  windows: Optional[Sequence[int]] = None, row_kernel: Optional[bool] = None,
                  fused_step: Optional[bool] = None, block_attention: Optional[bool] = None,
-                 block_mlp: Optional[bool] = None, block_layer: Optional[bool] = None):
+                 block_mlp: Optional[bool] = None):
         """sizes: the block sizes captured (a block of T tokens replays the smallest size >= T;
         default: DEFAULT_SIZES up to half the capacity);
         windows: the attention widths captured for each size (default: 256, 512, ... up to the
@@ -154,9 +154,7 @@ class GraphedDecoder:
         the compiled layer's blocks of 2-64 tokens attend through one Triton kernel over the filled slots
         (`fused.block_attention`; default: where the fused one-token step is on); block_mlp: those blocks'
         MLP gate/up product and SwiGLU as one Triton kernel (`fused.block_swiglu`; default: where the
-        fused one-token step is on); block_layer: blocks of 2-64 tokens as seven Triton kernels per layer
-        instead of the compiled layer (`fused.block_layer`; default: SEMIAR_BLOCK_LAYER, else
-        `fused.BLOCK_LAYER_DEFAULT` where the fused one-token step is on)."""
+        fused one-token step is on)."""
         capture = decoder.device.type == "cuda" if capture is None else capture
         if capture and decoder.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -188,7 +186,6 @@ class GraphedDecoder:
             gemv.install(decoder, force=row_kernel)
         fused.install_block_attention(decoder, on=block_attention)
         fused.install_block_mlp(decoder, on=block_mlp)
-        fused.install_block_layer(decoder, on=block_layer)
 
         def build(comp: bool) -> None:
             if comp:
