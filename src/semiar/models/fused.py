@@ -32,9 +32,10 @@ start-up overlaps the last one's tail. SEMIAR_PDL=0 turns that off.
 a power-of-two head size of at least 16); `SEMIAR_FUSED=0/1` turns it off / forces it (the CPU
 tests run it under Triton's interpreter). The choice is kept as `decoder.fused_row_step`.
 The 2-64-token forwards that verify trees (and prefill chunks) keep the compiled layer, with
-cuBLAS for the qkv, o and down products: two whole Triton layers for them lost to it (the last, with
-the fused norm/SwiGLU/residual, split-K and a deterministic fix-up, took 2.36 against 2.00 ms for 16
-tokens on the H200; docs/benchmarks.md). Two pieces of it are kernels from here: attention goes
+cuBLAS for the qkv, o and down products: three whole Triton layers for them lost to it (the second,
+with the fused norm/SwiGLU/residual, split-K and a deterministic fix-up, took 2.36 against 2.00 ms
+for 16 tokens on the H200; the third, this module's design for blocks with swapped operands and
+PDL, 2.88 against 1.82 ms, its products 57 against 39 us per layer; docs/benchmarks.md). Two pieces of it are kernels from here: attention goes
 through `block_attention`, the same split-and-merge kernels under the tree mask over the filled
 slots only (on where the fused step is; SEMIAR_BLOCK_ATTENTION=0/1), and the MLP's gate/up product
 with SwiGLU through `block_swiglu`, whose swapped operands put the weight tile on the wide side of
