@@ -32,3 +32,39 @@ def test_ar_sampling_seeded_is_reproducible():
     a = Engine(target).generate([1, 2, 3], 16, s).run().token_ids
     b = Engine(target).generate([1, 2, 3], 16, s).run().token_ids
     assert a == b
+
+
+def test_a_forced_text_is_emitted_with_the_targets_own_choices_checked():
+    import pytest
+
+    from semiar.errors import InvalidArgumentError
+    from semiar.methods import make_drafter
+
+    m, _ = tiny_target("qwen2")
+    prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
+    ref = Engine(m).generate(prompt, max_new_tokens=16).run().token_ids
+    for method in ("pld", "copy"):
+        g = Engine(m, make_drafter(method, m)).generate(prompt, max_new_tokens=16, forced=ref).run()
+        assert g.token_ids == ref and g.departures == []
+    # another text (one token changed): emitted as given; the change is a departure with its gap
+    other = list(ref)
+    other[5] = (ref[5] + 1) % m.config.vocab_size
+    g = Engine(m, make_drafter("pld", m)).generate(prompt, max_new_tokens=16, forced=other).run()
+    assert g.token_ids == other
+    assert g.departures and g.departures[0][0] == 5 and g.departures[0][1] > 0
+    # shorter than the budget: the request ends with the text
+    assert Engine(m).generate(prompt, max_new_tokens=16, forced=ref[:4]).run().token_ids == ref[:4]
+    with pytest.raises(InvalidArgumentError, match="greedy"):
+        Engine(m).generate(prompt, forced=ref, sampling=SamplingParams(temperature=1.0))
+    with pytest.raises(InvalidArgumentError, match="relaxed"):
+        Engine(m, _Relaxed()).generate(prompt, forced=ref)
+
+
+class _Relaxed:
+    """A drafter with its own (relaxed) acceptance rule, as medusa-typical has."""
+
+    name = "relaxed"
+
+    @staticmethod
+    def acceptance(*args):
+        return None

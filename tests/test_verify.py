@@ -7,7 +7,7 @@ import torch
 
 from semiar.sampling import SamplingParams, target_probs
 from semiar.tree import DraftTree
-from semiar.verify import Verdict, verify_greedy, verify_sampling
+from semiar.verify import Verdict, verify_forced, verify_greedy, verify_sampling
 from stats import chi_square_pvalue
 
 V = 6
@@ -20,6 +20,23 @@ def test_greedy_longest_matching_path_and_bonus():
     logits = torch.nn.functional.one_hot(torch.tensor(argmax), V).float()
     assert verify_greedy(tree, logits) == Verdict(path=[1, 2], tokens=[2, 3, 4])
     assert verify_greedy(DraftTree.empty(), logits[:1]) == Verdict([], [2])
+
+
+def test_forced_follows_the_given_text_and_reports_where_the_argmax_differs():
+    tree = DraftTree([1, 2, 3, 0], [-1, -1, 1, 2])
+    argmax = [2, 5, 3, 4, 1]
+    logits = torch.nn.functional.one_hot(torch.tensor(argmax), V).float() * 2
+    # the text the argmax would give: the same as greedy, nothing departs
+    v = verify_forced(tree, logits, [2, 3, 4, 4])
+    assert (v.path, v.tokens, v.departures) == ([1, 2], [2, 3, 4], [])
+    # another text: it goes down node1 (tok 2) and node2 (tok 3), then emits 0 where the argmax is 4
+    v = verify_forced(tree, logits, [2, 3, 0, 5])
+    assert (v.path, v.tokens, v.departures) == ([1, 2, 3], [2, 3, 0, 5], [(2, 2.0), (3, 2.0)])
+    # a text that ends inside the tree: nothing past it, no bonus token
+    assert verify_forced(tree, logits, [2, 3]).tokens == [2, 3]
+    assert verify_forced(DraftTree.empty(), logits[:1], [1]) == Verdict([], [1])
+    with pytest.raises(ValueError, match="at least one"):
+        verify_forced(tree, logits, [])
 
 
 def _random_setting(seed, sampled_q):

@@ -92,6 +92,11 @@ def generate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default; on CPUs with native bf16 ~1.7x faster, near-ties may differ), fp16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+    same_text: bool = typer.Option(False, "--same-text",
+                                   help="Greedy only: every lossless engine method emits ar's text of the prompt from this "
+                                        "run (each step verified as greedy decoding does, its own choices checked at every "
+                                        "position), so speeds compare on identical texts where bf16 near-ties would make "
+                                        "them differ."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
     compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first "
                                  "(about half the step time, ~25 s more start-up per model)."),
@@ -147,6 +152,11 @@ def bench(
     no_chat: bool = typer.Option(False, "--no-chat", help="Feed prompts raw, without the chat template."),
     allow_near_ties: bool = typer.Option(False, "--allow-near-ties",
                                          help="Exit 0 when every greedy mismatch is a numerical near-tie (bf16 on GPUs)."),
+    same_text: bool = typer.Option(False, "--same-text",
+                                   help="Greedy only: every lossless engine method emits ar's text of the prompt from this "
+                                        "run (each step verified as greedy decoding does, its own choices checked at every "
+                                        "position), so speeds compare on identical texts where bf16 near-ties would make "
+                                        "them differ."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
     compile: bool = typer.Option(True, "--compile/--no-compile",
                                  help="On CUDA: torch.compile the graphed forwards before capturing them (default: "
@@ -161,7 +171,8 @@ def bench(
                       tasks=[t for t in tasks.split(",") if t], n_prompts=n_prompts, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed, out=out,
                       device=device, dtype=dtype, threads=threads, prompts_file=prompts, tree=tree, k=k,
-                      chat=not no_chat, allow_near_ties=allow_near_ties, cuda_graphs=cuda_graphs, compile=compile)
+                      chat=not no_chat, allow_near_ties=allow_near_ties, cuda_graphs=cuda_graphs, compile=compile,
+                      same_text=same_text)
     results = run_bench(cfg)
     from rich.console import Console
     from rich.table import Table

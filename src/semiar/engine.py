@@ -28,7 +28,7 @@ from .errors import InvalidArgumentError
 from .models.graphs import input_device
 from .sampling import SamplingParams
 from .tree import DraftTree
-from .verify import verify
+from .verify import verify, verify_forced
 
 
 @dataclass
@@ -179,16 +179,19 @@ class Generation:
     `stats` and `stop_reason` ('eos', 'stop', 'length') hold the result."""
 
     def __init__(self, engine: "Engine", prompt_ids: list[int], max_new_tokens: int,
-                 sampling: SamplingParams, stop: Sequence[str]):
+                 sampling: SamplingParams, stop: Sequence[str], forced: Optional[Sequence[int]] = None):
         self.engine = engine
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.stop = list(stop)
+        self.forced = None if forced is None else list(forced)
         self.token_ids: list[int] = []
         self.text = ""
         self.stats = Stats(prompt_tokens=len(prompt_ids))
         self.stop_reason: Optional[str] = None
+        #: with `forced`: (output index, logit gap) wherever the target's own greedy choice differed
+        self.departures: list[tuple[int, float]] = []
         self._iter = self._run()
 
     def __iter__(self) -> Iterator[Chunk]:
@@ -219,6 +222,8 @@ class Generation:
         prompt = self.prompt_ids
         target.check_prompt(len(prompt))
         budget = min(self.max_new_tokens, target.context_length - len(prompt))
+        if self.forced is not None:
+            budget = min(budget, len(self.forced))
         max_nodes = drafter.max_nodes if drafter else 0
         cache = dec.new_cache(len(prompt) + budget + max_nodes + 1)
         generator = self.sampling.generator(device)
@@ -257,8 +262,13 @@ class Generation:
                           tree_mask=tree.attention_mask(in_dev), return_hidden=needs_hidden)
             else:
                 out = dec(ids, cache, return_hidden=needs_hidden)
-            accept = drafter.acceptance if drafter and drafter.acceptance else verify  # relaxed only if opted in
-            verdict = accept(tree, out.logits[0], self.sampling, generator)
+            if self.forced is not None:  # benchmarks: another run's text, the target's own choices checked
+                done = len(self.token_ids)
+                verdict = verify_forced(tree, out.logits[0], self.forced[done:])
+                self.departures += [(done + i, gap) for i, gap in verdict.departures]
+            else:
+                accept = drafter.acceptance if drafter and drafter.acceptance else verify  # relaxed only if opted in
+                verdict = accept(tree, out.logits[0], self.sampling, generator)
             keep = [0] + [i + 1 for i in verdict.path]
             cache.keep(start, keep)
             stats.verify_seconds += time.perf_counter() - tv
@@ -323,7 +333,20 @@ class Engine:
         self.drafter = drafter
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 128,
-                 sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = ()) -> Generation:
+                 sampling: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
+                 forced: Optional[Sequence[int]] = None) -> Generation:
+        """forced (benchmarks only, greedy): emit these ids, another run's greedy output of the same
+        prompt, instead of this run's own choices, verifying each step exactly as greedy decoding does
+        (one forward, one argmax); where the target would have chosen otherwise, `departures` of the
+        generation records the output index and the logit gap. Methods then compare on one text."""
         if max_new_tokens <= 0:
             raise InvalidArgumentError(f"max-new-tokens must be > 0, got {max_new_tokens}")
-        return Generation(self, prompt_ids, max_new_tokens, sampling, stop)
+        if forced is not None:
+            if not sampling.greedy:
+                raise InvalidArgumentError("a forced text is for greedy decoding only (temperature 0)")
+            if self.drafter is not None and self.drafter.acceptance is not None:
+                raise InvalidArgumentError(f"{self.drafter.name} accepts by its own (relaxed) rule; a forced text "
+                                           "is for lossless methods")
+            if not len(forced):
+                raise InvalidArgumentError("a forced text needs at least one token")
+        return Generation(self, prompt_ids, max_new_tokens, sampling, stop, forced)

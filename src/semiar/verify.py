@@ -6,6 +6,9 @@ draft path to keep and which token the target adds after it.
   is Leviathan et al. / Chen et al.). The emitted tokens follow exactly the target's distribution
   after `target_probs` (temperature, top-k, top-p), the same function the AR sampler uses.
 - `verify_typical`: Medusa's typical acceptance, opt-in and **lossy** under sampling.
+- `verify_forced`: for benchmarks only (`semiar bench --same-text`): the output follows given ids
+  (another run's greedy text) instead of the argmax, and every position where the argmax differs
+  is reported with its logit gap, so methods can be timed on one and the same text.
 
 Example:
     >>> import torch
@@ -33,6 +36,8 @@ class Verdict:
     tokens: list[int]  # emitted: accepted draft tokens, then the target's own next token
     #: the target's argmax at root + every node, when the rule computed it (greedy)
     argmax: Optional[list[int]] = field(default=None, repr=False, compare=False)
+    #: verify_forced only: (index into `tokens`, logit gap) where the forced token is not the argmax
+    departures: list = field(default_factory=list, repr=False, compare=False)
 
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:
@@ -122,6 +127,32 @@ def verify_typical(tree: DraftTree, logits: torch.Tensor, params: SamplingParams
         path.append(best)
         out.append(tree.tokens[best])
         node = best
+
+
+def verify_forced(tree: DraftTree, logits: torch.Tensor, forced: list[int]) -> Verdict:
+    """Greedy verification that follows `forced` (the tokens the output must have next, at least one)
+    instead of the argmax: the longest path of the tree along `forced`, then forced's next token (none
+    when `forced` ends there). Where a token emitted is not the argmax of its row, `departures` holds
+    its index and the logit gap (argmax's logit minus the forced token's): the same forward would
+    have chosen otherwise there, by that margin. The work per step (one forward, one argmax, one
+    host copy) is verify_greedy's, so a method's speed on a given text is measured exactly."""
+    if not forced:
+        raise ValueError("verify_forced needs at least one forced token")
+    best = logits.argmax(-1).tolist()
+    kids = tree.children()
+    node, path, out, departures = -1, [], [], []
+    while len(out) < len(forced):
+        want = forced[len(out)]
+        if best[node + 1] != want:
+            row = logits[node + 1]
+            departures.append((len(out), float(row[best[node + 1]] - row[want])))
+        out.append(want)
+        nxt = next((c for c in kids[node + 1] if tree.tokens[c] == want), None)
+        if nxt is None:
+            break
+        path.append(nxt)
+        node = nxt
+    return Verdict(path, out, best, departures)
 
 
 def verify(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> Verdict:

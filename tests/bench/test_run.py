@@ -49,6 +49,20 @@ def test_bench_end_to_end(tmp_path, model_dirs):
     assert res["summary"]["all"]["ar"]["speedup"] == 1.0
 
 
+def test_bench_same_text_times_every_method_on_ars_text(tmp_path, model_dirs):
+    res = run_bench(config(tmp_path, model_dirs, methods=["pld", "ngram", "hf-ar"], same_text=True, repeats=1),
+                    progress=False)
+    runs = res["runs"]
+    for m in ("pld", "ngram"):
+        for r, a in zip(runs[m], runs["ar"]):
+            assert r["token_ids"] == a["token_ids"] and r["departures"] == []
+    assert "departures" not in runs["hf-ar"][0]  # peers run as they are
+    assert res["identity"]["mismatches"] == [] and res["settings"]["same_text"]
+    assert "Same text" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(InvalidArgumentError, match="greedy"):
+        BenchConfig(same_text=True, temperature=0.7).validate()
+
+
 def test_bench_flags_a_lossy_method(tmp_path, model_dirs, monkeypatch):
     """Make pld lossy (replace its first emitted token): the identity check must catch it."""
     import semiar.bench.run as run_mod

@@ -57,6 +57,9 @@ class BenchConfig:
     allow_near_ties: bool = False
     cuda_graphs: bool = True  # on CUDA: replay forwards as CUDA graphs (models.graphs)
     compile: bool = True  # on CUDA: torch.compile the graphed forwards before capturing them
+    #: greedy only: every lossless engine method emits `ar`'s text of the same prompt from this run
+    #: (`Engine.generate(forced=...)`), its own choices checked at every position
+    same_text: bool = False
 
     def validate(self) -> None:
         known = list(METHODS) + list(PEERS)
@@ -72,6 +75,9 @@ class BenchConfig:
         if self.repeats <= 0:
             raise InvalidArgumentError(f"repeats must be > 0, got {self.repeats}")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
+        if self.same_text and self.temperature != 0:
+            raise InvalidArgumentError("--same-text is for greedy runs (temperature 0): sampled texts are "
+                                       "compared by distribution, not token by token")
 
 
 def _on_sigterm_interrupt():
@@ -202,13 +208,15 @@ class Runner:
             return self.cfg.target
         raise InvalidArgumentError("llamacpp peers need a GGUF target (a known model or a .gguf file)")
 
-    def run(self, method: str, ids: list[int], max_new: int, seed: int) -> dict:
+    def run(self, method: str, ids: list[int], max_new: int, seed: int, forced: Optional[list] = None) -> dict:
         if method in self.engines:
             s = self.sampling
             sampling = SamplingParams(s.temperature, s.top_k, s.top_p, seed=seed)
-            gen = self.engines[method].generate(ids, max_new_tokens=max_new, sampling=sampling).run()
+            gen = self.engines[method].generate(ids, max_new_tokens=max_new, sampling=sampling, forced=forced).run()
             d = gen.stats.to_dict()
             d["token_ids"] = gen.token_ids
+            if forced is not None:
+                d["departures"] = [[i, round(gap, 5)] for i, gap in gen.departures]
             return d
         out, secs = self.peers[method].run(ids, max_new, seed)
         return {"new_tokens": len(out), "seconds": round(secs, 4),
@@ -269,11 +277,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                "runs": {m: [] for m in cfg.methods}}
     results["failed"] = {}
 
-    def attempt(m, *args):
+    def attempt(m, *args, **kw):
         """runner.run, except that a method that raises is dropped from the run (reported, with
         its error, in results.json and report.md) instead of losing every other method's numbers."""
         try:
-            return runner.run(m, *args)
+            return runner.run(m, *args, **kw)
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:
@@ -305,12 +313,16 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                     # rotate the order so no method always runs first (caches, thermal state)
                     k = (pi * cfg.repeats + rep) % len(cfg.methods)
                     order = cfg.methods[k:] + cfg.methods[:k]
+                    if cfg.same_text and rep == 0:  # ar's text first: the others follow it
+                        order = ["ar"] + [m for m in order if m != "ar"]
                     for m in order:
                         if m in results["failed"]:
                             continue
                         bar.update(task, description=f"{m:12s} {p.task}/{p.id}")
                         gc.collect()
-                        per_method[m].append(attempt(m, ids, cfg.max_new_tokens, cfg.seed + 1000 * pi + rep))
+                        forced = _forced_text(cfg, m, per_method)
+                        per_method[m].append(attempt(m, ids, cfg.max_new_tokens, cfg.seed + 1000 * pi + rep,
+                                                     **({"forced": forced} if forced is not None else {})))
                         bar.advance(task)
                 _drop_failed(results, cfg)
                 for m in cfg.methods:
@@ -331,6 +343,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     results["summary"] = summarize(results)
     write_outputs(results, out)
     return results
+
+
+def _forced_text(cfg: BenchConfig, method: str, per_method: dict) -> Optional[list]:
+    """With --same-text: the text a lossless engine method must follow (ar's first run of this
+    prompt), else None."""
+    if not cfg.same_text or method == "ar" or method not in METHODS or method in LOSSY or not per_method["ar"]:
+        return None
+    return per_method["ar"][0]["token_ids"] or None
 
 
 def _drop_failed(results: dict, cfg: BenchConfig) -> None:
@@ -360,6 +380,10 @@ def identity_check(results: dict, cfg: BenchConfig) -> dict:
                 mismatches.append({"method": m, "baseline": base, "task": runs[i]["task"],
                                    "prompt_id": runs[i]["prompt_id"], "first_difference_at": first})
             runs[i]["identical_to_baseline"] = a == b
+            for at, gap in runs[i].get("departures", ()):  # --same-text: where its own choice was another
+                mismatches.append({"method": m, "baseline": base, "task": runs[i]["task"],
+                                   "prompt_id": runs[i]["prompt_id"], "first_difference_at": at, "forced": True,
+                                   "logit_gap": gap})
     info = {"checked": True, "mismatches": mismatches}
     if "hf-ar" in results["runs"]:  # informational: two implementations of the same model
         same = sum(results["runs"]["ar"][i]["token_ids"] == results["runs"]["hf-ar"][i]["token_ids"] for i in range(n))
@@ -384,6 +408,9 @@ def classify_mismatches(identity: dict, runs: dict, target, encoded: list, promp
     tol = near_tie_tolerance(target.dtype)
     index = {(p.task, p.id): i for i, p in enumerate(prompts)}
     for mm in identity["mismatches"]:
+        if mm.get("forced"):  # the gap was measured in the method's own forward
+            mm.update(near_tie=mm["logit_gap"] <= tol, tolerance=tol)
+            continue
         i = index[(mm["task"], mm["prompt_id"])]
         a = runs[mm["method"]][i]["token_ids"]
         b = runs[mm["baseline"]][i]["token_ids"]
@@ -471,6 +498,10 @@ def render_report(results: dict) -> str:
     for meth, err in (results.get("failed") or {}).items():
         lines += [f"**{meth} failed** and is left out: `{err}`", ""]
     ident = results["identity"]
+    if s.get("same_text"):
+        lines += ["**Same text** (`--same-text`): every lossless engine method emitted `ar`'s greedy text of each "
+                  "prompt, verifying each step as greedy decoding does; its own choices were checked at every "
+                  "position (below, where one differed). Speeds compare on identical texts.", ""]
     if not ident["checked"]:
         lines.append(f"Identity check: not applicable ({ident['reason']}).")
     elif not ident["mismatches"]:
@@ -482,6 +513,10 @@ def render_report(results: dict) -> str:
                      "than the rounding noise of the dtype):")
         for mm in ident["mismatches"]:
             kind = "near-tie" if mm.get("near_tie") else "REAL MISMATCH"
+            if mm.get("forced"):
+                lines.append(f"- {mm['method']} on {mm['task']}/{mm['prompt_id']}: its own greedy choice at token "
+                             f"{mm['first_difference_at']} was not {mm['baseline']}'s, logit gap {mm.get('logit_gap')} ({kind})")
+                continue
             lines.append(f"- {mm['method']} vs {mm['baseline']} on {mm['task']}/{mm['prompt_id']}: first difference "
                          f"at token {mm['first_difference_at']}, logit gap {mm.get('logit_gap')} ({kind})")
     lossy = [m for m in results["runs"] if m in LOSSY]
