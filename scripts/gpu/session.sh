@@ -15,7 +15,8 @@
 #                                    MODEL=random:qwen2.5-1.5b times the same shapes with random weights, no staging;
 #                                    PROFILE_SIZES=16,64: also the tree forwards' kernels; PRODUCTS=1,16,64: the
 #                                    products alone for blocks of that many rows, cuBLAS and cuBLASLt
-# The benches compile the models (semiar bench's default on CUDA); TREES sets per-method trees (default: each method's own).
+# The benches compile the models (semiar bench's default on CUDA); TREES sets per-method trees (default: each method's own);
+# for greedy, SAME_TEXT=1 times every lossless method on ar's text (--same-text) and REPEATS=N takes medians of N runs.
 # Each step leaves a results tarball (and drafter weights) under $OUT; docs/benchmarks.md quotes them.
 # Set SECS below the device time left: a command the lease cuts off returns only what is under $OUT
 # by then (the benches and step_cost.py write there as they go).
@@ -102,6 +103,7 @@ case "${1:-}" in
     ;;
   greedy)
     bench greedy "${SECS:-540}" --target "$T15" --draft-model "$T05" ${DRAFTERS:+--drafter "$DRAFTERS"} ${TREES:+--tree "$TREES"} ${COMPILE:+--compile} \
+      ${SAME_TEXT:+--same-text} ${REPEATS:+--repeats "$REPEATS"} \
       --methods "$(methods "${METHODS:-ar,draft,pld,ngram,lookahead,copy,auto,medusa,hydra,eagle,falcon,hf-ar,hf-assisted,hf-pld}")" \
       --tasks "${TASKS:-code,edit,chat}" --n-prompts "${N:-2}" --max-new-tokens "${TOKENS:-128}" --allow-near-ties
     pack greedy
