@@ -68,3 +68,23 @@ class _Relaxed:
     @staticmethod
     def acceptance(*args):
         return None
+
+
+def test_the_loop_waits_on_the_device_only_for_drafters_that_use_it(monkeypatch):
+    import semiar.engine as engine
+    from semiar.methods import make_drafter
+
+    m, _ = tiny_target("qwen2")
+    prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
+    waits = []
+    monkeypatch.setattr(engine, "_sync", lambda device: waits.append(device))
+    for method in (None, "copy", "pld", "ngram", "lookahead"):
+        waits.clear()
+        drafter = make_drafter(method, m) if method else None
+        g = Engine(m, drafter).generate(prompt, max_new_tokens=12).run()
+        assert len(waits) == 2, method  # the prefill's timing and the request's end, none per step
+        assert g.stats.target_forwards > 1
+    waits.clear()
+    g = Engine(m, make_drafter("draft", m, draft_model=tiny_target("qwen2", seed=1)[0])).generate(
+        prompt, max_new_tokens=12).run()
+    assert len(waits) == 2 + g.stats.target_forwards  # a model drafter's work is timed as drafting

@@ -251,7 +251,8 @@ class Generation:
             tree = drafter.propose(tokens) if drafter else DraftTree.empty()
             if len(tree) and tree.depth > remaining - 1:
                 tree = prune_depth(tree, remaining - 1)
-            _sync(device)
+            if drafter and drafter.on_device:  # its forwards, timed as drafting; a host-only drafter
+                _sync(device)  # (and `ar`) leaves the accept decision the loop's one host sync
             tv = time.perf_counter()
             stats.draft_seconds += tv - td
 

@@ -102,3 +102,17 @@ def test_cache_ensure_grows_and_keeps_the_valid_part():
     assert c.ensure(8) is c
     g = c.ensure(20, slack=4)
     assert g.capacity == 24 and g.length == 5 and torch.equal(g.k[:, :, :, :5], c.k[:, :, :, :5])
+
+
+def test_host_stage_copies_and_is_reused():
+    from semiar.models.decoder import HostStage
+
+    stage = HostStage(8, torch.long, "cpu")
+    assert stage.event is None  # pinned, with an event, on CUDA only
+    out = torch.zeros(5, dtype=torch.long)
+    host = stage.ready()
+    host[:5] = torch.arange(5)
+    assert torch.equal(stage.copy_to(out), torch.arange(5))
+    stage.ready()[:3] = 7
+    stage.copy_to(out, 3)
+    assert out.tolist() == [7, 7, 7, 3, 4]

@@ -117,6 +117,7 @@ class AutoDrafter(Drafter):
         self.margin, self.reprobe_every, self.alpha, self.clock = margin, reprobe_every, alpha, clock
         self.memory = memory
         self.needs_hidden = any(d.needs_hidden for d in arms.values())
+        self.on_device = any(d.on_device for d in arms.values())
         self.needs_node_argmax = any(d.needs_node_argmax for d in arms.values())
         self.step = 0
         self.choices: Counter = Counter()  # steps drafted by each arm (over the drafter's life)

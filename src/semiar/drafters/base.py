@@ -53,6 +53,10 @@ class Drafter:
     #: an opt-in relaxed acceptance rule with `verify.verify`'s signature (Medusa's typical
     #: acceptance), or None for the engine's lossless verification
     acceptance = None
+    #: whether proposing queues work on the target's device (a model's forwards): the engine then
+    #: waits for it before timing the verification, so drafting time is charged to drafting. Host-only
+    #: drafters (the lookup ones) say False and the loop keeps one host sync per step, the accept decision
+    on_device = True
 
     def start(self, prompt_ids: list[int], sampling, generator: Optional[torch.Generator] = None,
               prompt_hidden: Optional[torch.Tensor] = None) -> None:

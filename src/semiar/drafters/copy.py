@@ -48,6 +48,7 @@ class CopyDrafter(Drafter):
     """Long chains copied from the prompt, anchored by a pointer that re-aligns after mismatches."""
 
     name = "copy"
+    on_device = False  # host-only: no wait on the device before verifying
 
     def __init__(self, k: int = 32, k_start: int = 16, max_match: int = 6, near: int = 48,
                  alternates: int = 0, alt_len: int = 8, budget: Optional[int] = None, alt_match: int = 4):

@@ -92,6 +92,7 @@ class LookaheadDrafter(Drafter):
     """Lookahead decoding: window W, n-gram size N, at most G pool candidates per step."""
 
     name = "lookahead"
+    on_device = False  # host-only: no wait on the device before verifying
     needs_node_argmax = True
 
     def __init__(self, window: int = 3, ngram: int = 3, candidates: int = 3, pool_from_context: bool = True,

@@ -64,6 +64,7 @@ class PromptLookupDrafter(Drafter):
     """Chain of up to k tokens copied after the longest (max_ngram..min_ngram) matching suffix."""
 
     name = "pld"
+    on_device = False  # host-only: no wait on the device before verifying
 
     def __init__(self, k: int = 8, max_ngram: int = 3, min_ngram: int = 1):
         if k <= 0:

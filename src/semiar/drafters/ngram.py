@@ -48,6 +48,7 @@ class NgramStore:
 
 class NgramDrafter(Drafter):
     name = "ngram"
+    on_device = False  # host-only: no wait on the device before verifying
 
     def __init__(self, n: int = 3, depth: int = 6, top_k: int = 2, budget: int = 10,
                  corpus_ids: Optional[Sequence[Sequence[int]]] = None, min_score: float = 0.15):

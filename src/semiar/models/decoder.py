@@ -91,6 +91,34 @@ class DecoderConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class HostStage:
+    """A reusable host buffer for small host-to-device copies that do not stop the host: on CUDA it is
+    pinned and copied asynchronously, and an event recorded after each copy guards the next write
+    (`ready()` waits for it, usually long done); elsewhere a plain buffer and copy. A copy from
+    ordinary (pageable) memory, or `torch.tensor(..., device="cuda")`, waits for the GPU to finish
+    everything queued before it: a host sync in the decode loop."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device):
+        self.device = torch.device(device)
+        pinned = self.device.type == "cuda" and torch.cuda.is_available()
+        self.host = torch.empty(n, dtype=dtype, pin_memory=pinned)
+        self.event = torch.cuda.Event() if pinned else None
+
+    def ready(self) -> torch.Tensor:
+        """The host buffer, once the last copy out of it has run (fill it, then `copy_to`)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+    def copy_to(self, out: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:
+        """Copy the buffer's first n elements (default: out's size) into `out` on the device."""
+        n = out.numel() if n is None else n
+        out.view(-1)[:n].copy_(self.host[:n], non_blocking=self.event is not None)
+        if self.event is not None:
+            self.event.record()
+        return out
+
+
 class KVCache:
     """Preallocated key/value cache: `[layers, batch, kv_heads, capacity, head_dim]`.
 
@@ -107,10 +135,17 @@ class KVCache:
         self.length = 0
 
     def keep(self, start: int, keep_idx: list[int]) -> None:
-        """Keep the positions `start + i` for i in keep_idx (ascending), packed at `start`."""
+        """Keep the positions `start + i` for i in keep_idx (ascending), packed at `start`. The
+        index goes over without stopping the host (`HostStage`): the copy and the gather queue
+        behind the forward on the GPU."""
         n = len(keep_idx)
         if list(keep_idx) != list(range(n)):
-            idx = torch.tensor(keep_idx, device=self.k.device) + start
+            stage = getattr(self, "_stage", None)  # (caches made by __new__ have no attribute yet)
+            if stage is None or stage.host.numel() < n:
+                stage = self._stage = HostStage(max(n, 256), torch.long, self.k.device)
+            host = stage.ready()
+            host[:n] = torch.as_tensor(keep_idx, dtype=torch.long) + start
+            idx = stage.copy_to(torch.empty(n, dtype=torch.long, device=self.k.device))
             self.k[:, :, :, start:start + n] = self.k.index_select(3, idx)
             self.v[:, :, :, start:start + n] = self.v.index_select(3, idx)
         self.length = start + n

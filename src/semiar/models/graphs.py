@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import fused, gemv
-from .decoder import Decoder, DecoderOutput, KVCache
+from .decoder import Decoder, DecoderOutput, HostStage, KVCache
 
 #: block sizes captured by default: trees (up to 64 tokens) and prompt chunks; 128 and 256 serve
 #: prefill only (H200, 1.5B: a 64-token replay 2.13 ms, 128 2.36 ms, 256 3.16 ms, so a 157-token
@@ -208,9 +208,12 @@ class GraphedDecoder:
         # ids, positions and start are views of one buffer, so inputs from the host are one copy
         self.inputs: dict[int, list[torch.Tensor]] = {}
         self._packed: dict[int, torch.Tensor] = {}
+        # per size: reusable host buffers for ids/positions/start and the block mask (pinned on CUDA)
+        self._host: dict[int, tuple[HostStage, HostStage]] = {}
         self.graphs: dict[tuple[int, int], _Captured | _Direct] = {}
         for S in self.sizes:
             packed = self._packed[S] = torch.zeros(2 * S + 1, dtype=torch.long, device=dev)
+            self._host[S] = (HostStage(2 * S + 1, torch.long, dev), HostStage(S * S, torch.bool, dev))
             self.inputs[S] = [packed[:S].view(1, S),  # input ids
                               packed[S:2 * S].view(1, S),  # positions
                               packed[2 * S],  # start
@@ -273,18 +276,22 @@ class GraphedDecoder:
 
     def _stage_from_host(self, S, T, start, input_ids, positions, tree_mask) -> None:
         """Inputs built on the host (the engine's own): ids, positions and start packed into one
-        host tensor and copied in one transfer, the tree mask in a second (blocks of 2+ only), where
-        filling the device buffers piece by piece took five to ten device calls per step."""
-        host = torch.empty(2 * S + 1, dtype=torch.long)
+        host buffer and copied in one transfer, the tree mask in a second (blocks of 2+ only), where
+        filling the device buffers piece by piece took five to ten device calls per step. The
+        buffers are pinned on CUDA, so the copies queue without stopping the host (`HostStage`)."""
+        ids_stage, mask_stage = self._host[S]
+        host = ids_stage.ready()
         host[:T] = input_ids[0]
         host[T:S] = 0  # padding rows: token 0 at the first new position, seeing only themselves
         host[S:S + T] = torch.arange(start, start + T) if positions is None else positions[0]
         host[S + T:] = start  # the padding's positions, then start itself
-        self._packed[S].copy_(host, non_blocking=True)
+        ids_stage.copy_to(self._packed[S])
         if S > 1:
-            mask = torch.eye(S, dtype=torch.bool)
+            mask = mask_stage.ready().view(S, S)
+            mask.zero_()
+            mask.fill_diagonal_(True)
             mask[:T, :T] = torch.ones(T, T, dtype=torch.bool).tril() if tree_mask is None else tree_mask
-            self.inputs[S][3].copy_(mask, non_blocking=True)
+            mask_stage.copy_to(self.inputs[S][3])
 
     def _stage_on_device(self, S, T, start, input_ids, positions, tree_mask) -> None:
         """Inputs already on the device: copied into the graph's buffers there."""
