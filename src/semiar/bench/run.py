@@ -350,7 +350,8 @@ def _forced_text(cfg: BenchConfig, method: str, per_method: dict) -> Optional[li
     prompt), else None."""
     if not cfg.same_text or method == "ar" or method not in METHODS or method in LOSSY or not per_method["ar"]:
         return None
-    return per_method["ar"][0]["token_ids"] or None
+    first = per_method["ar"][0]  # None when ar failed (the run then stops with that error)
+    return (first or {}).get("token_ids") or None
 
 
 def _drop_failed(results: dict, cfg: BenchConfig) -> None:
