@@ -114,8 +114,8 @@ class HostStage:
         """Copy the buffer's first n elements (default: out's size) into `out` on the device."""
         n = out.numel() if n is None else n
         out.view(-1)[:n].copy_(self.host[:n], non_blocking=self.event is not None)
-        if self.event is not None:
-            self.event.record()
+        if self.event is not None:  # on the stream the copy went to (the device's current one)
+            self.event.record(torch.cuda.current_stream(out.device))
         return out
 
 
