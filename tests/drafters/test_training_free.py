@@ -255,6 +255,48 @@ def test_auto_does_not_probe_an_arm_that_cannot_pay():
     assert auto.choices["fast"] >= sum(auto.choices.values()) - 3
 
 
+class Situational(Oracle):
+    """Right in alternate stretches of 8 tokens (situation 1), wrong in the others (situation 0)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.log = []
+
+    def situation(self, tokens):
+        return int((len(tokens) - self.n0) // 8 % 2 == 0)
+
+    def propose(self, tokens):
+        self.right = bool(self.situation(tokens))
+        self.log.append(self.right)
+        return super().propose(tokens)
+
+
+def test_auto_keeps_an_arms_record_per_situation():
+    # one record would average the right and the wrong stretches; per situation, the arm drafts in
+    # the right ones and `ar` takes the wrong ones
+    arms = {}
+    auto, gen = auto_run(lambda truth, n0, clock: arms.setdefault("sit", {"sit": Situational(truth, n0, k=3)}),
+                         n=120)
+    log = arms["sit"]["sit"].log
+    assert sum(log) >= 0.8 * len(log)  # asked mostly where it is right
+    assert auto.choices["ar"] >= 15  # the wrong stretches (after the first probes) went to `ar`
+
+
+def test_auto_reprobes_a_dear_arm_less_often():
+    target, _ = tiny_target("qwen2")
+    auto = AutoDrafter({"cheap": Oracle([], 0), "dear": Oracle([], 0)}, reprobe_every=24)
+    cheap, dear, ar = auto.arms
+    for arm, seconds, probed in ((cheap, 1.0, 5), (dear, 8.0, 0), (ar, 1.0, 10)):
+        arm.seconds, arm.probed_at, arm.measured, arm.n, arm.tok_sum = seconds, probed, 5, 1.0, 0.5
+        arm.best_case = 100.0  # both could still pay
+    auto.step = 48
+    # the longest since its last step is `dear`, but at 8x the cost its interval is 8x as long
+    assert auto._order()[0] is cheap
+    auto.step = 24 * 8  # 8 intervals later, the others just probed: now `dear` is due
+    cheap.probed_at, ar.probed_at = 180, 185
+    assert auto._order()[0] is dear
+
+
 def test_auto_arms_follow_the_given_drafters():
     target, _ = tiny_target("qwen2")
     auto = make_drafter("auto", target)

@@ -6,14 +6,21 @@ per step (averaged over its recent steps, each older step weighing 0.95 times th
 per step (a running average: its own drafting + the target forward + verification, timed from
 propose() to observe(), so the wider forward of a big tree is charged to the arm that built it),
 both over the steps where it drafted something. Its estimated rate is tokens / seconds; `ar`'s is
-1 / seconds of an empty step.
+1 / seconds of an empty step. A drafter may label the situation it would draft in
+(`Drafter.situation`: `copy` says whether the output's last 3 tokens occur in the prompt, i.e. it
+is copying); the tokens per step are then kept per label as well, and an arm with a record in the
+current situation is judged on that one, so `copy`'s poor steps after an edit do not rule it out
+where the output copies again.
 
 Each step:
 1. arms with too little evidence (fewer than 3 measured steps in their life) are asked first, so
    one unlucky step (the start of an answer, lookahead's window still filling) does not rule an
    arm out; a lookup arm with nothing to propose costs nothing and is not counted. Every
-   `reprobe_every` steps the arm measured longest ago (`ar` included) gets one step, so a method
-   that starts to pay (an edit reaching the quoted code) or a change of machine load is noticed.
+   `reprobe_every` steps one arm (`ar` included) whose own interval has passed gets a step, the
+   most overdue first, so a method that starts to pay (an edit reaching the quoted code) or a change
+   of machine load is noticed; an arm's interval is `reprobe_every` steps times how much dearer its
+   step is than the cheapest arm's (a draft model's 8 ms step on a GPU is re-tried a sixth as often
+   as a 1.4 ms one; before, the arm asked longest ago was re-tried, which was nearly always it).
    A probe is skipped when it cannot pay: once an arm's cost is known, its best case (its deepest
    possible chain all accepted, `max_depth + 1` tokens per step at its measured seconds per step)
    must beat the best estimated rate so far, or asking it would only spend time (a 0.5B draft
@@ -72,9 +79,14 @@ class _Arm:
         if drafter is not None:
             depth = drafter.max_depth
             self.best_case = float((depth if depth is not None else drafter.max_nodes) + 1)
+        self.situation = 0  # the drafter's label of this step's situation (Drafter.situation)
+        self.by_situation: dict[int, list[float]] = {}  # label -> [tok_sum, n], decayed as the totals
 
     @property
     def tokens(self) -> Optional[float]:
+        rec = self.by_situation.get(self.situation)
+        if rec and rec[1] >= 1.0:  # enough record in this situation: judged on it
+            return rec[0] / rec[1]
         return self.tok_sum / self.n if self.n else None
 
     @property
@@ -93,12 +105,17 @@ class _Arm:
         self.measured += 1
         self.tok_sum = self.tok_sum * memory + tokens
         self.n = self.n * memory + 1.0
+        rec = self.by_situation.setdefault(self.situation, [0.0, 0.0])
+        rec[0], rec[1] = rec[0] * memory + tokens, rec[1] * memory + 1.0
         self.seconds = float(seconds) if self.seconds is None else self.seconds + alpha * (seconds - self.seconds)
         self.probed_at = step
 
     def new_request(self) -> None:
         self.tok_sum *= NEW_REQUEST_WEIGHT  # acceptance depends on the prompt: the past is a weak prior
         self.n *= NEW_REQUEST_WEIGHT
+        for rec in self.by_situation.values():
+            rec[0] *= NEW_REQUEST_WEIGHT
+            rec[1] *= NEW_REQUEST_WEIGHT
 
 
 class AutoDrafter(Drafter):
@@ -148,7 +165,13 @@ class AutoDrafter(Drafter):
         can_pay = [a for a in self.arms[:-1] if a.ceiling > best]  # probing the others only spends time
         if self.reprobe_every and self.step % self.reprobe_every == 0:
             measured = [a for a in can_pay + [ar] if a.probed_at >= 0]  # unmeasured arms are asked anyway
-            first = [min(measured, key=lambda a: a.probed_at)] if measured else []
+            # each arm's own interval: reprobe_every steps, times how much dearer than the cheapest its
+            # step is (a draft model's 8 ms step is not re-tried as often as a 2 ms lookup step)
+            cheapest = min((a.seconds for a in measured if a.seconds), default=None)
+            overdue = [(self.step - a.probed_at) / (self.reprobe_every * max(1.0, a.seconds / cheapest))
+                       if cheapest and a.seconds else float("inf") for a in measured]
+            due = [(o, a) for o, a in zip(overdue, measured) if o >= 1.0]
+            first = [max(due, key=lambda oa: oa[0])[1]] if due else []
         else:
             first = [a for a in can_pay if a.measured < THIN]  # too little evidence yet: ask first
             if ar.seconds is None:
@@ -161,6 +184,8 @@ class AutoDrafter(Drafter):
         self._t0 = self.clock()
         self.step += 1
         ar = self.arms[-1]
+        for a in self.arms[:-1]:
+            a.situation = a.drafter.situation(tokens)
         for a in self._order():
             if a is ar:
                 break

@@ -71,6 +71,11 @@ class Drafter:
         """Tree of draft tokens to follow `tokens` (the whole context; tokens[-1] is the root)."""
         raise NotImplementedError
 
+    def situation(self, tokens: list[int]) -> int:
+        """A cheap label (a small int) of the situation a proposal after `tokens` would be made in,
+        for `auto`, which keeps a drafter's acceptance record per label; 0 when it has none."""
+        return 0
+
     def observe(self, accepted: list[int], n_draft_accepted: int,
                 hidden: Optional[torch.Tensor] = None) -> None:
         """After verification: the emitted tokens, how many of them were draft tokens, and (when

@@ -87,6 +87,16 @@ class CopyDrafter(Drafter):
         self.last_proposed = 0
         self.last_block = []
 
+    def situation(self, tokens: list[int]) -> int:
+        """1 while the output's last SITUATION_MATCH tokens occur in the source (it is copying), else 0."""
+        n = self.SITUATION_MATCH
+        if len(tokens) < n or not self.source:
+            return 0
+        self.index.sync(tokens)
+        return int(any(e <= len(self.source) for e in self.index.ends.get(tuple(tokens[-n:]), ())))
+
+    SITUATION_MATCH = 3
+
     def _aligned(self, tokens: list[int]) -> bool:
         p = self.ptr
         if p is None or p <= 0 or p >= len(self.source):
