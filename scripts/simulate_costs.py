@@ -10,6 +10,10 @@ the recorded text. On a quiet 2-core CPU, with the H200 bench's texts and costs 
 gave `ar` 714-720 tokens/s, `copy` 2.29-2.30x, `draft` 1.20x and `auto` 1.70-1.88x (its choices
 move with timing noise from run to run), where that bench measured `ar` 714, `copy` 2.31x and
 `auto` 1.87x (it ran no `draft`; docs/benchmarks.md). It busy-waits: run it on an idle machine.
+Faithful for the lookup drafters (`copy`, `pld`, `ngram`: what they accept depends on the text
+alone); not for `lookahead`, whose Jacobi guesses come from the target's argmax at its draft nodes,
+which the stub gives by position whatever the path (so they come out too good), nor for the draft
+model, which the stub makes right at one rate on every task.
 
 usage: python scripts/simulate_costs.py [RESULTS.json] [--methods ar,copy,auto] [--auto-kw "{'margin': 0.1}"]
 """
