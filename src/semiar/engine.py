@@ -28,7 +28,7 @@ from .errors import InvalidArgumentError
 from .models.graphs import input_device
 from .sampling import SamplingParams
 from .tree import DraftTree
-from .verify import verify, verify_forced
+from .verify import Verdict, verify, verify_forced
 
 
 @dataclass
@@ -244,6 +244,9 @@ class Generation:
             drafter.start(prompt, self.sampling, generator, prompt_hidden)
             stats.draft_seconds += time.perf_counter() - td
 
+        accept = drafter.acceptance if drafter and drafter.acceptance else verify  # relaxed only if opted in
+        if self.forced is not None:
+            accept = self._follow_forced  # benchmarks: another run's text, the target's own choices checked
         tokens = list(prompt)  # the whole context; tokens[-1] is the root, not yet in the cache
         while len(self.token_ids) < budget and self.stop_reason is None:
             remaining = budget - len(self.token_ids)
@@ -263,13 +266,7 @@ class Generation:
                           tree_mask=tree.attention_mask(in_dev), return_hidden=needs_hidden)
             else:
                 out = dec(ids, cache, return_hidden=needs_hidden)
-            if self.forced is not None:  # benchmarks: another run's text, the target's own choices checked
-                done = len(self.token_ids)
-                verdict = verify_forced(tree, out.logits[0], self.forced[done:])
-                self.departures += [(done + i, gap) for i, gap in verdict.departures]
-            else:
-                accept = drafter.acceptance if drafter and drafter.acceptance else verify  # relaxed only if opted in
-                verdict = accept(tree, out.logits[0], self.sampling, generator)
+            verdict = accept(tree, out.logits[0], self.sampling, generator)
             keep = [0] + [i + 1 for i in verdict.path]
             cache.keep(start, keep)
             stats.verify_seconds += time.perf_counter() - tv
@@ -305,6 +302,14 @@ class Generation:
             self.stop_reason = "length"
         _sync(device)
         stats.seconds = time.perf_counter() - t0
+
+    def _follow_forced(self, tree: DraftTree, logits: torch.Tensor, sampling, generator) -> Verdict:
+        """`verify`'s signature over `verify_forced`: the forced text from the next output token on,
+        departures recorded at their output index."""
+        done = len(self.token_ids)
+        verdict = verify_forced(tree, logits, self.forced[done:])
+        self.departures += [(done + i, gap) for i, gap in verdict.departures]
+        return verdict
 
     def _count_depths(self, tree: DraftTree, accepted: int) -> None:
         s = self.stats

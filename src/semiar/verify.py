@@ -45,16 +45,25 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:
     best = logits.argmax(-1).tolist()  # one device->host copy for the whole tree
     if not len(tree):
         return Verdict([], [best[0]], best)
+    path, out = _follow(tree, lambda row, depth: best[row])
+    return Verdict(path, out, best)
+
+
+def _follow(tree: DraftTree, want, limit: Optional[int] = None) -> tuple[list[int], list[int]]:
+    """Walk down from the root: at each node (row r of the logits, depth d) emit want(r, d) and go
+    on to the child holding that token, until none does (that token is the bonus) or `limit` tokens
+    are out. Returns (accepted path, emitted tokens)."""
     kids = tree.children()
     node, path, out = -1, [], []
-    while True:
-        want = best[node + 1]
-        nxt = next((c for c in kids[node + 1] if tree.tokens[c] == want), None)
-        out.append(want)
+    while limit is None or len(out) < limit:
+        token = want(node + 1, len(out))
+        out.append(token)
+        nxt = next((c for c in kids[node + 1] if tree.tokens[c] == token), None)
         if nxt is None:
-            return Verdict(path, out, best)
+            break
         path.append(nxt)
         node = nxt
+    return path, out
 
 
 def verify_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
@@ -139,19 +148,14 @@ def verify_forced(tree: DraftTree, logits: torch.Tensor, forced: list[int]) -> V
     if not forced:
         raise ValueError("verify_forced needs at least one forced token")
     best = logits.argmax(-1).tolist()
-    kids = tree.children()
-    node, path, out, departures = -1, [], [], []
-    while len(out) < len(forced):
-        want = forced[len(out)]
-        if best[node + 1] != want:
-            row = logits[node + 1]
-            departures.append((len(out), float(row[best[node + 1]] - row[want])))
-        out.append(want)
-        nxt = next((c for c in kids[node + 1] if tree.tokens[c] == want), None)
-        if nxt is None:
-            break
-        path.append(nxt)
-        node = nxt
+    departures = []
+
+    def want(row, depth):
+        if best[row] != forced[depth]:
+            departures.append((depth, float(logits[row, best[row]] - logits[row, forced[depth]])))
+        return forced[depth]
+
+    path, out = _follow(tree, want, limit=len(forced))
     return Verdict(path, out, best, departures)
 
 

@@ -69,8 +69,8 @@ def test_bench_flags_a_lossy_method(tmp_path, model_dirs, monkeypatch):
 
     real_run = run_mod.Runner.run
 
-    def lossy(self, method, ids, max_new, seed):
-        rec = real_run(self, method, ids, max_new, seed)
+    def lossy(self, method, ids, max_new, seed, forced=None):
+        rec = real_run(self, method, ids, max_new, seed, forced)
         if method == "pld":
             rec["token_ids"] = [(rec["token_ids"][0] + 1) % 100] + rec["token_ids"][1:]
         return rec
@@ -122,11 +122,11 @@ def test_bench_interrupt_keeps_partial_results(tmp_path, model_dirs, monkeypatch
     real_run = run_mod.Runner.run
     calls = {"n": 0}
 
-    def flaky(self, method, ids, max_new, seed):
+    def flaky(self, method, ids, max_new, seed, forced=None):
         calls["n"] += 1
         if calls["n"] > 2 + 2:  # warm-up (2 methods) + first prompt, then Ctrl-C
             raise KeyboardInterrupt
-        return real_run(self, method, ids, max_new, seed)
+        return real_run(self, method, ids, max_new, seed, forced)
 
     monkeypatch.setattr(run_mod.Runner, "run", flaky)
     res = run_bench(config(tmp_path, model_dirs, methods=["ar", "pld"], repeats=1), progress=False)
@@ -142,11 +142,11 @@ def test_a_run_killed_outright_leaves_the_finished_prompts(tmp_path, model_dirs,
     real_run = run_mod.Runner.run
     calls = {"n": 0}
 
-    def killed(self, method, ids, max_new, seed):  # SIGKILL has no handler: nothing after it runs
+    def killed(self, method, ids, max_new, seed, forced=None):  # SIGKILL has no handler: nothing after it runs
         calls["n"] += 1
         if calls["n"] > 2 + 2:
             raise SystemExit(137)
-        return real_run(self, method, ids, max_new, seed)
+        return real_run(self, method, ids, max_new, seed, forced)
 
     monkeypatch.setattr(run_mod.Runner, "run", killed)
     with pytest.raises(SystemExit):
@@ -163,12 +163,12 @@ def test_bench_leaves_out_a_method_that_fails(tmp_path, model_dirs, monkeypatch)
     real_run = run_mod.Runner.run
     seen = {"pld": 0}
 
-    def broken(self, method, ids, max_new, seed):
+    def broken(self, method, ids, max_new, seed, forced=None):
         if method == "pld":
             seen["pld"] += 1
             if seen["pld"] > 2:  # warm-up and first prompt pass
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_run(self, method, ids, max_new, seed)
+        return real_run(self, method, ids, max_new, seed, forced)
 
     monkeypatch.setattr(run_mod.Runner, "run", broken)
     res = run_bench(config(tmp_path, model_dirs, methods=["ar", "pld", "ngram"], repeats=1), progress=False)

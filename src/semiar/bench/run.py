@@ -277,11 +277,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                "runs": {m: [] for m in cfg.methods}}
     results["failed"] = {}
 
-    def attempt(m, *args, **kw):
+    def attempt(m, *args):
         """runner.run, except that a method that raises is dropped from the run (reported, with
         its error, in results.json and report.md) instead of losing every other method's numbers."""
         try:
-            return runner.run(m, *args, **kw)
+            return runner.run(m, *args)
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:
@@ -320,9 +320,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                             continue
                         bar.update(task, description=f"{m:12s} {p.task}/{p.id}")
                         gc.collect()
-                        forced = _forced_text(cfg, m, per_method)
                         per_method[m].append(attempt(m, ids, cfg.max_new_tokens, cfg.seed + 1000 * pi + rep,
-                                                     **({"forced": forced} if forced is not None else {})))
+                                                     _forced_text(cfg, m, per_method)))
                         bar.advance(task)
                 _drop_failed(results, cfg)
                 for m in cfg.methods:

@@ -87,15 +87,16 @@ class CopyDrafter(Drafter):
         self.last_proposed = 0
         self.last_block = []
 
+    #: `situation`: the output is copying while its last this-many tokens occur in the source
+    SITUATION_MATCH = 3
+
     def situation(self, tokens: list[int]) -> int:
         """1 while the output's last SITUATION_MATCH tokens occur in the source (it is copying), else 0."""
         n = self.SITUATION_MATCH
         if len(tokens) < n or not self.source:
             return 0
-        self.index.sync(tokens)
+        self.index.sync(tokens)  # (indexes only what is new; propose's own sync then has nothing to do)
         return int(any(e <= len(self.source) for e in self.index.ends.get(tuple(tokens[-n:]), ())))
-
-    SITUATION_MATCH = 3
 
     def _aligned(self, tokens: list[int]) -> bool:
         p = self.ptr

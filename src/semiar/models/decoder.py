@@ -133,6 +133,14 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0
+        self._stage: Optional[HostStage] = None  # the keep index's host buffer, made at first use
+
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """An empty cache on existing storage (a CUDA-graph runner's static cache)."""
+        c = cls.__new__(cls)
+        c.k, c.v, c.capacity, c.length, c._stage = k, v, k.shape[3], 0, None
+        return c
 
     def keep(self, start: int, keep_idx: list[int]) -> None:
         """Keep the positions `start + i` for i in keep_idx (ascending), packed at `start`. The
@@ -140,12 +148,11 @@ class KVCache:
         behind the forward on the GPU."""
         n = len(keep_idx)
         if list(keep_idx) != list(range(n)):
-            stage = getattr(self, "_stage", None)  # (caches made by __new__ have no attribute yet)
-            if stage is None or stage.host.numel() < n:
-                stage = self._stage = HostStage(max(n, 256), torch.long, self.k.device)
-            host = stage.ready()
+            if self._stage is None or self._stage.host.numel() < n:
+                self._stage = HostStage(max(n, 256), torch.long, self.k.device)
+            host = self._stage.ready()
             host[:n] = torch.as_tensor(keep_idx, dtype=torch.long) + start
-            idx = stage.copy_to(torch.empty(n, dtype=torch.long, device=self.k.device))
+            idx = self._stage.copy_to(torch.empty(n, dtype=torch.long, device=self.k.device))
             self.k[:, :, :, start:start + n] = self.k.index_select(3, idx)
             self.v[:, :, :, start:start + n] = self.v.index_select(3, idx)
         self.length = start + n

@@ -234,8 +234,7 @@ class GraphedDecoder:
         it, else an ordinary cache (eager forwards)."""
         fits = capacity <= self.capacity - self.slack and batch == 1
         if fits and (self._lease is None or self._lease() is None):
-            c = KVCache.__new__(KVCache)
-            c.k, c.v, c.capacity, c.length = self.cache.k, self.cache.v, self.cache.capacity, 0
+            c = KVCache.over(self.cache.k, self.cache.v)
             self._lease = weakref.ref(c)
             return c
         if not fits and not self._warned:
