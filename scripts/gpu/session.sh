@@ -14,7 +14,8 @@
 #                                    VARIANTS= any of step_cost.py's), kernel profiles (scripts/gpu/step_cost.py);
 #                                    MODEL=random:qwen2.5-1.5b times the same shapes with random weights, no staging;
 #                                    PROFILE_SIZES=16,64: also the tree forwards' kernels; PRODUCTS=1,16,64: the
-#                                    products alone for blocks of that many rows, cuBLAS and cuBLASLt
+#                                    products alone for blocks of that many rows, cuBLAS and cuBLASLt; CHAINS=2,6,12:
+#                                    greedy chains of that many tokens in one replay vs stepped (a draft model)
 # The benches compile the models (semiar bench's default on CUDA); TREES sets per-method trees (default: each method's own);
 # for greedy, SAME_TEXT=1 times every lossless method on ar's text (--same-text) and REPEATS=N takes medians of N runs.
 # Each step leaves a results tarball (and drafter weights) under $OUT; docs/benchmarks.md quotes them.
@@ -116,7 +117,7 @@ case "${1:-}" in
     ;;
   step)
     timeout -s INT "${SECS:-560}" python3 scripts/gpu/step_cost.py --model "${MODEL:-$T15}" --profile --out "$OUT/step" \
-      ${PROFILE_SIZES:+--profile-sizes "$PROFILE_SIZES"} ${PRODUCTS:+--products "$PRODUCTS"} \
+      ${PROFILE_SIZES:+--profile-sizes "$PROFILE_SIZES"} ${PRODUCTS:+--products "$PRODUCTS"} ${CHAINS:+--chains "$CHAINS"} \
       --variants "${VARIANTS:-compiled,compiled-gemv,compiled-fused,compiled-fused-tree${AUTOTUNE:+,compiled-autotune}}" \
       2>&1 | grep -v -i 'warn\|Loading weights'
     cp -r "$OUT/step" "$RUNS/" 2>/dev/null

@@ -94,3 +94,22 @@ print("fused, AR == eager AR:", e == a, "(bf16: may differ at near-ties)")
 for method in ("pld", "copy", "lookahead"):
     gen = Engine(tree, make_drafter(method, tree, device="cuda")).generate(long_ids, max_new_tokens=60).run()
     print(f"fused + block attention {method} == AR:", gen.token_ids == e, "tau", round(gen.stats.tau, 2))
+
+# the draft model's greedy chain as one replay (GraphedDecoder.greedy_chain) on compiled graphs with the
+# fused one-token step: the same tokens as stepping one graphed token at a time, and `draft` stays lossless
+cache = tree.runner.new_cache(256)
+logits = tree.runner(torch.tensor([long_ids[:200]]), cache).logits[0, -1]
+start = cache.length
+toks, confs = tree.runner.greedy_chain(logits, cache, 8)
+cache.truncate(start)
+want = []
+for i in range(8):
+    want.append(int(logits.argmax()))
+    if i < 7:
+        logits = tree.runner(torch.tensor([[want[-1]]]), cache).logits[0, -1]
+print("greedy chain (one replay) == stepped:", toks == want, toks, [round(c, 3) for c in confs])
+del cache
+draft_c = load_model(str(d), device="cuda", compile=True)
+gen = Engine(tree, make_drafter("draft", tree, device="cuda", draft_model=draft_c)).generate(long_ids, max_new_tokens=60).run()
+print("compiled draft (chains in one replay) == AR:", gen.token_ids == e, "tau", round(gen.stats.tau, 2),
+      "chains captured:", len(draft_c.runner._chains))

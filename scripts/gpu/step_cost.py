@@ -171,6 +171,8 @@ ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv
                      "written as multiply + sum for Inductor to generate), compiled-cdt (+ coordinate-descent "
                      "tuning), compiled-autotune (Inductor autotunes the products against its Triton templates)")
 ap.add_argument("--bandwidth", type=float, default=None)
+ap.add_argument("--chains", default="", help="chain lengths, e.g. 2,6,12: a greedy chain of that many tokens drafted as "
+                "one replay (GraphedDecoder.greedy_chain) against the one-token steps with a host sync each")
 ap.add_argument("--out", default="runs/step_cost")
 ap.add_argument("--profile", action="store_true", help="also profile the kernels of a 1-token step")
 ap.add_argument("--agreement-steps", type=int, default=64, help="one-token steps whose tokens the blocks re-feed")
@@ -294,6 +296,33 @@ def configure(name):
                 block_mlp=name.startswith("compiled-fused-mlp"))
 
 
+def chain_costs(name, g, cache):
+    """ms per greedy chain of k tokens after `context` cached tokens: one replay of k - 1 one-token
+    forwards with the argmax fed back on the device (the draft model's path on a GPU), against k - 1
+    graphed one-token calls each followed by softmax, max and a host copy (its loop before)."""
+    logits = torch.randn(dec.config.vocab_size, device="cuda")
+    g.prepare_chains(max(int(k) for k in a.chains.split(",")))
+    out = {}
+    for k in (int(k) for k in a.chains.split(",")):
+        def one_replay():
+            cache.length = a.context
+            g.greedy_chain(logits, cache, k)
+
+        def stepped():
+            cache.length = a.context
+            lg = logits
+            for i in range(k):
+                conf, tok = lg.softmax(-1).max(-1)
+                float(conf), int(tok)
+                if i + 1 < k:
+                    lg = g(torch.tensor([[int(tok)]]), cache).logits[0, -1]
+
+        out[k] = {"one_replay_ms": timed(one_replay, a.reps // 4), "stepped_ms": timed(stepped, a.reps // 4)}
+    res[name + "_chains"] = out
+    print(f"{name}: greedy chains (ms; k tokens = k - 1 forwards): {out}", flush=True)
+    save()
+
+
 def measure(name):
     kw = configure(name)
     t0 = time.perf_counter()
@@ -310,6 +339,8 @@ def measure(name):
     W = next(w for w in g.windows if w > a.context)
     res[name + "_replay_ms"] = timed(lambda: g.graphs[1, W].replay(), a.reps)
     report(name)
+    if a.chains:
+        chain_costs(name, g, cache)
     del cache  # (the graphs' static cache is free again)
     if kw["fused_step"]:
         from semiar.models import fused

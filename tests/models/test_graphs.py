@@ -228,3 +228,68 @@ def test_host_inputs_fill_the_graph_buffers_as_device_inputs_do():
         g._stage_from_host(S, T, 9, ids, pos, mask)
         for a, b in zip(by_device, g.inputs[S]):
             assert torch.equal(a, b), (S, a, b)
+
+
+def test_a_greedy_chain_in_one_replay_equals_stepping_token_by_token():
+    m, _ = tiny_target("qwen2")
+    g = GraphedDecoder(m.decoder, capacity=96, sizes=(1, 4, 8), windows=(16, 32), capture=False)
+    prompt = torch.tensor([[3, 9, 4, 1, 7, 2, 5, 8, 6, 3, 2, 9]])  # 12 slots: chains cross the 16-slot window
+    ref, got = m.decoder.new_cache(96), g.new_cache(64)
+    logits = m.decoder(prompt, ref).logits[0, -1]
+    g(prompt, got)
+    toks, confs = g.greedy_chain(logits, got, 7)
+    want, probs = [], []
+    for i in range(7):
+        p = logits.softmax(-1)
+        want.append(int(p.argmax()))
+        probs.append(float(p.max()))
+        if i < 6:
+            logits = m.decoder(torch.tensor([[want[-1]]]), ref).logits[0, -1]
+    assert toks == want and len(confs) == 7
+    assert max(abs(a - b) for a, b in zip(confs, probs)) < 1e-5
+    assert got.length == ref.length == 12 + 6
+    assert torch.allclose(ref.k[:, :, :, :18], got.k[:, :, :, :18], atol=1e-5)
+    assert g.greedy_chain(logits, m.decoder.new_cache(64), 4) is None  # not the static cache: caller steps
+    assert g.greedy_chain(logits, got, 1) is None  # one token needs no forward
+
+
+def test_preparing_chains_leaves_a_live_requests_cache_alone():
+    m, _ = tiny_target("qwen2")
+    g = GraphedDecoder(m.decoder, capacity=96, sizes=(1, 4, 8), windows=(16, 32), capture=False)
+    prompt = torch.tensor([[3, 9, 4, 1, 7, 2, 5, 8, 6, 3]])
+    cache = g.new_cache(64)
+    g(prompt, cache)
+    before = (cache.k[:, :, :, :10].clone(), cache.v[:, :, :, :10].clone())
+    g.prepare_chains(8)
+    assert torch.equal(cache.k[:, :, :, :10], before[0]) and torch.equal(cache.v[:, :, :, :10], before[1])
+    assert cache.length == 10
+    assert (1, 16) in g._chains and (6, 16) in g._chains and (7, 16) not in g._chains  # 10 + 7 > 16: later
+
+
+def test_the_draft_model_drafts_its_chain_in_one_replay_and_stays_lossless():
+    from semiar.drafters.draft_model import DraftModelDrafter
+    from semiar.tree import TreeSpec
+
+    target, _ = tiny_target("qwen2")
+    plain, _ = tiny_target("qwen2", seed=1)
+    graphed, _ = tiny_target("qwen2", seed=1)
+    graphed.runner = GraphedDecoder(graphed.decoder, capacity=1024, sizes=(1, 4, 8), capture=False)
+    calls = []
+    chain = graphed.runner.greedy_chain
+    graphed.runner.greedy_chain = lambda *a: calls.append((a[2], chain(*a))) or calls[-1][1]
+    prompt = [3, 9, 4, 1, 7, 2, 3, 9]
+    ref = Engine(target).generate(prompt, max_new_tokens=40).run().token_ids
+    spec = TreeSpec("chain", k=6)
+    a = DraftModelDrafter(plain, target, tree=spec, min_confidence=0.0)
+    b = DraftModelDrafter(graphed, target, tree=spec, min_confidence=0.0)
+    ga = Engine(target, a).generate(prompt, max_new_tokens=40).run()
+    gb = Engine(target, b).generate(prompt, max_new_tokens=40).run()
+    assert ga.token_ids == gb.token_ids == ref
+    assert any(k > 1 for k, _ in calls)
+    assert all((got is None) == (k == 1) for k, got in calls)  # every chain of 2+ tokens was one replay
+    assert gb.stats.target_forwards == ga.stats.target_forwards  # the same proposals
+    # the confidence cut, made after the replay, cuts where the step-by-step loop stops
+    a, b = (DraftModelDrafter(m, target, tree=spec, min_confidence=0.2) for m in (plain, graphed))
+    ga = Engine(target, a).generate(prompt, max_new_tokens=40).run()
+    gb = Engine(target, b).generate(prompt, max_new_tokens=40).run()
+    assert ga.token_ids == gb.token_ids == ref and gb.stats.target_forwards == ga.stats.target_forwards

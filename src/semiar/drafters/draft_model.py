@@ -6,6 +6,12 @@ Shapes: "chain" drafts up to k tokens one by one and stops early when the draft 
 probability drops below `min_confidence` (greedy), which keeps a weak draft from wasting steps;
 "dynamic" grows an EAGLE-2-style tree level by level inside the draft cache.
 
+On a GPU (a CUDA-graphed draft model) a greedy chain is one graph replay: the draft model's
+one-token forwards feed each argmax back on the device and the k tokens and their probabilities
+come to the host in one copy, where the step-by-step loop waited for the device at every token
+(`GraphedDecoder.greedy_chain`). The confidence cut is then made on the host after the fact: the
+chain costs its k - 1 forwards whatever the cut.
+
 Example:
     >>> from semiar.drafters.draft_model import DraftModelDrafter        # doctest: +SKIP
     >>> d = DraftModelDrafter(load_model("qwen2.5-coder-0.5b-instruct"), target=target)  # doctest: +SKIP
@@ -58,6 +64,11 @@ class DraftModelDrafter(Drafter):
         self.seen: list[int] = []  # tokens whose K/V are in self.cache, in order
         self.sampling = SamplingParams()
         self.generator: Optional[torch.Generator] = None
+        # a graphed draft model drafts a greedy chain in one replay (GraphedDecoder.greedy_chain):
+        # its graphs are captured now, not in the first timed request
+        self._chain = getattr(draft.runner, "greedy_chain", None) if tree.kind == "chain" else None
+        if self._chain is not None:
+            draft.runner.prepare_chains(tree.k)
 
     @property
     def max_nodes(self) -> int:
@@ -103,6 +114,16 @@ class DraftModelDrafter(Drafter):
         dec = self.model.runner
         out, qs = [], []
         k = self.length.k
+        if self.sampling.greedy and self._chain is not None:
+            got = self._chain(logits, self.cache, k)
+            if got is not None:  # the whole chain in one replay; cut where the confidence drops
+                toks, confs = got
+                self.seen.extend(toks[:k - 1])
+                n = 1
+                while n < k and confs[n] >= self.min_confidence:
+                    n += 1
+                self.last_proposed = n
+                return DraftTree.chain(toks[:n])
         for i in range(k):
             if self.sampling.greedy:
                 probs = logits.softmax(-1)

@@ -59,9 +59,10 @@ class _Direct:
 
 
 class _Captured:
-    """One CUDA graph of `fn` over static input buffers; outputs live in the graph's memory."""
+    """One CUDA graph of `fn` over static input buffers; outputs live in the graph's memory (a pool
+    shared with other graphs when `pool` is given: they must not run at the same time)."""
 
-    def __init__(self, fn, inputs: list[torch.Tensor], warmup: int = 2):
+    def __init__(self, fn, inputs: list[torch.Tensor], warmup: int = 2, pool=None):
         self.inputs = inputs
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -70,7 +71,7 @@ class _Captured:
                 fn(*inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = fn(*inputs)
 
     def replay(self):
@@ -199,6 +200,10 @@ class GraphedDecoder:
             torch.cuda.synchronize(dev)
         self.capture_seconds = time.perf_counter() - t0
         self.cache.length = 0
+        self._capturing = capture
+        self._chains: dict[tuple[int, int], _Captured | _Direct] = {}  # (steps, window) -> greedy chain
+        self._chain_inputs: Optional[list[torch.Tensor]] = None
+        self._chain_pool = None
 
     def _capture(self, capture: bool, warm: bool) -> None:
         """Record (or, without capture, prepare) a graph per block size and attention window;
@@ -224,6 +229,75 @@ class GraphedDecoder:
                 fn = functools.partial(self.decoder.forward_static, window=W)
                 args = self.inputs[S] + [self.cache.k, self.cache.v]
                 self.graphs[S, W] = _Captured(fn, args) if capture else _Direct(fn, args, warm=warm)
+
+    def _chain_fn(self, n: int, window: int, logits, start, mask, k_cache, v_cache):
+        """The greedy chain as one fixed-shape function: the argmax of `logits` (and its probability),
+        then n one-token forwards, each fed the argmax of the one before, at slots start, start + 1,
+        ... Returns [2, n + 1] fp32: the tokens (exact in fp32 below 2^24), then their probabilities."""
+        conf, tok = logits.softmax(-1).max(-1)
+        toks, confs, slot = [tok], [conf], start
+        for _ in range(n):
+            out, _h = self.decoder.forward_static(tok.view(1, 1), slot.view(1, 1), slot, mask, k_cache, v_cache,
+                                                  window=window)
+            conf, tok = out[0, -1].softmax(-1).max(-1)
+            toks.append(tok)
+            confs.append(conf)
+            slot = slot + 1
+        return torch.stack([torch.stack(toks).float(), torch.stack(confs)])
+
+    def _chain(self, n: int, window: int):
+        """The captured (or, without capture, prepared) chain of n steps attending over `window` slots.
+        A capture runs the chain (its warm-up), writing K/V at the slots the start buffer names: the
+        caller points it past the live request's cache first."""
+        key = (n, window)
+        if key not in self._chains:
+            fn = functools.partial(self._chain_fn, n, window)
+            args = self._chain_buffers() + [self.cache.k, self.cache.v]
+            self._chains[key] = (_Captured(fn, args, pool=self._chain_pool) if self._capturing
+                                 else _Direct(fn, args))
+        return self._chains[key]
+
+    def _chain_buffers(self) -> list[torch.Tensor]:
+        """The chains' inputs: next-token logits [vocab] fp32, the start slot (0-d), a 1x1 block mask."""
+        if self._chain_inputs is None:
+            dev = self.decoder.device
+            self._chain_inputs = [torch.zeros(self.config.vocab_size, dtype=torch.float32, device=dev),
+                                  torch.zeros((), dtype=torch.long, device=dev),
+                                  torch.ones(1, 1, dtype=torch.bool, device=dev)]
+            if self._capturing:
+                self._chain_pool = torch.cuda.graph_pool_handle()  # chains replay one at a time
+        return self._chain_inputs
+
+    def prepare_chains(self, k_max: int) -> None:
+        """Capture the greedy chains `greedy_chain` can ask for up to k_max tokens (1 to k_max - 1
+        steps) in every window now, rather than in the middle of a timed request. Captures write
+        K/V past a live request's cache only; a window with no room for that is captured later, when
+        first asked for."""
+        live = self._lease() if self._lease is not None else None
+        used = live.length if live is not None else 0
+        for n in range(1, k_max):
+            for w in self.windows:
+                if (n, w) not in self._chains and used + n <= w:
+                    self._chain_buffers()[1].fill_(used)
+                    self._chain(n, w)
+
+    def greedy_chain(self, logits: torch.Tensor, cache: KVCache, k: int) -> Optional[tuple[list[int], list[float]]]:
+        """The next k greedy tokens after `logits` (the next-token logits [vocab], on the device) and
+        the probability the model gave each, drafted as one replay: the k - 1 one-token forwards feed
+        each argmax back on the device, and the tokens come to the host in one copy at the end (a
+        step-by-step loop waits for the device at every token). The cache grows by k - 1 (every token
+        but the last is fed). None when this cannot be replayed (a cache other than the static one, or
+        past its capacity): the caller then steps itself."""
+        n, start = k - 1, cache.length
+        if n < 1 or cache.k is not self.cache.k or start + n > self.capacity:
+            return None
+        window = next(w for w in self.windows if w >= start + n)
+        logits_in, start_in, _ = self._chain_buffers()
+        logits_in.copy_(logits.reshape(-1), non_blocking=True)
+        start_in.fill_(start)  # before a first capture too: its warm-up writes where the replay will
+        out = self._chain(n, window).replay().tolist()  # the one wait on the device
+        cache.length = start + n
+        return [int(t) for t in out[0]], out[1]
 
     # the decoder's attributes (device, dtype, embed_tokens, lm_head, ...) as the decoder's
     def __getattr__(self, name):
