@@ -45,7 +45,10 @@ ap.add_argument("--step", type=float, default=1.15, help="ms of a one-token forw
 ap.add_argument("--host", type=float, default=0.2, help="ms of host work per forward")
 ap.add_argument("--cost", default="1:1,16:1.49,32:1.56,64:1.68", help="ROWS:STEPS, padded up")
 ap.add_argument("--draft-ms", type=float, default=0.65)
-ap.add_argument("--draft-acc", type=float, default=0.93)
+ap.add_argument("--draft-acc", default="0.93",
+                help="the stub draft model's chance per token of the text's next one: one value, or per task "
+                     "(code:0.95,edit:0.85)")
+ap.add_argument("--per-prompt", action="store_true", help="also a line per prompt for auto (tokens/s, steps per arm)")
 ap.add_argument("--auto-kw", default="{}", help="AutoDrafter keyword arguments, a Python dict")
 a = ap.parse_args()
 torch.set_num_threads(1)
@@ -102,7 +105,9 @@ for run in r["runs"]["ar"]:
 vocab = {t: i for i, t in enumerate(sorted({t for _, ids, out in cases for t in ids + out}))}
 cases = [(task, [vocab[t] for t in ids], [vocab[t] for t in out]) for task, ids, out in cases]
 target_stub = StubModel(len(vocab), target_cost)
-draft_stub = StubModel(len(vocab), lambda rows: a.draft_ms / 1e3, acc=a.draft_acc, seed=1)
+draft_acc = ({k: float(v) for k, v in (x.split(":") for x in a.draft_acc.split(","))} if ":" in a.draft_acc
+             else {task: float(a.draft_acc) for task, _, _ in cases})
+draft_stub = StubModel(len(vocab), lambda rows: a.draft_ms / 1e3, seed=1)
 stub = torch.nn.Linear(1, 1)
 target = LoadedModel(name=name, path=None, decoder=stub, tokenizer=None, config=cfg, runner=target_stub)
 draft = LoadedModel(name="draft", path=None, decoder=stub, tokenizer=None, config=cfg, runner=draft_stub)
@@ -126,7 +131,13 @@ for method in a.methods.split(","):
     per_task = {}
     for task, ids, out in cases:
         target_stub.text = draft_stub.text = ids + out
+        draft_stub.acc = draft_acc[task]
+        before = dict(drafter.choices) if isinstance(drafter, AutoDrafter) else None
         g = engine.generate(ids, max_new_tokens=len(out)).run()
+        if a.per_prompt and before is not None:
+            steps = {k: v - before.get(k, 0) for k, v in drafter.choices.items() if v - before.get(k, 0)}
+            print(f"  {task:5s} {len(out) / g.stats.seconds:7.1f} tok/s tau {len(out) / g.stats.target_forwards:.2f} "
+                  f"steps per arm {steps}", flush=True)
         assert g.token_ids == out, (method, task)
         t = per_task.setdefault(task, [0, 0.0, 0])
         t[0], t[1], t[2] = t[0] + len(out), t[1] + g.stats.seconds, t[2] + g.stats.target_forwards

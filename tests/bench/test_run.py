@@ -63,6 +63,15 @@ def test_bench_same_text_times_every_method_on_ars_text(tmp_path, model_dirs):
         BenchConfig(same_text=True, temperature=0.7).validate()
 
 
+def test_bench_records_which_arm_auto_drafted_each_step(tmp_path, model_dirs):
+    res = run_bench(config(tmp_path, model_dirs, methods=["auto"], repeats=1), progress=False)
+    for r in res["runs"]["auto"]:
+        # per run, not over auto's life (a step that ends on EOS is not observed, so not counted)
+        assert r["target_forwards"] - 1 <= sum(r["arm_steps"].values()) <= r["target_forwards"]
+        assert set(r["arm_steps"]) <= {"copy", "pld", "ngram", "lookahead", "draft", "ar"}
+    assert "arm_steps" not in res["runs"]["ar"][0]
+
+
 def test_bench_flags_a_lossy_method(tmp_path, model_dirs, monkeypatch):
     """Make pld lossy (replace its first emitted token): the identity check must catch it."""
     import semiar.bench.run as run_mod

@@ -212,9 +212,13 @@ class Runner:
         if method in self.engines:
             s = self.sampling
             sampling = SamplingParams(s.temperature, s.top_k, s.top_p, seed=seed)
+            chosen = getattr(self.engines[method].drafter, "choices", None)  # auto: steps per arm so far
+            before = dict(chosen) if chosen is not None else None
             gen = self.engines[method].generate(ids, max_new_tokens=max_new, sampling=sampling, forced=forced).run()
             d = gen.stats.to_dict()
             d["token_ids"] = gen.token_ids
+            if chosen is not None:  # which arm drafted how many of this run's steps
+                d["arm_steps"] = {a: n - before.get(a, 0) for a, n in chosen.items() if n - before.get(a, 0)}
             if forced is not None:
                 d["departures"] = [[i, round(gap, 5)] for i, gap in gen.departures]
             return d
