@@ -49,6 +49,7 @@ ap.add_argument("--draft-acc", default="0.93",
                 help="the stub draft model's chance per token of the text's next one: one value, or per task "
                      "(code:0.95,edit:0.85)")
 ap.add_argument("--per-prompt", action="store_true", help="also a line per prompt for auto (tokens/s, steps per arm)")
+ap.add_argument("--arms", default=",".join(TRAINING_FREE + ("draft",)), help="auto's arms")
 ap.add_argument("--auto-kw", default="{}", help="AutoDrafter keyword arguments, a Python dict")
 a = ap.parse_args()
 torch.set_num_threads(1)
@@ -119,7 +120,7 @@ def make(method):
     if method == "draft":
         return DraftModelDrafter(draft, tree=TreeSpec("chain", k=12))
     if method == "auto":
-        arms = {m: make(m) for m in TRAINING_FREE + ("draft",)}
+        arms = {m: make(m) for m in a.arms.split(",")}
         return AutoDrafter(arms, **ast.literal_eval(a.auto_kw))
     return make_drafter(method, target, **({"tree": "dynamic:8,8,48"} if method == "copy" else {}))
 
