@@ -248,6 +248,74 @@ def block_attention_split(q_ptr, kc_ptr, vc_ptr, mask_ptr, slot_ptr, m_ptr, l_pt
         _partial_store(q, kb, vb, seen, (head * S + tok) * NS + split, r_ok, m_ptr, l_ptr, acc_ptr, scale, D, IEEE)
 
 
+@triton.jit
+def _rotated(ptr, cols, rot, sign, cos, sin, row_ok):
+    # rows [R] of a token-major qkv buffer at column offsets `cols` [R, D] (rotate_half's partner columns
+    # `rot`), times the rotary tables cos/sin [R, D]: (x * cos + rotate_half(x) * sin), fp32
+    x = tl.load(ptr + cols, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    xr = tl.load(ptr + rot, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    return x * cos + sign * xr * sin
+
+
+@triton.jit
+def block_attention_qkv_split(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, mask_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr,
+                              stride_kh, stride_ks, stride_mask, scale, S, NS, H: tl.constexpr, KVH: tl.constexpr,
+                              G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
+                              IEEE: tl.constexpr, PDL: tl.constexpr):
+    # block_attention_split, taking the block's qkv product rows [S, (H + 2 KVH) * D] as they come out of
+    # it (token-major, before rotary): each program rotates its own query rows, and a split that holds
+    # some of the block's slots rotates those keys itself (rounded to the model's dtype, as the one-token
+    # step's attention_split does) instead of reading them back from the cache; the programs of the first
+    # row tile also write them, and the values, to the caches for the next forwards. So rotary, the
+    # cache writes and the query's transpose need no kernels of their own
+    if PDL:
+        gdc_launch_dependents()
+    dt = kc_ptr.dtype.element_ty
+    kvh = tl.program_id(0)
+    split = tl.program_id(2)
+    start = tl.load(slot_ptr)
+    end = start + S
+    c0 = split * C
+    d = tl.arange(0, D)
+    pos = c0 + tl.arange(0, C)
+    kc = kc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :]
+    vc = vc_ptr + kvh * stride_kh + pos[:, None] * stride_ks + d[None, :]
+    old = (pos < start)[:, None]
+    kb = tl.load(kc, mask=old, other=0.0)
+    vb = tl.load(vc, mask=old, other=0.0)
+    if PDL:
+        gdc_wait()
+    if c0 < end:
+        W3 = (H + 2 * KVH) * D  # one token's qkv row
+        rot = (d + D // 2) % D  # rotate_half: [-x2, x1]
+        sign = tl.where(d < D // 2, -1.0, 1.0)[None, :]
+        if c0 + C > start:  # the split holds some of the block's own keys: rotated here
+            new_row = (pos >= start) & (pos < end)
+            tk = tl.where(new_row, pos - start, 0)
+            cs = tl.load(cos_ptr + tk[:, None] * D + d[None, :], mask=new_row[:, None], other=0.0).to(tl.float32)
+            sn = tl.load(sin_ptr + tk[:, None] * D + d[None, :], mask=new_row[:, None], other=0.0).to(tl.float32)
+            at = qkv_ptr + tk[:, None] * W3 + (H + kvh) * D
+            k_new = _rotated(at, d[None, :], rot[None, :], sign, cs, sn, new_row).to(dt)
+            v_new = tl.load(qkv_ptr + tk[:, None] * W3 + (H + KVH + kvh) * D + d[None, :], mask=new_row[:, None],
+                            other=0.0)
+            if tl.program_id(1) == 0:
+                tl.store(kc, k_new, mask=new_row[:, None])
+                tl.store(vc, v_new, mask=new_row[:, None])
+            kb = tl.where(new_row[:, None], k_new, kb)
+            vb = tl.where(new_row[:, None], v_new, vb)
+        r = tl.program_id(1) * BM + tl.arange(0, BM)
+        r_ok = r < G * S
+        head = kvh * G + r // S
+        tok = r % S
+        cq = tl.load(cos_ptr + tok[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32)
+        sq = tl.load(sin_ptr + tok[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32)
+        q = _rotated(qkv_ptr + tok[:, None] * W3 + head[:, None] * D, d[None, :], rot[None, :], sign, cq, sq, r_ok).to(dt)  # [BM, D]
+        p_ok = pos < end
+        seen = tl.load(mask_ptr + tok[:, None] * stride_mask + pos[None, :], mask=r_ok[:, None] & p_ok[None, :],
+                       other=0).to(tl.int1)
+        _partial_store(q, kb, vb, seen, (head * S + tok) * NS + split, r_ok, m_ptr, l_ptr, acc_ptr, scale, D, IEEE)
+
+
 # (BLOCK_N, BLOCK_K, warps, stages); H200, 1.5B gate/up (17920 x 1536) alone, swapped operands: 16 rows
 # 15.7 us against cuBLAS's 17.7 (64, 128, 4, 3), 64 rows 17.5 against 18.8 (64, 64, 4, 4) (scripts/gpu/skinny.py)
 mlp_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
