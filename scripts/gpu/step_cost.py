@@ -16,7 +16,6 @@ the same step's matrix products alone (replayed as one CUDA graph, nothing else 
 GPU time goes (matrix products vs everything else).
 """
 import argparse
-import os
 import json
 import time
 from pathlib import Path
@@ -186,7 +185,7 @@ ap.add_argument("--products", default="", help="rows, e.g. 1,16,64: time each ki
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
-            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-mlp-seprope", "compiled-fused-mlp-emulate", "compiled-fused-mlp-nodefer", "compiled-fused-tree-nodefer", "compiled-rowsum", "compiled-cdt",
+            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-mlp-emulate", "compiled-fused-mlp-nodefer", "compiled-fused-tree-nodefer", "compiled-rowsum", "compiled-cdt",
             "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
@@ -285,11 +284,9 @@ def configure(name):
         ic.max_autotune_gemm_backends = "ATEN,TRITON"
     gemv.RowLinear.forward = rowsum_forward if name == "compiled-rowsum" else ROW_FORWARD
     torch._dynamo.reset()
-    os.environ["SEMIAR_BLOCK_ROPE"] = "0" if name.endswith("-seprope") else "1"
     row_kernel = {"compiled-gemv": None, "compiled-fused": None, "compiled-fused-nopdl": None, "graphs-fused": None,
                   "compiled-fused-tree": None, "compiled-fused-mlp": None, "compiled-fused-mlp-emulate": None,
                   "compiled-fused-mlp-nodefer": None, "compiled-fused-tree-nodefer": None,
-                  "compiled-fused-mlp-seprope": None,
                   "compiled-rowsum": True}.get(name, False)
     from semiar.models import fused
 
@@ -360,7 +357,7 @@ def measure(name):
     if a.profile and name in ("graphs", "compiled", "compiled-gemv", "compiled-fused", "compiled-fused-nopdl", "graphs-fused"):
         del g
         profile_step(name, kw)
-    elif a.profile and name in ("compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-mlp-seprope") and a.profile_sizes:
+    elif a.profile and name in ("compiled-fused-tree", "compiled-fused-mlp") and a.profile_sizes:
         del g
         for T in (int(t) for t in a.profile_sizes.split(",")):
             profile_step(name, kw, T)

@@ -163,41 +163,6 @@ def test_block_attention_equals_masked_attention(dtype, start, monkeypatch):
     assert tokens.shape == (1, S, H * D) and torch.equal(tokens, out.transpose(1, 2).reshape(1, S, H * D))
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("start", [0, 21])
-def test_block_attention_from_qkv_rotates_writes_the_cache_and_attends(dtype, start, monkeypatch):
-    monkeypatch.setattr(fused, "ATTENTION_SPLIT", 16)  # the block straddles two splits at start 21
-    torch.manual_seed(3)
-    H, KVH, D, S, W = 4, 2, 16, 5, 48
-    qkv = torch.randn(1, S, (H + 2 * KVH) * D).to(dtype)
-    cfg = DecoderConfig(vocab_size=8, hidden_size=H * D, intermediate_size=8, num_layers=1, num_heads=H,
-                        num_kv_heads=KVH)
-    positions = torch.tensor([[start, start + 1, start + 1, start + 2, start + 2]])  # a tree: depths, not slots
-    cos, sin = rope_cos_sin(rope_inv_freq(cfg), positions, dtype)
-    kc, vc = torch.randn(1, KVH, W, D).to(dtype), torch.randn(1, KVH, W, D).to(dtype)
-    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
-                        dtype=torch.bool)
-    mask = torch.zeros(S, W, dtype=torch.bool)
-    mask[:, :start] = True
-    mask[:, start:start + S] = tree
-    slots = torch.arange(start, start + S)
-    # the reference: rotary rounded once (as the one-token step), the cache writes, then block_attention
-    q, k, v = qkv.float().split([H * D, KVH * D, KVH * D], dim=-1)
-    half = lambda x: torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1)  # noqa: E731
-    c, s_ = cos.float().unsqueeze(2), sin.float().unsqueeze(2)
-    q = (q.view(1, S, H, D) * c + half(q.view(1, S, H, D)) * s_).to(dtype).transpose(1, 2)
-    k = (k.view(1, S, KVH, D) * c + half(k.view(1, S, KVH, D)) * s_).to(dtype).transpose(1, 2)
-    ref_k, ref_v = kc.clone(), vc.clone()
-    ref_k[:, :, start:start + S] = k
-    ref_v[:, :, start:start + S] = v.to(dtype).view(1, S, KVH, D).transpose(1, 2)
-    ref = fused.block_attention(q, ref_k, ref_v, mask, slots, token_major=True)
-    out = fused.block_attention_qkv(qkv, cos, sin, kc, vc, mask, slots)
-    assert out.shape == (1, S, H * D)
-    assert _close(kc, ref_k, dtype) and torch.equal(vc, ref_v)  # written, and only the block's slots
-    assert _close(out, ref, dtype)
-
-
 def _tree_logits(dec, prompt, **graphed):
     """Logits of one 4-token tree after `prompt` through GraphedDecoder(dec, capture=False, **graphed),
     and that decoder (its static cache free again)."""
@@ -259,26 +224,20 @@ def test_kernels_that_fail_with_pdl_run_without_then_leave_the_plain_layers(monk
 
 
 @needs_triton
-@pytest.mark.parametrize("family,rope", [("qwen2", "1"), ("llama", "1"), ("qwen2", "0")])
-def test_block_attention_serves_the_engines_trees(family, rope, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_block_attention_serves_the_engines_trees(family, monkeypatch):
     from semiar.methods import make_drafter
 
     monkeypatch.setattr(fused, "ATTENTION_SPLIT", 16)  # the prefix and the tree over several splits
-    monkeypatch.setenv("SEMIAR_BLOCK_ROPE", rope)  # rotary and cache writes in the kernel (the default) or not
     m, _ = tiny_target(family)
     prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
     ref = Engine(m).generate(prompt, max_new_tokens=16).run().token_ids
     # the engine's own trees (up to 64 tokens) under the fused step, counted to be sure they ran
     m.runner = GraphedDecoder(m.decoder, capacity=192, sizes=(1, 8, 16, 32, 64), capture=False, fused_step=True,
                               block_attention=True)
-    assert all(layer.self_attn.block_rope == (rope == "1") for layer in m.decoder.layers)
     sizes = []
-    if rope == "1":
-        monkeypatch.setattr(fused, "block_attention_qkv", lambda qkv, *a, f=fused.block_attention_qkv, **k:
-                            sizes.append(qkv.shape[1]) or f(qkv, *a, **k))
-    else:
-        monkeypatch.setattr(fused, "block_attention", lambda q, *a, f=fused.block_attention, **k:
-                            sizes.append(q.shape[2]) or f(q, *a, **k))
+    monkeypatch.setattr(fused, "block_attention", lambda q, *a, f=fused.block_attention, **k: sizes.append(q.shape[2])
+                        or f(q, *a, **k))
     for method in ("pld", "copy", "lookahead"):
         assert Engine(m, make_drafter(method, m)).generate(prompt, max_new_tokens=16).run().token_ids == ref, method
     assert len(set(sizes)) >= 2, sizes

@@ -312,16 +312,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         #: static blocks of 2-64 tokens attend through models.fused.block_attention (on with the fused step)
         self.block_kernel = False
-        #: ... taking the qkv product as it comes: rotary and the cache writes inside the attention kernel
-        #: (models.fused.block_attention_qkv; on with block_kernel unless SEMIAR_BLOCK_ROPE=0)
-        self.block_rope = False
 
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
         # x: [B, T, hidden]; cos/sin: [B, T, d]; k_cache/v_cache: [B, kvh, capacity, d]
         B, T, _ = x.shape
-        if self.block_rope and k_cache is not None and fused.block_path(T, start, mask):
-            # rotary, the cache writes and the attention over the filled slots in one kernel pair
-            return self.o_proj(fused.block_attention_qkv_op(self.qkv_proj(x), cos, sin, k_cache, v_cache, mask, start))
         q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
         q = q.view(B, T, self.h, self.d).transpose(1, 2)
         k = k.view(B, T, self.kvh, self.d).transpose(1, 2)

@@ -215,55 +215,6 @@ def _(q, k_cache, v_cache, mask, slots):
     return q.new_empty(1, S, H * D)
 
 
-def block_attention_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """`block_attention` from the block's qkv product as it comes (before rotary): rotary on q and k,
-    the block's keys and values written to the caches at `slots`, and the attention, in the split and
-    merge kernels alone, where the compiled layer took three more kernels (rotary, cache writes, the
-    query's transpose). qkv: [1, S, (heads + 2 kv_heads) * head_dim]; cos, sin: [1, S, head_dim];
-    caches: [1, kv_heads, capacity, head_dim] (written); mask [S, W]; slots [S] (start..start + S - 1).
-    Returns [1, S, heads * head_dim]. Rotary rounds as the one-token step's `decode_attention` does."""
-    _, S, width = qkv.shape
-    KVH, D = k_cache.shape[1], k_cache.shape[-1]
-    H = width // D - 2 * KVH
-    why = _heads_unsupported(D, H, KVH)
-    if why:
-        raise ValueError(f"block_attention_qkv needs a power-of-two head size of at least 16 and whole query groups: {why}")
-    G, C, W = H // KVH, ATTENTION_SPLIT, mask.shape[-1]
-    NS = -(-W // C)
-    BM = 16 if _interpreted() else 64
-    dev = qkv.device
-    m = torch.empty(H * S, NS, dtype=torch.float32, device=dev)
-    l = torch.empty(H * S, NS, dtype=torch.float32, device=dev)
-    acc = torch.empty(H * S, NS, D, dtype=torch.float32, device=dev)
-    out = torch.empty(1, S, H * D, dtype=qkv.dtype, device=dev)
-    mask = mask.contiguous().view(torch.uint8)
-    from .fused_kernels import block_attention_qkv_split as split
-
-    merge = _kernels()[3]
-    pdl = _pdl_on(dev)
-    launch = {"launch_pdl": True} if pdl else {}
-    split[(KVH, -(-G * S // BM), NS)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), k_cache, v_cache, mask,
-                                      slots, m, l, acc, k_cache.stride(1), k_cache.stride(2), mask.stride(0),
-                                      1.0 / math.sqrt(D), S, NS, H=H, KVH=KVH, G=G, D=D, BM=BM, C=C,
-                                      IEEE=qkv.dtype == torch.float32 or _interpreted(), PDL=pdl, num_warps=4, **launch)
-    merge[(H * S,)](m, l, acc, slots, out, NS, S, H, C=C, D=D, SB=16, TOKEN_MAJOR=True, PDL=pdl, num_warps=4, **launch)
-    return out
-
-
-@torch.library.custom_op("semiar::block_attention_qkv", mutates_args=("k_cache", "v_cache"))
-def block_attention_qkv_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """`block_attention_qkv` as a PyTorch custom op that writes the caches, for the compiled layer."""
-    return block_attention_qkv(qkv, cos, sin, k_cache, v_cache, mask, slots)
-
-
-@block_attention_qkv_op.register_fake
-def _(qkv, cos, sin, k_cache, v_cache, mask, slots):
-    KVH, D = k_cache.shape[1], k_cache.shape[-1]
-    return qkv.new_empty(1, qkv.shape[1], qkv.shape[-1] - 2 * KVH * D)
-
-
 def norm_fold(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm split as the fused products take it: (x * norm_weight rounded to x's dtype, the rows'
     scale rsqrt(mean(x^2) + eps) in fp32 [..., rows]); the product of the first times a weight, scaled
@@ -376,13 +327,10 @@ def install_block_attention(decoder, on: Optional[bool] = None) -> bool:
     the compiled matmul-softmax-matmul over the whole window (H200, 1.5B: 16/32/64-token forwards
     2.05/2.12/2.26 -> 1.96/2.04/2.21 ms). on=None: SEMIAR_BLOCK_ATTENTION=0/1 decides, else on where
     the fused one-token step is; on=True also serves the CPU tests under Triton's interpreter.
-    With it, rotary and the cache writes move into the attention kernel (`block_attention_qkv`)
-    unless SEMIAR_BLOCK_ROPE=0. Returns whether it is on."""
+    Returns whether it is on."""
     on = _block_switch(decoder, on, "SEMIAR_BLOCK_ATTENTION")
-    rope = on and env_switch("SEMIAR_BLOCK_ROPE", "using the default") is not False
     for layer in decoder.layers:
         layer.self_attn.block_kernel = on
-        layer.self_attn.block_rope = rope
     return on
 
 
