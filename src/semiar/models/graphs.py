@@ -13,6 +13,9 @@ which fuses the elementwise work (norms, rotary, mask and softmax, SiLU, residua
 3.65 -> 1.91 ms per step. One-row products go through a Triton kernel where it beats cuBLAS for
 the weight's shape (`models.gemv`): 1.87 -> 1.64 ms.
 
+A draft model's greedy chain is one more kind of graph (`greedy_chain`): k - 1 one-token forwards,
+each fed the argmax of the one before on the device, and one host copy of the tokens at the end.
+
 It has the decoder's call signature, so the engine and the drafters use it without knowing:
 anything it cannot replay (another cache, a full prefix mask, a batch, a request past the static
 capacity) runs the eager decoder on the same cache.
