@@ -185,7 +185,7 @@ ap.add_argument("--products", default="", help="rows, e.g. 1,16,64: time each ki
 a = ap.parse_args()
 sizes = [int(s) for s in a.sizes.split(",")]
 VARIANTS = ("graphs-full", "graphs", "graphs-sdpa", "graphs-fused", "compiled", "compiled-gemv", "compiled-fused",
-            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-mlp-emulate", "compiled-fused-mlp-nodefer", "compiled-fused-tree-nodefer", "compiled-rowsum", "compiled-cdt",
+            "compiled-fused-nopdl", "compiled-fused-tree", "compiled-fused-mlp", "compiled-fused-mlp-noprefetch", "compiled-fused-mlp-emulate", "compiled-fused-mlp-nodefer", "compiled-fused-tree-nodefer", "compiled-rowsum", "compiled-cdt",
             "compiled-autotune")
 unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
@@ -287,10 +287,12 @@ def configure(name):
     row_kernel = {"compiled-gemv": None, "compiled-fused": None, "compiled-fused-nopdl": None, "graphs-fused": None,
                   "compiled-fused-tree": None, "compiled-fused-mlp": None, "compiled-fused-mlp-emulate": None,
                   "compiled-fused-mlp-nodefer": None, "compiled-fused-tree-nodefer": None,
+                  "compiled-fused-mlp-noprefetch": None,
                   "compiled-rowsum": True}.get(name, False)
     from semiar.models import fused
 
     fused.PDL = False if name.endswith("-nopdl") else None  # None: on where the GPU and Triton have it
+    fused.PREFETCH = not name.endswith("-noprefetch")  # row_product's weights loaded a chunk ahead
     return dict(compile=name.startswith("compiled"), row_kernel=row_kernel, fused_step="-fused" in name,
                 block_attention=name.startswith(("compiled-fused-tree", "compiled-fused-mlp")),
                 block_mlp=name.startswith("compiled-fused-mlp"))

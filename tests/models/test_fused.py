@@ -49,6 +49,18 @@ def test_row_product_equals_the_unfused_layer_work(dtype, norm, swiglu, residual
 
 
 @needs_triton
+def test_row_products_weights_loaded_ahead_give_the_same_bits(monkeypatch):
+    torch.manual_seed(1)
+    w, x = torch.randn(74, 70).to(torch.bfloat16), torch.randn(1, 1, 70).to(torch.bfloat16)
+    nw = torch.rand(70).to(torch.bfloat16) + 0.5
+    outs = []
+    for ahead in (True, False):
+        monkeypatch.setattr(fused, "PREFETCH", ahead)
+        outs.append(fused.row_product(x, w, norm_weight=nw, swiglu=True))
+    assert torch.equal(outs[0], outs[1])  # the same chunks summed in the same order
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("start", [0, 5, 16, 37])
 @pytest.mark.parametrize("split", [16, 64])

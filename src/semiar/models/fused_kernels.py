@@ -52,11 +52,11 @@ def _swiglu(gate, up, y_ptr):
     return gate / (1.0 + tl.exp(-gate)) * up
 
 
-@triton.autotune(configs=configs, key=["N", "K", "NORM", "SWIGLU", "RESIDUAL"])
+@triton.autotune(configs=configs, key=["N", "K", "NORM", "SWIGLU", "RESIDUAL", "PREFETCH"])
 @triton.jit
 def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
                 HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                PDL: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[N] = x[K] @ W.T (+ b); NORM: x := rmsnorm(x) * nw; SWIGLU: W holds [gate; up] (2N rows)
     # and y = silu(gate) * up; RESIDUAL: y += r.
     # PDL (programmatic dependent launch): the next kernel may start once every program here has
@@ -75,12 +75,21 @@ def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
     w, wu = _weight_rows(w_ptr, rows, row_ok, cols, col_ok, N, stride_wn, SWIGLU)
     if PDL:
         gdc_wait()  # from here on: the row, the residual, and every store
-    acc, acc_up, ss = _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM, SWIGLU)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        w, wu = _weight_rows(w_ptr, rows, row_ok, cols, col_ok, N, stride_wn, SWIGLU)
+    if PREFETCH:  # the next chunk's weights are loaded before this chunk's products: two loads in flight
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            nxt = k0 + tl.arange(0, BLOCK_K)
+            nxt_ok = nxt < K
+            w_next, wu_next = _weight_rows(w_ptr, rows, row_ok, nxt, nxt_ok, N, stride_wn, SWIGLU)
+            acc, acc_up, ss = _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM, SWIGLU)
+            w, wu, cols, col_ok = w_next, wu_next, nxt, nxt_ok
         acc, acc_up, ss = _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM, SWIGLU)
+    else:
+        acc, acc_up, ss = _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM, SWIGLU)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            w, wu = _weight_rows(w_ptr, rows, row_ok, cols, col_ok, N, stride_wn, SWIGLU)
+            acc, acc_up, ss = _chunk(acc, acc_up, ss, w, wu, x_ptr, nw_ptr, cols, col_ok, NORM, SWIGLU)
     y = tl.sum(acc, axis=1)
     if NORM:
         rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
