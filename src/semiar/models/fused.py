@@ -82,8 +82,8 @@ def _pdl_on(device: torch.device) -> bool:
     return bool(PDL)
 
 
-#: whether row_product's autotuning may pick configs that load the next chunk of weights ahead of
-#: the products (two loads in flight per program), the faster per weight shape; SEMIAR_ROW_PREFETCH=0: never
+#: row_product loads a chunk of weights ahead of the products (two loads in flight per program);
+#: SEMIAR_ROW_PREFETCH=0 turns it off
 PREFETCH = os.environ.get("SEMIAR_ROW_PREFETCH", "1") != "0"
 
 
@@ -108,7 +108,7 @@ def row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     kernel[grid](x, weight, weight if bias is None else bias, x if norm_weight is None else norm_weight,
                  y if residual is None else residual.contiguous(), y, N, K, weight.stride(0), float(eps),
                  HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-                 PDL=pdl, AHEAD=PREFETCH, **({"launch_pdl": True} if pdl else {}))
+                 PDL=pdl, PREFETCH=PREFETCH, **({"launch_pdl": True} if pdl else {}))
     return y
 
 

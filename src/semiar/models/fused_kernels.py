@@ -10,25 +10,12 @@ try:
 except ImportError:  # an older Triton: PDL stays off (`_pdl_on`)
     gdc_launch_dependents = gdc_wait = None
 
-# each tile shape with and without loading the next chunk of weights ahead (PREFETCH): on the H200 ahead
-# was faster for the 1.5B's qkv, o and down products alone and slower for its gate/up (SwiGLU) product,
-# so the autotuner chooses per shape
-configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PREFETCH": p}, num_warps=w)
+configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
            for n, k, w in [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
                            (8, 512, 8), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (16, 1024, 8), (32, 128, 4),
-                           (32, 256, 8), (32, 512, 8), (64, 256, 8)]  # the last two: wide LM heads (models.gemv)
-           for p in (False, True)]
-if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU tests: small configs, no timing
-    configs = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 32, "PREFETCH": p}, num_warps=1) for p in (False, True)]
-
-
-def _prefetch_allowed(configs, named_args, **kwargs):
-    # AHEAD=False (SEMIAR_ROW_PREFETCH=0, or a measurement of the loop without it) keeps the others only;
-    # under the interpreter (no timing, one config) AHEAD picks the one
-    ahead = kwargs.get("AHEAD", named_args.get("AHEAD", True))
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    keep = [c for c in configs if c.kwargs["PREFETCH"] == ahead or (ahead and not interpreted)]
-    return keep or configs
+                           (32, 256, 8), (32, 512, 8), (64, 256, 8)]]  # the last two: wide LM heads (models.gemv)
+if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU tests: one small config, no timing
+    configs = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 32}, num_warps=1)]
 
 
 @triton.jit
@@ -65,13 +52,11 @@ def _swiglu(gate, up, y_ptr):
     return gate / (1.0 + tl.exp(-gate)) * up
 
 
-@triton.autotune(configs=configs, key=["N", "K", "NORM", "SWIGLU", "RESIDUAL", "AHEAD"],
-                 prune_configs_by={"early_config_prune": _prefetch_allowed})
+@triton.autotune(configs=configs, key=["N", "K", "NORM", "SWIGLU", "RESIDUAL", "PREFETCH"])
 @triton.jit
 def row_product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, y_ptr, N, K, stride_wn, eps,
                 HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                PDL: tl.constexpr, AHEAD: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                PDL: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[N] = x[K] @ W.T (+ b); NORM: x := rmsnorm(x) * nw; SWIGLU: W holds [gate; up] (2N rows)
     # and y = silu(gate) * up; RESIDUAL: y += r.
     # PDL (programmatic dependent launch): the next kernel may start once every program here has
