@@ -70,6 +70,7 @@ def test_bench_records_which_arm_auto_drafted_each_step(tmp_path, model_dirs):
         assert r["target_forwards"] - 1 <= sum(r["arm_steps"].values()) <= r["target_forwards"]
         assert set(r["arm_steps"]) <= {"copy", "pld", "ngram", "lookahead", "draft", "ar"}
     assert "arm_steps" not in res["runs"]["ar"][0]
+    assert "`auto`'s steps by the arm that drafted them" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_bench_flags_a_lossy_method(tmp_path, model_dirs, monkeypatch):

@@ -541,5 +541,15 @@ def render_report(results: dict) -> str:
                          f"{r.get('tau', '-') if r.get('tau') is not None else '-'} | "
                          f"{split.get('draft', '-')} | {split.get('verify', '-')} | {r['new_tokens']} |")
         lines.append("")
+    for meth, runs in results["runs"].items():  # auto: which arm drafted its steps, per task
+        by_task: dict = {}
+        for r in runs:
+            for arm, n in (r.get("arm_steps") or {}).items():
+                by_task.setdefault(r["task"], {}).setdefault(arm, 0)
+                by_task[r["task"]][arm] += n
+        if by_task:
+            lines += [f"`{meth}`'s steps by the arm that drafted them (the median repeat of each prompt): "
+                      + "; ".join(f"{task}: " + ", ".join(f"{a} {n}" for a, n in sorted(c.items(), key=lambda x: -x[1]))
+                                  for task, c in by_task.items()), ""]
     lines += ["![speedup](speedup.png)", "", "![acceptance](acceptance.png)", ""]
     return "\n".join(lines)
