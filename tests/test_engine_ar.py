@@ -88,3 +88,25 @@ def test_the_loop_waits_on_the_device_only_for_drafters_that_use_it(monkeypatch)
     g = Engine(m, make_drafter("draft", m, draft_model=tiny_target("qwen2", seed=1)[0])).generate(
         prompt, max_new_tokens=12).run()
     assert len(waits) == 2 + g.stats.target_forwards  # a model drafter's work is timed as drafting
+
+
+def test_auto_waits_on_the_device_only_in_steps_where_it_asked_a_model_arm(monkeypatch):
+    import semiar.engine as engine
+    from semiar.drafters.auto import AutoDrafter
+    from semiar.methods import make_drafter
+
+    m, _ = tiny_target("qwen2")
+    prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
+    waits = []
+    monkeypatch.setattr(engine, "_sync", lambda device: waits.append(device))
+    draft = make_drafter("draft", m, draft_model=tiny_target("qwen2", seed=1)[0])
+    asked = []
+    propose = draft.propose
+    draft.propose = lambda tokens: asked.append(1) or propose(tokens)
+    import itertools
+
+    auto = AutoDrafter({"pld": make_drafter("pld", m), "draft": draft}, clock=itertools.count().__next__)
+    g = Engine(m, auto).generate(prompt, max_new_tokens=24).run()
+    assert len(waits) == 2 + len(asked)  # prefill and end, then one per step that asked the draft model
+    assert 0 < len(asked) < g.stats.target_forwards
+

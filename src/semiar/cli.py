@@ -92,11 +92,6 @@ def generate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default; on CPUs with native bf16 ~1.7x faster, near-ties may differ), fp16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
-    same_text: bool = typer.Option(False, "--same-text",
-                                   help="Greedy only: every lossless engine method emits ar's text of the prompt from this "
-                                        "run (each step verified as greedy decoding does, its own choices checked at every "
-                                        "position), so speeds compare on identical texts where bf16 near-ties would make "
-                                        "them differ."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
     compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first "
                                  "(about half the step time, ~25 s more start-up per model)."),

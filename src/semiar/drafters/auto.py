@@ -134,12 +134,19 @@ class AutoDrafter(Drafter):
         self.margin, self.reprobe_every, self.alpha, self.clock = margin, reprobe_every, alpha, clock
         self.memory = memory
         self.needs_hidden = any(d.needs_hidden for d in arms.values())
-        self.on_device = any(d.on_device for d in arms.values())
         self.needs_node_argmax = any(d.needs_node_argmax for d in arms.values())
         self.step = 0
         self.choices: Counter = Counter()  # steps drafted by each arm (over the drafter's life)
         self._chosen: Optional[_Arm] = None
         self._t0 = 0.0
+        self._asked_device = False  # whether an arm asked this step queued work on the device
+
+    @property
+    def on_device(self) -> bool:
+        """Whether this step's proposal queued device work (a model arm was asked), so the engine waits
+        for it only then: with a draft model among the arms, a step drafted by `copy` keeps the loop's
+        one host sync."""
+        return self._asked_device
 
     @property
     def max_nodes(self) -> int:
@@ -186,9 +193,11 @@ class AutoDrafter(Drafter):
         ar = self.arms[-1]
         for a in self.arms[:-1]:
             a.situation = a.drafter.situation(tokens)
+        self._asked_device = False
         for a in self._order():
             if a is ar:
                 break
+            self._asked_device |= a.drafter.on_device
             tree = a.drafter.propose(tokens)
             if len(tree):
                 self._chosen = a
