@@ -24,6 +24,9 @@ if "--graphs-only" not in sys.argv:
     ref = semiar.generate("make a list", **kw)
     got = semiar.generate("make a list", method="falcon", drafter=str(tmp / "f"), **kw)
     print("identity", got.token_ids == ref.token_ids, "tau", got.stats.tau)
+    for tree in ("dynamic:6,1,6", "dynamic:5,1,5"):  # one-wide: the whole chain on the device
+        got = semiar.generate("make a list", method="falcon", drafter=str(tmp / "f"), tree=tree, **kw)
+        print(f"falcon chain {tree} identity", got.token_ids == ref.token_ids, "tau", got.stats.tau)
     got = semiar.generate("make a list", method="falcon", drafter=str(tmp / "f"), temperature=1.0, seed=1, **kw)
     print("sampling ok", len(got.token_ids))
 

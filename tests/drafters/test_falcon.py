@@ -83,12 +83,41 @@ def test_static_graph_path_drafts_the_same_trees(k, tree):
         assert static.cache.k is static.graphs.cache.k  # the static cache was used
 
 
-def test_compiled_static_path_drafts_the_same_trees_or_falls_back(monkeypatch):
+@pytest.mark.parametrize("k,depth,min_score", [(2, 6, 0.0), (2, 7, 0.0), (3, 9, 0.02), (1, 4, 0.0)])
+def test_one_wide_trees_on_graphs_draft_their_chain_on_the_device(k, depth, min_score):
+    """With top_k 1 the graphed drafter replays the whole chain (FalconGraphs.chain: argmax fed
+    back on the device, one wait) and proposes exactly what the host-built tree proposes, with the
+    depth and min_score cuts; greedy output stays identical."""
+    target, _ = tiny_target()
+    net = make_net(target, k=k, std=0.3)
+    spec = TreeSpec("dynamic", depth=depth, top_k=1, budget=depth)
+    eager = FalconDrafter(net, target, spec, min_score=min_score, graphs=False)
+    static = FalconDrafter(net, target, spec, min_score=min_score, graphs=True)
+    assert static._chained and not eager._chained
+    assert (static.forwards > 1) == bool(static.graphs._chains)  # captured at build
+    calls = []
+    chain = static.graphs.chain
+    static.graphs.chain = lambda *a, **kw: calls.append(1) or chain(*a, **kw)
+    for prompt in PROMPTS[:3]:
+        proposals = {}
+        for name, d in (("eager", eager), ("static", static)):
+            seen = []
+            propose = d.propose
+            d.propose = lambda toks, propose=propose, seen=seen: seen.append(propose(toks)) or seen[-1]
+            gen = Engine(target, d).generate(prompt, max_new_tokens=30).run()
+            del d.propose
+            proposals[name] = (gen.token_ids, [(t.tokens, t.parents) for t in seen])
+        assert proposals["static"] == proposals["eager"]
+    assert calls
+
+
+@pytest.mark.parametrize("top_k", [3, 1])
+def test_compiled_static_path_drafts_the_same_trees_or_falls_back(monkeypatch, top_k):
     import semiar.models.graphs as graphs
 
     target, _ = tiny_target()
     net = make_net(target, k=2, std=0.3)
-    spec = TreeSpec("dynamic", depth=6, top_k=3, budget=12)
+    spec = TreeSpec("dynamic", depth=6, top_k=top_k, budget=12 if top_k > 1 else 6)
     monkeypatch.setattr(graphs, "COMPILE_BACKEND", "eager")  # Dynamo's tracing, no code generation
     eager = FalconDrafter(net, target, spec, graphs=False)
     comp = FalconDrafter(net, target, spec, graphs=True, compile=True)

@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, ModelFileError
 from ..models.decoder import DecoderConfig, KVCache, Layer, rope_cos_sin, rope_inv_freq
+from ..models.graphs import _Captured, _Direct
 from ..tree import DraftTree, TreeSpec, best_nodes
 from .base import Drafter
 from .checkpoint import check_identity, config_from_dict, read_drafter_dir, write_drafter_dir
@@ -192,14 +194,20 @@ class FalconGraphs:
 
         self.compiled = build_with_compile_fallback(build, compile, "the drafter")
         self.cache.length = 0
+        k, H = net.config.k, net.config.hidden_size
+        self._chain_inputs = [torch.zeros(k, H, dtype=net.dtype, device=dev),
+                              torch.zeros(k, net.config.vocab_size, dtype=torch.float32, device=dev),
+                              torch.zeros((), dtype=torch.long, device=dev)]
+        self._chains: dict = {}
 
     def _capture(self, net, embed, lm_head, capture: bool, step, warm: bool) -> None:
-        from ..models.graphs import _Captured, _Direct
-
         dev, H = net.device, net.config.hidden_size
 
         def run(feats, ids, positions, slots, mask):
             return step(net, embed, lm_head, feats, ids, positions, slots, mask, self.cache.k, self.cache.v)
+
+        # what the chains replay: the same pass, on the same cache, captured or run directly
+        self._net, self._embed, self._lm_head, self._step, self._capture_on = net, embed, lm_head, step, capture
 
         self.graphs = {}
         for S in self.sizes:
@@ -211,9 +219,9 @@ class FalconGraphs:
     def fits(self, cache: KVCache, rows: int) -> bool:
         return cache.k is self.cache.k and rows <= self.sizes[-1] and cache.length + self.sizes[-1] <= self.capacity
 
-    def __call__(self, cache: KVCache, feats, ids, positions, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append `rows` = len(ids) rows at cache.length. feats [rows, H]; ids, positions [rows];
-        mask [rows, cache.length + rows] (host or device). Returns (features, probs) [rows, ...]."""
+    def _replay(self, cache: KVCache, feats, ids, positions, mask):
+        """Stage one pass's inputs and replay its graph; the outputs are the graph's own buffers
+        (overwritten by the next replay), padded to the graph's row count."""
         R, start = len(ids), cache.length
         S = next(s for s in self.sizes if s >= R)
         f_buf, i_buf, p_buf, s_buf, m_buf = self.graphs[S].inputs
@@ -231,7 +239,74 @@ class FalconGraphs:
             p_buf[0, R:].fill_(max(start, 0))
         x, probs = self.graphs[S].replay()
         cache.length = start + R
+        return x, probs
+
+    def __call__(self, cache: KVCache, feats, ids, positions, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `rows` = len(ids) rows at cache.length. feats [rows, H]; ids, positions [rows];
+        mask [rows, cache.length + rows] (host or device). Returns (features, probs) [rows, ...]."""
+        R = len(ids)
+        x, probs = self._replay(cache, feats, ids, positions, mask)
         return x[0, :R].clone(), probs[0, :R].clone()
+
+    # -- greedy chains: the block after the context and `passes` more, in two replays and one wait
+
+    def _chain_fn(self, passes: int, feats, probs, start, k_cache, v_cache):
+        """The chain as one fixed-shape function: the argmax of each row of `probs` [k, vocab] (the
+        context pass's last k rows) starts it; each further pass feeds the k predicted features
+        [k, H] and their argmax tokens as one block at slots start, start + k, ... (positions equal
+        slots: the context fills slots 0..start-1), attending to everything before it and
+        bidirectionally within its block. Returns [2, (passes + 1) * k] fp32: tokens, then their
+        probabilities."""
+        conf, tok = probs.max(-1)
+        k = tok.shape[0]
+        toks, confs = [tok], [conf]
+        cols = torch.arange(self.capacity, device=tok.device)
+        rows = torch.arange(k, device=tok.device)
+        for j in range(passes):
+            s = start + j * k
+            slots = s + rows
+            mask = (cols < s + k).unsqueeze(0).expand(k, self.capacity)
+            x, p = self._step(self._net, self._embed, self._lm_head, feats.unsqueeze(0), tok.unsqueeze(0),
+                              slots.unsqueeze(0), slots, mask, k_cache, v_cache)
+            conf, tok = p[0].max(-1)
+            toks.append(tok)
+            confs.append(conf)
+            feats = x[0]
+        return torch.stack([torch.cat(toks).float(), torch.cat(confs)])
+
+    def _chain(self, passes: int):
+        """The captured (or, without capture, prepared) chain of `passes` passes. Its warm-up runs the
+        chain, writing K/V where the start buffer points: callers set it to the replay's own start."""
+        if passes not in self._chains:
+            fn = functools.partial(self._chain_fn, passes)
+            args = self._chain_inputs + [self.cache.k, self.cache.v]
+            self._chains[passes] = _Captured(fn, args) if self._capture_on else _Direct(fn, args)
+        return self._chains[passes]
+
+    def chain_fits(self, cache: KVCache, rows: int, passes: int) -> bool:
+        k = self._chain_inputs[0].shape[0]
+        return self.fits(cache, rows) and cache.length + rows + passes * k <= self.capacity
+
+    def prepare_chain(self, passes: int) -> None:
+        """Capture the chain of `passes` passes now (at the drafter's build, not in a timed request).
+        Nothing is live in the drafter's cache then; the warm-up writes at slot 0 on."""
+        self._chain_inputs[2].fill_(0)
+        self._chain(passes)
+
+    def chain(self, cache: KVCache, feats, ids, positions, mask, passes: int) -> tuple[list[int], list[float]]:
+        """The context pass (as `__call__`), then `passes` more passes of its last k rows' greedy
+        block, all on the device: (tokens, probabilities) of the (passes + 1) * k drafted tokens, in
+        one copy to the host. The cache grows by the context rows only (the chain's rows are past
+        its length)."""
+        R = len(ids)
+        x, probs = self._replay(cache, feats, ids, positions, mask)
+        f_in, p_in, s_in = self._chain_inputs
+        k = f_in.shape[0]
+        f_in.copy_(x[0, R - k:R])
+        p_in.copy_(probs[0, R - k:R])
+        s_in.fill_(cache.length)
+        out = self._chain(passes).replay().tolist()  # the one wait on the device
+        return [int(t) for t in out[0]], out[1]
 
 
 def load_falcon(path: str | Path, target, device=None, dtype=None, method: str = METHOD) -> FalconNet:
@@ -291,6 +366,10 @@ class FalconDrafter(Drafter):
         use = net.device.type == "cuda" if graphs is None else graphs
         self.graphs = FalconGraphs(net, self.embed, self.lm_head, capture=net.device.type == "cuda",
                                    compile=compile) if use else None
+        # a one-wide tree on graphs drafts its whole chain on the device (FalconGraphs.chain)
+        self._chained = self.graphs is not None and self.tree.top_k == 1
+        if self._chained and self.forwards > 1:
+            self.graphs.prepare_chain(self.forwards - 1)
 
     @property
     def forwards(self) -> int:
@@ -356,6 +435,8 @@ class FalconDrafter(Drafter):
         mask = torch.ones(T, P, dtype=torch.bool)  # masks are built on the host, sent once
         mask[:, c:] = self.net.relaxed_mask(T, offset=(k - T % k) % k)
         ids = torch.tensor(tokens[c + 1:P + 1], device=dev)
+        if self._chained and self.graphs.chain_fits(self.cache, T, self.forwards - 1):
+            return self._propose_chain(feats[c:P], ids, torch.arange(c, P, device=dev), mask, P)
         out, probs = self._pass(feats[c:P], ids, torch.arange(c, P, device=dev), mask)
         out, probs = out[-k:], probs[-k:]  # [k, H], [k, vocab]
         self.fed = P
@@ -431,3 +512,21 @@ class FalconDrafter(Drafter):
         self.cache.truncate(base)
 
         return best_nodes(tokens_, parents, scores, spec.budget)
+
+    def _propose_chain(self, feats, ids, positions, mask, P: int) -> DraftTree:
+        """A one-wide tree (top_k 1) on graphs: the context pass and every further pass replayed
+        back to back, each block's argmax fed to the next on the device, one wait at the end
+        (`FalconGraphs.chain`). The same chain the tree code builds with top_k 1: cut to the depth,
+        and where the running product of probabilities falls to min_score."""
+        toks, confs = self.graphs.chain(self.cache, feats, ids, positions, mask, self.forwards - 1)
+        self.fed = P
+        self.cache.truncate(P)
+        tokens_, parents, scores, s = [], [], [], 1.0
+        for i, (t, p) in enumerate(zip(toks[:self.tree.depth], confs)):
+            s *= p
+            if s <= self.min_score:
+                break
+            tokens_.append(t)
+            parents.append(i - 1)
+            scores.append(s)
+        return best_nodes(tokens_, parents, scores, self.tree.budget)
