@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from semiar.models import gemv
-from semiar.models.decoder import Attention, Decoder, DecoderConfig
+from semiar.models.decoder import Attention
 from semiar.models.graphs import GraphedDecoder, _Captured
 from semiar.models.loading import load_model
 
@@ -191,25 +191,10 @@ unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
 if unknown:
     ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
-# the shapes of the real models (their config.json), for random:NAME
-RANDOM = {"qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-                               num_heads=12, num_kv_heads=2),
-          "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-                               num_heads=14, num_kv_heads=2)}
-
-
 def random_model(name):
-    if name not in RANDOM:
-        ap.error(f"unknown random model {name!r}; choose from {', '.join(RANDOM)}")
-    cfg = DecoderConfig(**RANDOM[name], attention_bias=True, tie_word_embeddings=True, rope_theta=1e6,
-                        model_type="qwen2", max_position_embeddings=32768)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        d = Decoder(cfg).to(torch.bfloat16).eval()
-    for layer in d.layers:  # weights of a trained model's scale (~0.02), norms at one
-        for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-            torch.nn.init.normal_(lin.weight, std=0.02)
-    torch.nn.init.normal_(d.embed_tokens.weight, std=0.02)
+    from random_model import random_decoder  # scripts/gpu/random_model.py
+
+    d = random_decoder(name)
     return type("Random", (), {"name": f"random:{name}", "dtype": d.dtype, "decoder": d})()
 
 
