@@ -370,7 +370,7 @@ class FalconDrafter(Drafter):
                                    compile=compile) if use else None
         # a one-wide tree on graphs drafts its whole chain on the device (FalconGraphs.chain)
         self._chained = self.graphs is not None and self.tree.top_k == 1
-        if self._chained and self.forwards > 1:
+        if self._chained:
             self.graphs.prepare_chain(self.forwards - 1)
 
     @property
