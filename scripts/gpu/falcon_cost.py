@@ -57,7 +57,6 @@ def timed(fn, reps=a.reps):
 
 # the target's forwards: what verification costs with and without Falcon's features
 cache = runner.new_cache(a.context + 100)
-ids1 = torch.tensor([[100]])
 for T in (1, 4, 8, 16):
     ids = torch.randint(100, 1000, (1, T))
     for hid in (False, True):
@@ -116,7 +115,5 @@ for spec_s in a.trees.split(";"):
     print(r["cpu_top"], flush=True)
     for t in r["top_kernels"][:10]:
         print("   ", t, flush=True)
-    if d.graphs is not None:
-        d.finish() if hasattr(d, "finish") else None
 Path(a.out).mkdir(parents=True, exist_ok=True)
 (Path(a.out) / "falcon_cost.json").write_text(json.dumps(res, indent=1))

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, ModelFileError
-from ..models.decoder import DecoderConfig, KVCache, Layer, rope_cos_sin, rope_inv_freq
+from ..models.decoder import DecoderConfig, HostStage, KVCache, Layer, rope_cos_sin, rope_inv_freq
 from ..models.graphs import _Captured, _Direct
 from ..tree import DraftTree, TreeSpec, best_nodes
 from .base import Drafter
@@ -210,6 +210,9 @@ class FalconGraphs:
         self._net, self._embed, self._lm_head, self._step, self._capture_on = net, embed, lm_head, step, capture
 
         self.graphs = {}
+        # per size: reusable host buffers for the [S, capacity] mask and the slots (pinned on CUDA)
+        self._host = {S: (HostStage(S * self.capacity, torch.bool, dev), HostStage(S, torch.long, dev))
+                      for S in self.sizes}
         for S in self.sizes:
             inputs = [torch.zeros(1, S, H, dtype=net.dtype, device=dev), torch.zeros(1, S, dtype=torch.long, device=dev),
                       torch.zeros(1, S, dtype=torch.long, device=dev), torch.arange(S, device=dev),
@@ -225,14 +228,17 @@ class FalconGraphs:
         R, start = len(ids), cache.length
         S = next(s for s in self.sizes if s >= R)
         f_buf, i_buf, p_buf, s_buf, m_buf = self.graphs[S].inputs
-        full = torch.zeros(S, self.capacity, dtype=torch.bool)
+        mask_stage, slot_stage = self._host[S]  # host copies that do not wait for the device
+        full = mask_stage.ready().view(S, self.capacity)
+        full.zero_()
         full[:R, :start + R] = mask.cpu()
         full[torch.arange(R, S), torch.arange(start + R, start + S)] = True  # padding rows see themselves
-        m_buf.copy_(full, non_blocking=True)
+        mask_stage.copy_to(m_buf)
         f_buf[0, :R].copy_(feats)
         i_buf[0, :R].copy_(ids)
         p_buf[0, :R].copy_(positions)
-        s_buf.copy_(torch.arange(start, start + S))
+        torch.arange(start, start + S, out=slot_stage.ready())
+        slot_stage.copy_to(s_buf)
         if R < S:
             f_buf[0, R:].zero_()
             i_buf[0, R:].zero_()
@@ -521,8 +527,7 @@ class FalconDrafter(Drafter):
         (`FalconGraphs.chain`). The same chain the tree code builds with top_k 1: cut to the depth,
         and where the running product of probabilities falls to min_score."""
         toks, confs = self.graphs.chain(self.cache, feats, ids, positions, mask, self.forwards - 1)
-        self.fed = P
-        self.cache.truncate(P)
+        self.fed = P  # the cache now ends at the context (the chain's rows lie past its length)
         tokens_, parents, scores, s = [], [], [], 1.0
         for i, (t, p) in enumerate(zip(toks[:self.tree.depth], confs)):
             s *= p
