@@ -15,6 +15,11 @@ alone); not for `lookahead`, whose Jacobi guesses come from the target's argmax 
 which the stub gives by position whatever the path (so they come out too good), nor for the draft
 model, which the stub makes right at one rate on every task.
 
+Like `semiar bench`, each method first generates --warmup tokens (default 8) of the first prompt,
+untimed; `auto`'s record carries over from it, and without it the simulator missed how `auto`
+starved `copy` on the GPU (docs/methods.md, `auto`). `copy` runs with its CUDA tree, alone and as
+`auto`'s arm.
+
 usage: python scripts/simulate_costs.py [RESULTS.json] [--methods ar,copy,auto] [--auto-kw "{'margin': 0.1}"]
 """
 import argparse
@@ -51,6 +56,8 @@ ap.add_argument("--draft-acc", default="0.93",
 ap.add_argument("--per-prompt", action="store_true", help="also a line per prompt for auto (tokens/s, steps per arm)")
 ap.add_argument("--arms", default=",".join(TRAINING_FREE + ("draft",)), help="auto's arms")
 ap.add_argument("--auto-kw", default="{}", help="AutoDrafter keyword arguments, a Python dict")
+ap.add_argument("--warmup", type=int, default=8,
+                help="tokens each method first generates on the first prompt, untimed, as `semiar bench` does")
 a = ap.parse_args()
 torch.set_num_threads(1)
 sizes = sorted((int(r), float(c)) for r, c in (p.split(":") for p in a.cost.split(",")))
@@ -122,6 +129,7 @@ def make(method):
     if method == "auto":
         arms = {m: make(m) for m in a.arms.split(",")}
         return AutoDrafter(arms, **ast.literal_eval(a.auto_kw))
+    # copy with its CUDA default (make_drafter's COPY_GPU_TREE), alone and as an arm of auto
     return make_drafter(method, target, **({"tree": "dynamic:8,8,48"} if method == "copy" else {}))
 
 
@@ -129,6 +137,11 @@ base = None
 for method in a.methods.split(","):
     drafter = make(method)
     engine = Engine(target, drafter)
+    if a.warmup:
+        task, ids, out = cases[0]
+        target_stub.text = draft_stub.text = ids + out
+        draft_stub.acc = draft_acc[task]
+        engine.generate(ids, max_new_tokens=min(a.warmup, len(out))).run()
     per_task = {}
     for task, ids, out in cases:
         target_stub.text = draft_stub.text = ids + out
