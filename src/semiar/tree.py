@@ -224,7 +224,10 @@ def dynamic_tree(expand: Callable[[list[int], list[int], list[int]], torch.Tenso
     """EAGLE-2-style dynamic tree.
 
     expand(nodes, tokens, parents) -> [len(nodes), vocab] draft probabilities for the next token
-    below each given node (-1 = root), given the tree built so far (tokens, parents). Each level expands the `top_k` frontier nodes with the highest path score
+    below each given node (-1 = root), given the tree built so far (tokens, parents); or a pair
+    (probs [len(nodes), C], columns), column c standing for token columns[c], for a drafter whose
+    candidates are a few known tokens (a vocabulary-wide row would cost more than the lookup).
+    Each level expands the `top_k` frontier nodes with the highest path score
     (product of draft probabilities), each proposing its `top_k` best tokens; at the end the
     `budget` best-scoring nodes are kept (a kept node's ancestors always score higher, so the
     result is a valid tree). Nodes scoring below `min_score` are not worth a verification slot.
@@ -235,14 +238,15 @@ def dynamic_tree(expand: Callable[[list[int], list[int], list[int]], torch.Tenso
     frontier = [-1]
     frontier_scores = [1.0]
     for _ in range(depth):
-        probs = expand(frontier, tokens, parents)  # [len(frontier), vocab]
-        top_p, top_t = probs.topk(top_k, dim=-1)
+        out = expand(frontier, tokens, parents)  # [len(frontier), vocab], or (probs, columns)
+        probs, columns = out if isinstance(out, tuple) else (out, None)
+        top_p, top_t = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         cand = []
         for fi, node in enumerate(frontier):
             for p, t in zip(top_p[fi].tolist(), top_t[fi].tolist()):
                 if p <= 0 or frontier_scores[fi] * p < min_score:  # nothing (worth verifying) here
                     break
-                cand.append((frontier_scores[fi] * p, node, t))
+                cand.append((frontier_scores[fi] * p, node, t if columns is None else columns[t]))
         new_nodes = []
         for score, parent, tok in cand:
             new_nodes.append(len(tokens))
