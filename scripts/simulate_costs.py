@@ -18,12 +18,13 @@ model, which the stub makes right at one rate on every task.
 Like `semiar bench`, each method first generates --warmup tokens (default 8) of the first prompt,
 untimed; `auto`'s record carries over from it, and without it the simulator missed how `auto`
 starved `copy` on the GPU (docs/methods.md, `auto`). `copy` runs with its CUDA tree, alone and as
-`auto`'s arm.
+`auto`'s arm. The collector is frozen before the timed runs, as in the bench.
 
 usage: python scripts/simulate_costs.py [RESULTS.json] [--methods ar,copy,auto] [--auto-kw "{'margin': 0.1}"]
 """
 import argparse
 import ast
+import gc
 import json
 import random
 import sys
@@ -133,6 +134,10 @@ def make(method):
     return make_drafter(method, target, **({"tree": "dynamic:8,8,48"} if method == "copy" else {}))
 
 
+# as `semiar bench`: what is loaded by now is frozen, so that a collection inside a timed run does not
+# walk it (single 50-100 ms stalls moved from prompt to prompt without this)
+gc.collect()
+gc.freeze()
 base = None
 for method in a.methods.split(","):
     drafter = make(method)
