@@ -317,8 +317,7 @@ def test_auto_reprobes_a_dear_arm_less_often():
     auto = AutoDrafter({"cheap": Oracle([], 0), "dear": Oracle([], 0)}, reprobe_every=24)
     cheap, dear, ar = auto.arms
     for arm, seconds, probed in ((cheap, 1.0, 5), (dear, 8.0, 0), (ar, 1.0, 10)):
-        arm.recent.extend([seconds] * 3)
-        arm.probed_at, arm.measured, arm.n, arm.tok_sum = probed, 5, 1.0, 0.5
+        arm.seconds, arm.probed_at, arm.measured, arm.n, arm.tok_sum = seconds, probed, 5, 1.0, 0.5
         arm.best_case = 100.0  # both could still pay
     auto.step = 48
     # the longest since its last step is `dear`, but at 8x the cost its interval is 8x as long

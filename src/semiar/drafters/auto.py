@@ -80,6 +80,9 @@ class _Arm:
         self.tok_sum = 0.0  # tokens emitted over its recent steps (decayed)
         self.n = 0.0  # how many recent steps (decayed the same way)
         self.recent: deque = deque(maxlen=COST_WINDOW)  # seconds of its last measured steps
+        # estimated seconds per step (None while unmeasured): the median of `recent`; the faster of
+        # the first two while there are fewer than 3 (a first step may pay one-time work)
+        self.seconds: Optional[float] = None
         self.probed_at = -1  # global step of the last measurement
         self.measured = 0  # steps measured over the arm's life (not decayed)
         self.best_case = float("inf")  # tokens one step can emit at most
@@ -96,14 +99,6 @@ class _Arm:
         if rec and rec[1] >= 1.0:  # enough record in this situation: judged on it
             return rec[0] / rec[1]
         return self.tok_sum / self.n if self.n else None
-
-    @property
-    def seconds(self) -> Optional[float]:
-        """Estimated seconds per step: the median of the recent steps; the faster of the first two
-        while there are fewer than 3 (a first step may pay one-time work); None while unmeasured."""
-        if not self.recent:
-            return None
-        return statistics.median(self.recent) if len(self.recent) >= 3 else min(self.recent)
 
     @property
     def rate(self) -> float:
@@ -125,6 +120,7 @@ class _Arm:
         rec[0], rec[1] = rec[0] * memory + tokens, rec[1] * memory + 1.0
         self.seen[self.situation] += 1
         self.recent.append(float(seconds))
+        self.seconds = statistics.median(self.recent) if len(self.recent) >= 3 else min(self.recent)
         self.probed_at = step
 
     def new_request(self) -> None:
