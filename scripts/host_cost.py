@@ -9,6 +9,9 @@
       ms per iteration of `ar` and `copy` (dynamic:8,8,48) on a tiny model with a character
       tokenizer (its forward costs little), 300 tokens, best of 4; --src runs another checkout's
       code, e.g. one made with `git worktree add /tmp/old 7a10224`
+  python scripts/host_cost.py lookup [--method ngram] [--results docs/results/gpu-h200-all-greedy.json] [--src ...]
+      µs per proposal of a lookup drafter replaying a bench's `ar` outputs, 2 tokens a step, each
+      output after another's as context (real token ids, so a 152k vocabulary)
 """
 import argparse
 import json
@@ -19,10 +22,12 @@ import time
 from pathlib import Path
 
 ap = argparse.ArgumentParser()
-ap.add_argument("what", choices=["text", "mask", "engine"])
+ap.add_argument("what", choices=["text", "mask", "engine", "lookup"])
 ap.add_argument("--tokenizer", default="qwen2.5-coder-1.5b-instruct")
 ap.add_argument("--outputs", default="docs/results/qwen-cpu-ar-outputs.json")
 ap.add_argument("--nodes", type=int, default=48)
+ap.add_argument("--method", default="ngram", help="lookup: ngram, pld or copy")
+ap.add_argument("--results", default="docs/results/gpu-h200-all-greedy.json")
 ap.add_argument("--src", default=str(Path(__file__).resolve().parents[1]))
 a = ap.parse_args()
 sys.path[:0] = [a.src + "/src", a.src + "/tests"]
@@ -83,6 +88,25 @@ elif a.what == "mask":
     assert torch.equal(row_by_row(), tree.attention_mask())
     for name, fn in [("torch, row by row", row_by_row), ("attention_mask", tree.attention_mask)]:
         print(f"{name:>18}: {per_call_us(fn, 1000):.1f} µs for {a.nodes} nodes")
+
+elif a.what == "lookup":
+    from semiar.methods import make_drafter
+
+    outs = [r["token_ids"] for r in json.loads(Path(a.results).read_text())["runs"]["ar"]]
+    total, calls = 0.0, 0
+    for i, out in enumerate(outs):
+        prompt = outs[(i + 1) % len(outs)] + out[:20]
+        d = make_drafter(a.method, None)
+        d.start(prompt, None)
+        toks = list(prompt)
+        for j in range(0, len(out), 2):
+            t0 = time.perf_counter()
+            d.propose(toks)
+            total += time.perf_counter() - t0
+            calls += 1
+            d.observe(out[j:j + 2], 1)
+            toks.extend(out[j:j + 2])
+    print(f"{a.method}: {total / calls * 1e6:.1f} µs per proposal over {calls} ({a.src})")
 
 else:
     from tiny import tiny_model_dir
