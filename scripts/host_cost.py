@@ -92,7 +92,12 @@ elif a.what == "mask":
 elif a.what == "lookup":
     from semiar.methods import make_drafter
 
-    outs = [r["token_ids"] for r in json.loads(Path(a.results).read_text())["runs"]["ar"]]
+    if a.method not in ("ngram", "pld", "copy"):
+        sys.exit(f"error: --method must be a lookup drafter (ngram, pld or copy), not {a.method!r}")
+    try:
+        outs = [r["token_ids"] for r in json.loads(Path(a.results).read_text())["runs"]["ar"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"error: {a.results} is not a bench results.json with `ar` outputs ({type(e).__name__}: {e})")
     total, calls = 0.0, 0
     for i, out in enumerate(outs):
         prompt = outs[(i + 1) % len(outs)] + out[:20]
