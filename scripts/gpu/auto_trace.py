@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from semiar.bench.tasks import load_tasks  # noqa: E402
 from semiar.drafters import auto as auto_mod  # noqa: E402
 from semiar.engine import Engine  # noqa: E402
+from semiar.errors import SemiarError  # noqa: E402
 from semiar.methods import TRAINING_FREE, make_drafter  # noqa: E402
 from semiar.models.loading import load_model  # noqa: E402
 
@@ -55,11 +56,14 @@ def traced(cls):
     return Traced
 
 
-target = load_model(a.model, device=a.device, compile=a.device.startswith("cuda"))
-prompts = load_tasks(a.tasks, a.n)
-classes = {"auto": traced(auto_mod.AutoDrafter)}
-if a.before:
-    classes["auto-before"] = traced(load_before(a.before))
+try:
+    target = load_model(a.model, device=a.device, compile=a.device.startswith("cuda"))
+    prompts = load_tasks(a.tasks, a.n)
+    classes = {"auto": traced(auto_mod.AutoDrafter)}
+    if a.before:
+        classes["auto-before"] = traced(load_before(a.before))
+except (SemiarError, OSError, SyntaxError, AttributeError) as e:
+    sys.exit(f"error: {e}")
 engines = {"copy": Engine(target, make_drafter("copy", target, device=a.device))}
 for name, cls in classes.items():
     d = cls({m: make_drafter(m, target, device=a.device) for m in TRAINING_FREE})
