@@ -46,12 +46,14 @@ def run_counts(target, drafter, n):
     return [counts[i] for i in range(V * V)]
 
 
-def falcon_drafter(target, k=2):
+def falcon_drafter(target, k=2, draft_vocab=0):
     from semiar.drafters.falcon import FalconConfig, FalconDrafter, FalconNet
 
     torch.manual_seed(3)
-    net = FalconNet(FalconConfig.for_target(target.config, k=k))
-    net.reset_parameters(std=0.2)  # a confident, often-wrong drafter: both accept and reject paths run
+    net = FalconNet(FalconConfig.for_target(target.config, k=k, draft_vocab=draft_vocab))
+    net.reset_parameters(std=0.2)
+    if draft_vocab:  # a reduced vocabulary: some tokens the target samples can never be drafted
+        net.vocab_ids.copy_(torch.randperm(target.config.vocab_size)[:draft_vocab].sort().values)  # a confident, often-wrong drafter: both accept and reject paths run
     return FalconDrafter(net, target, TreeSpec("dynamic", depth=2, top_k=2, budget=5))
 
 
@@ -78,8 +80,8 @@ def eagle_drafter(target):
     return EagleDrafter(net, target, TreeSpec("dynamic", depth=2, top_k=2, budget=5))
 
 
-@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram", "falcon", "lookahead", "copy", "copy-tree",
-                                    "auto", "medusa", "hydra", "eagle"])
+@pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram", "falcon", "falcon-vocab", "lookahead", "copy",
+                                    "copy-tree", "auto", "medusa", "hydra", "eagle"])
 def test_first_two_tokens_follow_target(method):
     target, _ = tiny_target("qwen2", vocab=V)
     draft, _ = tiny_target("qwen2", seed=5, vocab=V)
@@ -89,6 +91,7 @@ def test_first_two_tokens_follow_target(method):
         "draft-tree": lambda: DraftModelDrafter(draft, target=target, tree=TreeSpec("dynamic", depth=2, top_k=2, budget=4)),
         "ngram": lambda: NgramDrafter(n=2, depth=2, top_k=2, budget=4),
         "falcon": lambda: falcon_drafter(target),
+        "falcon-vocab": lambda: falcon_drafter(target, draft_vocab=V // 3),
         "lookahead": lambda: LookaheadDrafter(window=3, ngram=3, candidates=3),
         "copy": lambda: CopyDrafter(k=4),
         "copy-tree": lambda: CopyDrafter(k=4, alternates=3, alt_len=2, budget=8),  # deterministic siblings

@@ -216,6 +216,13 @@ def train_drafter(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (bf16 autocast on cuda)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Target dtype (fp32 CPU default, bf16 CUDA default)."),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    text: Optional[str] = typer.Option(None, "--text", help="Conversations teacher-forced through the target: sharegpt, sharegpt:PATH, or a JSONL of {\"messages\": [...]} (features recomputed per step)."),
+    n_text: Optional[int] = typer.Option(None, "--n-text", help="Use the first N conversations of --text."),
+    online: bool = typer.Option(False, "--online", help="Token-only data: the target's features are recomputed in each training step (on with --text)."),
+    draft_vocab: int = typer.Option(0, "--draft-vocab", help="falcon/eagle: draft from the N most frequent answer tokens (0 = the whole vocabulary)."),
+    intermediate_size: Optional[int] = typer.Option(None, "--intermediate-size", help="falcon/eagle: MLP width of the drafter's layers (default: the target's)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Seconds of training; the schedule shrinks to fit."),
+    store: str = typer.Option("bf16", "--store", help="Drafter weights on disk: bf16 or int8."),
 ):
     """Train a drafter for TARGET on the target's own answers (self-distillation); resumable.
     Several GPUs: torchrun --standalone --nproc-per-node N -m semiar.cli train-drafter ... --device cuda"""
@@ -226,9 +233,11 @@ def train_drafter(
                       max_new_tokens=max_new_tokens, gen_temperature=gen_temperature, gen_batch=gen_batch, samples=samples, k=k,
                       num_layers=num_layers, epochs=epochs, lr=lr, batch_tokens=batch_tokens,
                       max_len=max_len, glance=not no_glance, max_steps=max_steps, save_every=save_every, seed=seed,
-                      device=device, dtype=dtype, data=data)
+                      device=device, dtype=dtype, data=data, text=text, n_text=n_text, online=online,
+                      draft_vocab=draft_vocab, intermediate_size=intermediate_size, time_budget=time_budget, store=store)
     summary = run(cfg)
-    typer.echo(json.dumps({k_: summary[k_] for k_ in ("steps", "sequences", "tokens", "train_seconds", "val")}))
+    typer.echo(json.dumps({k_: summary[k_] for k_ in ("steps", "sequences", "tokens", "data_seconds", "train_seconds",
+                                                      "train_tokens_per_s", "data", "draft_vocab", "val")}))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -238,3 +238,37 @@ def test_default_tree_follows_the_device():
     assert default_tree(2, "cuda") == TreeSpec("dynamic", depth=6, top_k=1, budget=6)
     target, _ = tiny_target()
     assert FalconDrafter(make_net(target), target).tree == default_tree(2, "cpu")
+
+
+@pytest.mark.parametrize("graphs,tree", [(False, (6, 3, 12)), (True, (6, 3, 12)), (True, (6, 1, 6))])
+def test_reduced_draft_vocabulary_drafts_target_ids_and_stays_lossless(graphs, tree):
+    """A drafter over a subset of the vocabulary (EAGLE-3's reduced head) maps its columns back to
+    target ids on every path (eager tree, graphed tree, the on-device chain) and never drafts a
+    token outside its subset; greedy output equals ar's."""
+    target, _ = tiny_target()
+    torch.manual_seed(0)
+    net = FalconNet(FalconConfig.for_target(target.config, k=2, draft_vocab=30))
+    net.reset_parameters(std=0.3)
+    vocab = torch.randperm(target.config.vocab_size)[:30].sort().values
+    net.vocab_ids.copy_(vocab)
+    drafter = FalconDrafter(net.eval(), target, TreeSpec("dynamic", depth=tree[0], top_k=tree[1], budget=tree[2]),
+                            graphs=graphs)
+    allowed = set(vocab.tolist())
+    seen = []
+    propose = drafter.propose
+    drafter.propose = lambda toks: seen.append(propose(toks)) or seen[-1]
+    for prompt in PROMPTS:
+        ref = Engine(target).generate(prompt, max_new_tokens=30).run().token_ids
+        assert Engine(target, drafter).generate(prompt, max_new_tokens=30).run().token_ids == ref
+    drafted = {t for tree_ in seen for t in tree_.tokens}
+    assert drafted and drafted <= allowed
+
+
+def test_int8_storage_round_trips_within_a_per_row_step(tmp_path):
+    target, _ = tiny_target()
+    net = make_net(target, k=2)
+    save_falcon(tmp_path / "d", net, target, store="int8")
+    back = load_falcon(tmp_path / "d", target)
+    for (name, a), b in zip(net.state_dict().items(), back.state_dict().values()):
+        step = a.abs().amax(-1, keepdim=True) / 127 if a.dim() == 2 else 0
+        assert (a - b).abs().le(step / 2 + 1e-6).all(), name

@@ -66,16 +66,47 @@ def shipped_drafter(method: str, target_name: str) -> Optional[Path]:
     return d if (d / "config.json").is_file() else None
 
 
+_SCALE = ".int8_scale"
+
+
+def quantize_int8(tensors: dict) -> dict:
+    """Float matrices -> int8 with a per-row fp32 scale (symmetric); other tensors unchanged."""
+    out = {}
+    for k, v in tensors.items():
+        if v.is_floating_point() and v.dim() == 2 and v.numel() >= 4096:
+            w = v.float()
+            scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+            out[k] = (w / scale).round().clamp(-127, 127).to(torch.int8)
+            out[k + _SCALE] = scale.squeeze(1)
+        else:
+            out[k] = v
+    return out
+
+
+def dequantize_int8(tensors: dict) -> dict:
+    """The inverse of quantize_int8 (fp32 matrices; the loader casts to the target's dtype)."""
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(_SCALE):
+            continue
+        s = tensors.get(k + _SCALE)
+        out[k] = v.float() * s.float().unsqueeze(1) if s is not None and v.dtype == torch.int8 else v
+    return out
+
+
 def write_drafter_dir(out: str | Path, method: str, config: dict, state_dict: dict, target,
-                      training: Optional[dict] = None) -> Path:
-    """Write config.json + model.safetensors (atomically: a crash leaves the old files)."""
+                      training: Optional[dict] = None, store: str = "bf16") -> Path:
+    """Write config.json + model.safetensors (atomically: a crash leaves the old files).
+    store: "bf16" writes the tensors as given; "int8" per-row int8 matrices (see quantize_int8)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT_VERSION, "method": method, "config": config, "target": target_identity(target),
-            "training": training or {}}
+            "training": training or {}, "store": store}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if store == "int8":
+        tensors = quantize_int8(tensors)
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"method": method})
     tmp.replace(out / "model.safetensors")
@@ -108,6 +139,8 @@ def read_drafter_dir(path: str | Path, method: Optional[str] = None) -> tuple[di
         sd = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{weights} is truncated or corrupt ({e}); re-train or copy it again") from None
+    if meta.get("store") == "int8":
+        sd = dequantize_int8(sd)
     return meta, sd
 
 

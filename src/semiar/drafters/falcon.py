@@ -71,15 +71,22 @@ class FalconConfig:
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None
     attention_bias: bool = False
+    #: rows of the target's LM head the drafter drafts from (the most frequent tokens of the
+    #: training text; 0 = the whole vocabulary). A token outside them is never drafted, which
+    #: cannot change the output: every drafted token is verified by the target.
+    draft_vocab: int = 0
 
     @classmethod
-    def for_target(cls, target_cfg: DecoderConfig, k: int = 2, num_layers: int = 2) -> "FalconConfig":
-        """A drafter shaped like one of the target's layers (so it can start from them)."""
+    def for_target(cls, target_cfg: DecoderConfig, k: int = 2, num_layers: int = 2, draft_vocab: int = 0,
+                   intermediate_size: Optional[int] = None) -> "FalconConfig":
+        """A drafter shaped like one of the target's layers (so it can start from them);
+        `intermediate_size` narrows its MLP (a smaller drafter on disk and per pass)."""
         return cls(vocab_size=target_cfg.vocab_size, hidden_size=target_cfg.hidden_size,
-                   intermediate_size=target_cfg.intermediate_size, num_heads=target_cfg.num_heads,
+                   intermediate_size=intermediate_size or target_cfg.intermediate_size, num_heads=target_cfg.num_heads,
                    num_kv_heads=target_cfg.num_kv_heads, k=k, num_layers=num_layers, head_dim=target_cfg.head_dim,
                    rms_norm_eps=target_cfg.rms_norm_eps, rope_theta=target_cfg.rope_theta,
-                   rope_scaling=target_cfg.rope_scaling, attention_bias=target_cfg.attention_bias)
+                   rope_scaling=target_cfg.rope_scaling, attention_bias=target_cfg.attention_bias,
+                   draft_vocab=draft_vocab)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FalconConfig":
@@ -107,6 +114,11 @@ class FalconNet(nn.Module):
         self.layers[0].input_layernorm = nn.Identity()  # fc output goes straight in (EAGLE/Falcon)
         self.inv_freq = rope_inv_freq(dcfg)
         self._dcfg = dcfg
+        if not 0 <= cfg.draft_vocab <= cfg.vocab_size:
+            raise InvalidArgumentError(f"draft vocabulary {cfg.draft_vocab} must be in [0, {cfg.vocab_size}]")
+        if cfg.draft_vocab:
+            # target ids of the drafter's vocabulary (set by training; saved with the weights)
+            self.register_buffer("vocab_ids", torch.arange(cfg.draft_vocab), persistent=True)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -163,6 +175,55 @@ class FalconNet(nn.Module):
         return x
 
 
+class DraftHead(nn.Module):
+    """The target's LM head over the drafter's vocabulary: the rows `vocab_ids` of its weight,
+    copied once (never trained, never saved), or the target's head itself for a full vocabulary.
+    Its outputs are columns; `to_target` maps a column to the target's token id.
+
+    Example:
+        >>> head = DraftHead(nn.Linear(4, 10, bias=False), torch.tensor([7, 2]))
+        >>> head(torch.zeros(3, 4)).shape, head.to_target(torch.tensor([1, 0])).tolist()
+        (torch.Size([3, 2]), [2, 7])
+    """
+
+    def __init__(self, lm_head: nn.Module, vocab_ids: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.full = lm_head if vocab_ids is None else None
+        self.ids = None
+        if vocab_ids is not None:
+            w = getattr(lm_head, "weight", None)
+            if w is None:  # a CPU-packed head without its dense copy: recover the rows through it
+                eye = torch.eye(lm_head.in_features)
+                w = lm_head(eye).T
+            self.ids = vocab_ids.to(w.device)
+            self.weight = w.detach().index_select(0, self.ids).contiguous()
+
+    @property
+    def columns(self) -> int:
+        return self.full.out_features if self.ids is None else len(self.ids)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.full(x) if self.ids is None else torch.nn.functional.linear(x, self.weight.to(x.dtype))
+
+    def to_target(self, cols):
+        """Columns (a tensor or a list) -> target token ids."""
+        if self.ids is None:
+            return cols
+        if isinstance(cols, torch.Tensor):
+            return self.ids[cols.to(self.ids.device)].to(cols.device)
+        ids = self.ids_list
+        return [ids[c] for c in cols] if not isinstance(cols, int) else ids[cols]
+
+    @functools.cached_property
+    def ids_list(self) -> list[int]:
+        return self.ids.tolist()
+
+
+def draft_head(net: "FalconNet", lm_head: nn.Module) -> DraftHead:
+    """The head a drafter drafts with: the target's rows of the net's vocabulary."""
+    return DraftHead(lm_head, getattr(net, "vocab_ids", None) if net.config.draft_vocab else None)
+
+
 def _static_pass(net, embed, lm_head, feats, ids, positions, slots, mask, k_cache, v_cache):
     """One fixed-shape drafter pass: the network, the target's LM head, the softmax. A free
     function so that torch.compile traces it once for every drafter (see FalconGraphs)."""
@@ -196,7 +257,7 @@ class FalconGraphs:
         self.cache.length = 0
         k, H = net.config.k, net.config.hidden_size
         self._chain_inputs = [torch.zeros(k, H, dtype=net.dtype, device=dev),
-                              torch.zeros(k, net.config.vocab_size, dtype=torch.float32, device=dev),
+                              torch.zeros(k, lm_head.columns, dtype=torch.float32, device=dev),
                               torch.zeros((), dtype=torch.long, device=dev)]
         self._chains: dict = {}
 
@@ -263,7 +324,8 @@ class FalconGraphs:
         slots: the context fills slots 0..start-1), attending to everything before it and
         bidirectionally within its block. Returns [2, (passes + 1) * k] fp32: tokens, then their
         probabilities."""
-        conf, tok = probs.max(-1)
+        conf, col = probs.max(-1)
+        tok = self._lm_head.to_target(col)  # the drafter's columns -> target ids
         k = tok.shape[0]
         toks, confs = [tok], [conf]
         cols = torch.arange(self.capacity, device=tok.device)
@@ -274,7 +336,8 @@ class FalconGraphs:
             mask = (cols < s + k).unsqueeze(0).expand(k, self.capacity)
             x, p = self._step(self._net, self._embed, self._lm_head, feats.unsqueeze(0), tok.unsqueeze(0),
                               slots.unsqueeze(0), slots, mask, k_cache, v_cache)
-            conf, tok = p[0].max(-1)
+            conf, col = p[0].max(-1)
+            tok = self._lm_head.to_target(col)
             toks.append(tok)
             confs.append(conf)
             feats = x[0]
@@ -330,8 +393,10 @@ def load_falcon(path: str | Path, target, device=None, dtype=None, method: str =
 
 
 def save_falcon(path: str | Path, net: FalconNet, target, training: Optional[dict] = None,
-                method: str = METHOD) -> Path:
-    return write_drafter_dir(path, method, asdict(net.config), net.state_dict(), target, training)
+                method: str = METHOD, store: str = "bf16") -> Path:
+    """Write the drafter; store="int8" keeps its matrices as int8 with one scale per row (a
+    quarter of fp32 on disk; loading restores floats, and every drafted token is still verified)."""
+    return write_drafter_dir(path, method, asdict(net.config), net.state_dict(), target, training, store=store)
 
 
 def default_tree(k: int, device) -> TreeSpec:
@@ -365,7 +430,7 @@ class FalconDrafter(Drafter):
             raise InvalidArgumentError(f"{self.name} tree depth must be >= k={self.k}")
         self.min_score = min_score
         self.embed = target.decoder.embed_tokens
-        self.lm_head = target.decoder.lm_head
+        self.lm_head = draft_head(net, target.decoder.lm_head)  # columns of the drafter's vocabulary
         self.cache: Optional[KVCache] = None
         self.hidden: list[torch.Tensor] = []  # target features h_0.. of the context, in chunks
         self.n_hidden = 0
@@ -457,8 +522,8 @@ class FalconDrafter(Drafter):
         def top(probs: torch.Tensor) -> tuple[list, list]:
             """top_k of every row in one kernel and one device-to-host copy per pass (a copy per
             block would wait on the GPU once per block)."""
-            p, t = probs.topk(spec.top_k, dim=-1)
-            return p.tolist(), t.tolist()
+            p, t = probs.topk(min(spec.top_k, probs.shape[-1]), dim=-1)
+            return p.tolist(), self.lm_head.to_target(t).tolist()
 
         def add_block(parent: int, parent_score: float, top_p: list, top_t: list, chunk: int) -> list[tuple[float, int]]:
             """Cartesian top-k continuations of one block (its k rows of top_p/top_t), beam of top_k."""

@@ -534,6 +534,19 @@ class Decoder(nn.Module):
         return DecoderOutput(logits=logits.float(), hidden=hidden)
 
     @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] ids -> [B, T, hidden] final-norm features of one causal pass without a cache
+        (teacher forcing for drafter training; right padding cannot reach the real tokens)."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
+        mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        cos, sin = self._rope(positions)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, None, None, 0, mask)
+        return self.norm(x)
+
+    @torch.no_grad()
     def forward_static(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
                        block_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        window: Optional[int] = None):

