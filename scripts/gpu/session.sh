@@ -5,6 +5,9 @@
 #   scripts/gpu/session.sh smol      SmolLM2-135M: self-distilled data + the Falcon drafter the README's
 #                                    demo ships (bf16 copy to $OUT), K3=1/NOGLANCE=1 add the ablation drafters
 #   scripts/gpu/session.sh falcon    Qwen2.5-Coder-1.5B: self-distilled data + the Falcon drafter
+#   scripts/gpu/session.sh learned   Qwen2.5-Coder-1.5B: the learned-drafter recipe (docs/learned.md): self-distilled
+#                                    answers to ShareGPT prompts + ShareGPT conversations teacher-forced, token-only
+#                                    data, 32k draft vocabulary, one layer, int8 on disk; the drafter into $OUT
 #   scripts/gpu/session.sh heads     the same data: eagle, medusa, hydra (same epochs as falcon)
 #   scripts/gpu/session.sh greedy    one greedy bench: every engine method, the four drafters, the peers
 #   scripts/gpu/session.sh t1        one T=1 bench of the sampling-capable methods (+ medusa-typical, lossy)
@@ -97,6 +100,21 @@ case "${1:-}" in
   falcon)
     train falcon "$T15" "$STASH/falcon-q15" "$STASH/q15-data.pt"
     pack falcon
+    ;;
+  learned)
+    dir=$STASH/falcon-q15
+    echo "== train falcon (learned recipe) -> $dir"
+    python3 -m semiar.cli train-drafter --method falcon --target "$T15" --out "$dir" --device cuda \
+      --prompts sharegpt --n-prompts "${N_PROMPTS:-3000}" --max-prompt-len "${PROMPT_LEN:-256}" --gen-batch "${GEN_BATCH:-1024}" \
+      -n "${GEN_TOKENS:-256}" --text sharegpt ${N_TEXT:+--n-text "$N_TEXT"} --draft-vocab "${VOCAB:-32768}" \
+      --num-layers "${LAYERS:-1}" -k "${K:-2}" ${WIDTH:+--intermediate-size "$WIDTH"} --store int8 \
+      --epochs "${EPOCHS:-2}" --batch-tokens "${BATCH_TOKENS:-32768}" --max-len "${MAX_LEN:-2048}" \
+      --time-budget "${TRAIN_SECS:-300}" --lr "${LR:-5e-4}" --save-every 100000 \
+      2>&1 | tr '\r' '\n' | grep -v '^\s*$' | grep -v 'Loading weights' | awk 'NR % 20 == 0 || /data|vocab|drafter|error|Error|step/' | tail -40 \
+      | tee "$RUNS/train-falcon-q15.log"
+    cp "$dir/train_summary.json" "$OUT/train_summary-falcon-q15.json" 2>/dev/null || echo "!! falcon did not finish"
+    cp "$dir/model.safetensors" "$OUT/falcon-q15.safetensors" && cp "$dir/config.json" "$OUT/falcon-q15.config.json"
+    ls -la "$OUT"
     ;;
   heads)
     for m in ${HEADS:-eagle medusa hydra}; do train "$m" "$T15" "$STASH/$m-q15" "$STASH/q15-data.pt"; done

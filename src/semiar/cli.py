@@ -223,6 +223,7 @@ def train_drafter(
     intermediate_size: Optional[int] = typer.Option(None, "--intermediate-size", help="falcon/eagle: MLP width of the drafter's layers (default: the target's)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Seconds of training; the schedule shrinks to fit."),
     store: str = typer.Option("bf16", "--store", help="Drafter weights on disk: bf16 or int8."),
+    max_prompt_len: Optional[int] = typer.Option(None, "--max-prompt-len", help="Self-distillation: leave out prompts longer than N tokens."),
 ):
     """Train a drafter for TARGET on the target's own answers (self-distillation); resumable.
     Several GPUs: torchrun --standalone --nproc-per-node N -m semiar.cli train-drafter ... --device cuda"""
@@ -234,7 +235,8 @@ def train_drafter(
                       num_layers=num_layers, epochs=epochs, lr=lr, batch_tokens=batch_tokens,
                       max_len=max_len, glance=not no_glance, max_steps=max_steps, save_every=save_every, seed=seed,
                       device=device, dtype=dtype, data=data, text=text, n_text=n_text, online=online,
-                      draft_vocab=draft_vocab, intermediate_size=intermediate_size, time_budget=time_budget, store=store)
+                      draft_vocab=draft_vocab, intermediate_size=intermediate_size, time_budget=time_budget, store=store,
+                      max_prompt_len=max_prompt_len)
     summary = run(cfg)
     typer.echo(json.dumps({k_: summary[k_] for k_ in ("steps", "sequences", "tokens", "data_seconds", "train_seconds",
                                                       "train_tokens_per_s", "data", "draft_vocab", "val")}))

@@ -74,6 +74,7 @@ class TrainConfig:
     draft_vocab: int = 0  # falcon/eagle: draft from the N most frequent response tokens (0 = all)
     intermediate_size: Optional[int] = None  # falcon/eagle: a narrower MLP than the target's
     time_budget: Optional[float] = None  # seconds of training: the schedule shrinks to fit
+    max_prompt_len: Optional[int] = None  # self-distillation: longer prompts are left out (big batches stay small)
     store: str = "bf16"  # weights on disk: bf16 (the target's dtype) or int8 (per-row scales)
 
     def validate(self) -> None:
@@ -112,7 +113,7 @@ class TrainConfig:
         return {"target": self.target, "prompts": self.prompts, "n_prompts": self.n_prompts,
                 "max_new_tokens": self.max_new_tokens, "gen_temperature": self.gen_temperature,
                 "chat": self.chat, "seed": self.seed, "max_len": self.max_len, "samples": self.samples,
-                "text": self.text, "n_text": self.n_text, "online": self.online}
+                "text": self.text, "n_text": self.n_text, "online": self.online, "max_prompt_len": self.max_prompt_len}
 
     def run_key(self) -> dict:
         """Settings a checkpoint must share to be resumed."""
@@ -200,7 +201,8 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
             prompts = training_prompts(cfg.prompts, cfg.n_prompts, seed=cfg.seed)[rank::world]
             t_gen = time.perf_counter()
             part = generate_distill_data(target, prompts, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_batch,
-                                         cfg.chat, seed=cfg.seed + rank, max_len=cfg.max_len,
+                                         cfg.chat, seed=cfg.seed + rank,
+                                         max_len=min(cfg.max_len, (cfg.max_prompt_len or cfg.max_len) + cfg.max_new_tokens),
                                          progress=progress and main, samples=cfg.samples)
             gen_s = time.perf_counter() - t_gen
             answered = int(part.response.sum())
