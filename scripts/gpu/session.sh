@@ -113,7 +113,9 @@ case "${1:-}" in
       2>&1 | tr '\r' '\n' | grep -v '^\s*$' | grep -v 'Loading weights' | awk 'NR % 20 == 0 || /data|vocab|drafter|error|Error|step/' | tail -40 \
       | tee "$RUNS/train-falcon-q15.log"
     cp "$dir/train_summary.json" "$OUT/train_summary-falcon-q15.json" 2>/dev/null || echo "!! falcon did not finish"
-    cp "$dir/model.safetensors" "$OUT/falcon-q15.safetensors" && cp "$dir/config.json" "$OUT/falcon-q15.config.json"
+    # a call returns files of at most 16 MiB: the drafter comes back in pieces (cat falcon-q15.safetensors.* to join)
+    split -b 15M -d -a 1 "$dir/model.safetensors" "$OUT/falcon-q15.safetensors." && cp "$dir/config.json" "$OUT/falcon-q15.config.json"
+    sha256sum "$dir/model.safetensors"
     ls -la "$OUT"
     ;;
   heads)
