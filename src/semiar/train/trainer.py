@@ -332,9 +332,11 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
                             f"acc {parts.acc:.3f} skipped {skipped}")
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save_ckpt(step)
-            if cfg.time_budget and step >= 10:  # fit the schedule into the budget, from the measured pace
+            if step - step0 == 10:
+                t_pace = time.perf_counter()  # the first steps pay compilation and allocation: pace from here
+            if cfg.time_budget and step - step0 >= 20:  # fit the schedule into the budget, from the measured pace
                 spent = time.perf_counter() - t_train
-                fit = step + int((cfg.time_budget - spent) / (spent / (step - step0)))
+                fit = step + int((cfg.time_budget - spent) / ((time.perf_counter() - t_pace) / (step - step0 - 10)))
                 if fit < total:
                     total = max(step, fit)
                     warmup = min(warmup, max(1, total // 20))
