@@ -23,6 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fastapi import Request  # module level: the handlers' annotations must resolve here
+
 from .engine import Engine
 from .errors import InvalidArgumentError, SemiarError
 from .methods import check_method, make_drafter
@@ -361,7 +363,7 @@ class Server:
                 "tokens_per_s": round(s.tokens_per_s, 3)}
 
     def _make_app(self):
-        from fastapi import FastAPI, Request
+        from fastapi import FastAPI
         from fastapi.responses import JSONResponse, Response, StreamingResponse
         from starlette.exceptions import HTTPException as StarletteHTTPException
 
