@@ -208,8 +208,10 @@ def serve(
     compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first."),
 ):
     """Serve the OpenAI API (chat, completions, streaming) on HOST:PORT; docs/server.md."""
-    from .server import Server
-
+    try:
+        from .server import Server
+    except ImportError as e:
+        _err(f"semiar serve needs {e.name}: pip install 'semiar[serve]'")
     _set_threads(threads)
     srv = Server(model, method=method, draft_model=draft_model, drafter=drafter, device=device, dtype=dtype,
                  max_queue=max_queue, served_name=served_name, cuda_graphs=cuda_graphs, compile=compile)
