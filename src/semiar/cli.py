@@ -191,6 +191,34 @@ def bench(
         raise typer.Exit(130)
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Known name, .gguf file, HF directory or hub id."),
+    method: str = typer.Option("ar", "--method", help="Default method (a request may pick another in its 'method' field)."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for --method draft (and an arm for auto)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", help="Trained drafter directory (falcon, eagle, medusa, hydra)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    max_queue: int = typer.Option(128, "--max-queue", help="Requests that may wait; past it, 503 with Retry-After."),
+    served_name: Optional[str] = typer.Option(None, "--served-name", help="Model id clients use (default: --model)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default), fp16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
+    compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first."),
+):
+    """Serve the OpenAI API (chat, completions, streaming) on HOST:PORT; docs/server.md."""
+    try:
+        from .server import Server
+    except ImportError as e:
+        _err(f"semiar serve needs {e.name}: pip install 'semiar[serve]'")
+    _set_threads(threads)
+    srv = Server(model, method=method, draft_model=draft_model, drafter=drafter, device=device, dtype=dtype,
+                 max_queue=max_queue, served_name=served_name, cuda_graphs=cuda_graphs, compile=compile)
+    typer.echo(f"serving {srv.name} ({method}) on http://{host}:{port}/v1", err=True)
+    srv.run(host, port)
+
+
 @app.command("train-drafter")
 def train_drafter(
     method: str = typer.Option("falcon", "--method", help="Drafter to train: falcon, eagle, medusa, hydra."),
