@@ -54,6 +54,8 @@ def test_generate_chat_sampling_streams(tmp_path, capsys):
     (["--method", "pld", "--tree", "dynamic:3,2,4"], "chain"),
     (["--method", "copy", "--tree", "[[0],[1]]"], "dynamic:LEN,ALTS,BUDGET"),
     (["--method", "auto", "-k", "4"], "auto runs each method"),
+    (["--threads", "0"], "--threads"),
+    (["--system", "be brief"], "--system needs --chat"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
     d = tiny_model_dir(tmp_path / "m")
@@ -106,3 +108,10 @@ def test_training_free_methods_equal_ar_from_the_cli(tmp_path, capsys, method):
     code, out2, err = run_cli(args + ["--method", method], capsys)
     assert code == 0, err
     assert json.loads(out2)["token_ids"] == json.loads(out)["token_ids"]
+
+
+def test_version(capsys):
+    from semiar import __version__
+
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.strip() == f"semiar {__version__}"

@@ -27,7 +27,23 @@ def _err(msg: str, code: int = 2):
 def _set_threads(threads: Optional[int]) -> None:
     import torch
 
+    if threads is not None and threads < 1:
+        _err(f"--threads must be >= 1, got {threads} (leave it out to use all cores)")
     torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        typer.echo(f"semiar {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Lossless speculative decoding: same output as the model, sooner."""
 
 
 @models_app.command("list")
@@ -101,6 +117,9 @@ def generate(
 
     if prompt is None:
         _err("give a prompt with --prompt TEXT (or --prompt - to read stdin)")
+    if system is not None and not chat:
+        # a system message is a turn of the chat template; without one there is no place for it
+        _err("--system needs --chat (the system message is part of the chat template)")
     if prompt == "-":
         prompt = sys.stdin.read()
     _set_threads(threads)
