@@ -205,18 +205,11 @@ class DraftHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.full(x) if self.ids is None else torch.nn.functional.linear(x, self.weight.to(x.dtype))
 
-    def to_target(self, cols):
-        """Columns (a tensor or a list) -> target token ids."""
+    def to_target(self, cols: torch.Tensor) -> torch.Tensor:
+        """Columns -> target token ids (same shape, same device)."""
         if self.ids is None:
             return cols
-        if isinstance(cols, torch.Tensor):
-            return self.ids[cols.to(self.ids.device)].to(cols.device)
-        ids = self.ids_list
-        return [ids[c] for c in cols] if not isinstance(cols, int) else ids[cols]
-
-    @functools.cached_property
-    def ids_list(self) -> list[int]:
-        return self.ids.tolist()
+        return self.ids[cols.to(self.ids.device)].to(cols.device)
 
 
 def draft_head(net: "FalconNet", lm_head: nn.Module) -> DraftHead:
