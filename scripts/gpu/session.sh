@@ -5,9 +5,12 @@
 #   scripts/gpu/session.sh smol      SmolLM2-135M: self-distilled data + the Falcon drafter the README's
 #                                    demo ships (bf16 copy to $OUT), K3=1/NOGLANCE=1 add the ablation drafters
 #   scripts/gpu/session.sh falcon    Qwen2.5-Coder-1.5B: self-distilled data + the Falcon drafter
-#   scripts/gpu/session.sh learned   Qwen2.5-Coder-1.5B: the learned-drafter recipe (docs/learned.md): self-distilled
-#                                    answers to ShareGPT prompts + ShareGPT conversations teacher-forced, token-only
-#                                    data, 32k draft vocabulary, one layer, int8 on disk; the drafter into $OUT
+#   scripts/gpu/session.sh learned-data    Qwen2.5-Coder-1.5B, the learned-drafter recipe (docs/learned.md): token-only data,
+#                                    self-distilled answers to ShareGPT prompts + ShareGPT conversations teacher-forced
+#   scripts/gpu/session.sh learned-ablate  the ABLATE variants on that data at once, TRAIN_SECS each; the best one's settings
+#                                    go to $STASH/best.args
+#   scripts/gpu/session.sh learned   the drafter with the best settings (or EXTRA): 32k draft vocabulary, one layer,
+#                                    int8 on disk, TRAIN_SECS of training; the drafter into $OUT
 #   scripts/gpu/session.sh heads     the same data: eagle, medusa, hydra (same epochs as falcon)
 #   scripts/gpu/session.sh greedy    one greedy bench: every engine method, the four drafters, the peers
 #   scripts/gpu/session.sh t1        one T=1 bench of the sampling-capable methods (+ medusa-typical, lossy)
@@ -75,6 +78,17 @@ EOF
   cp "$1/config.json" "$OUT/$2.config.json"
 }
 
+learned_train() {  # learned_train OUTDIR [args]: the learned-drafter recipe (docs/learned.md) on the shared data
+  local dir=$1; shift
+  python3 -m semiar.cli train-drafter --method falcon --target "$T15" --out "$dir" --device "${DEVICE:-cuda}" \
+    --data "$STASH/learned-data.pt" --prompts sharegpt --n-prompts "${N_PROMPTS:-2000}" --max-prompt-len "${PROMPT_LEN:-256}" \
+    --gen-batch "${GEN_BATCH:-1024}" -n "${GEN_TOKENS:-256}" --text sharegpt ${N_TEXT:+--n-text "$N_TEXT"} \
+    --draft-vocab "${VOCAB:-32768}" --num-layers "${LAYERS:-1}" -k "${K:-2}" --intermediate-size "${WIDTH:-2816}" --store int8 \
+    --epochs "${EPOCHS:-2}" --batch-tokens "${BATCH_TOKENS:-32768}" --max-len "${MAX_LEN:-2048}" \
+    --time-budget "${TRAIN_SECS:-300}" --lr "${LR:-5e-4}" --save-every 100000 "$@" \
+    2>&1 | tr '\r' '\n' | grep -v '^\s*$' | grep -v 'Loading weights'
+}
+
 pack() { tar czf "$OUT/$1.tgz" -C "$STASH" runs && ls -la "$OUT"; }
 
 bench() {  # bench NAME SECONDS [bench args]: stopped with SIGINT at SECONDS, keeping the prompts that finished
@@ -101,17 +115,44 @@ case "${1:-}" in
     train falcon "$T15" "$STASH/falcon-q15" "$STASH/q15-data.pt"
     pack falcon
     ;;
-  learned)
+  learned-data)  # the data once, token-only: self-distilled answers to ShareGPT prompts + ShareGPT conversations
+    learned_train "$STASH/learned-0" --max-steps 1
+    cp "$STASH/learned-0/train_summary.json" "$OUT/train_summary-learned-data.json" 2>/dev/null || echo "!! data step failed"
+    ;;
+  learned-ablate)  # the variants in ABLATE ("name:args;name:args"), at once on the one GPU, same data and seconds
+    IFS=';' read -ra variants <<< "${ABLATE:-base:--no-norms;norms:--norms;norms-tok:--norms --reg-weight 0.1 --token-weight 1;norms-tok-ttt:--norms --reg-weight 0.1 --token-weight 1 --ttt 0.5}"
+    for v in "${variants[@]}"; do
+      name=${v%%:*}; args=${v#*:}
+      # shellcheck disable=SC2086
+      (learned_train "$STASH/abl-$name" $args > "$RUNS/train-abl-$name.log" 2>&1; \
+       cp "$STASH/abl-$name/train_summary.json" "$OUT/train_summary-abl-$name.json" 2>/dev/null) &
+    done
+    wait
+    tail -n 3 "$RUNS"/train-abl-*.log
+    python3 - "$OUT" "$STASH/best.args" "${variants[@]}" <<'EOF2'
+import json, sys
+out, best_path, variants = sys.argv[1], sys.argv[2], sys.argv[3:]
+rows = []
+for v in variants:
+    name, args = v.split(":", 1)
+    try:
+        s = json.load(open(f"{out}/train_summary-abl-{name}.json"))
+    except OSError:
+        print(f"!! {name} did not finish"); continue
+    rows.append((s["val"]["acc"], name, args, s["val"]["acc_by_offset"], s["steps"], s["trained_tokens"]))
+    print(f"{name:16s} acc {s['val']['acc']:.4f} by offset {s['val']['acc_by_offset']} steps {s['steps']} tokens {s['trained_tokens']}")
+if rows:
+    best = max(rows)
+    open(best_path, "w").write(best[2])
+    print("best:", best[1], best[2])
+EOF2
+    ;;
+  learned)  # the drafter: the best ablation variant's settings (or EXTRA), TRAIN_SECS of training, into $OUT
     dir=$STASH/falcon-q15
-    echo "== train falcon (learned recipe) -> $dir"
-    python3 -m semiar.cli train-drafter --method falcon --target "$T15" --out "$dir" --device cuda \
-      --prompts sharegpt --n-prompts "${N_PROMPTS:-3000}" --max-prompt-len "${PROMPT_LEN:-256}" --gen-batch "${GEN_BATCH:-1024}" \
-      -n "${GEN_TOKENS:-256}" --text sharegpt ${N_TEXT:+--n-text "$N_TEXT"} --draft-vocab "${VOCAB:-32768}" \
-      --num-layers "${LAYERS:-1}" -k "${K:-2}" ${WIDTH:+--intermediate-size "$WIDTH"} --store int8 \
-      --epochs "${EPOCHS:-2}" --batch-tokens "${BATCH_TOKENS:-32768}" --max-len "${MAX_LEN:-2048}" \
-      --time-budget "${TRAIN_SECS:-300}" --lr "${LR:-5e-4}" --save-every 100000 \
-      2>&1 | tr '\r' '\n' | grep -v '^\s*$' | grep -v 'Loading weights' | awk 'NR % 20 == 0 || /data|vocab|drafter|error|Error|step/' | tail -40 \
-      | tee "$RUNS/train-falcon-q15.log"
+    extra=${EXTRA:-$(cat "$STASH/best.args" 2>/dev/null)}
+    echo "== train falcon (learned recipe, $extra) -> $dir"
+    # shellcheck disable=SC2086
+    learned_train "$dir" $extra 2>&1 | awk 'NR % 20 == 0 || /data|vocab|drafter|error|Error|step/' | tail -40 | tee "$RUNS/train-falcon-q15.log"
     cp "$dir/train_summary.json" "$OUT/train_summary-falcon-q15.json" 2>/dev/null || echo "!! falcon did not finish"
     # a call returns files of at most 16 MiB: the drafter comes back in pieces (cat falcon-q15.safetensors.* to join)
     split -b 15M -d -a 1 "$dir/model.safetensors" "$OUT/falcon-q15.safetensors." && cp "$dir/config.json" "$OUT/falcon-q15.config.json"
@@ -143,5 +184,5 @@ case "${1:-}" in
     cp -r "$OUT/step" "$RUNS/" 2>/dev/null
     pack step
     ;;
-  *) echo "usage: $0 smol|falcon|heads|greedy|t1|step" >&2; exit 2 ;;
+  *) echo "usage: $0 smol|falcon|learned-data|learned-ablate|learned|heads|greedy|t1|step" >&2; exit 2 ;;
 esac

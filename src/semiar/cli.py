@@ -271,6 +271,10 @@ def train_drafter(
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Seconds of training; the schedule shrinks to fit."),
     store: str = typer.Option("bf16", "--store", help="Drafter weights on disk: bf16 or int8."),
     max_prompt_len: Optional[int] = typer.Option(None, "--max-prompt-len", help="Self-distillation: leave out prompts longer than N tokens."),
+    norms: bool = typer.Option(False, "--norms/--no-norms", help="falcon/eagle: RMSNorms on the drafter's inputs and output (EAGLE-3)."),
+    reg_weight: float = typer.Option(1.0, "--reg-weight", help="falcon/eagle: weight of the feature regression loss."),
+    token_weight: float = typer.Option(0.1, "--token-weight", help="falcon/eagle: weight of the token-distribution loss (KL + CE)."),
+    ttt: float = typer.Option(0.0, "--ttt", help="falcon/eagle: share of blocks fed the drafter's own predicted features (training-time test)."),
 ):
     """Train a drafter for TARGET on the target's own answers (self-distillation); resumable.
     Several GPUs: torchrun --standalone --nproc-per-node N -m semiar.cli train-drafter ... --device cuda"""
@@ -283,7 +287,7 @@ def train_drafter(
                       max_len=max_len, glance=not no_glance, max_steps=max_steps, save_every=save_every, seed=seed,
                       device=device, dtype=dtype, data=data, text=text, n_text=n_text, online=online,
                       draft_vocab=draft_vocab, intermediate_size=intermediate_size, time_budget=time_budget, store=store,
-                      max_prompt_len=max_prompt_len)
+                      max_prompt_len=max_prompt_len, norms=norms, reg_weight=reg_weight, token_weight=token_weight, ttt=ttt)
     summary = run(cfg)
     typer.echo(json.dumps({k_: summary[k_] for k_ in ("steps", "sequences", "tokens", "data_seconds", "train_seconds",
                                                       "train_tokens_per_s", "data", "draft_vocab", "val")}))

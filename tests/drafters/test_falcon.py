@@ -13,9 +13,9 @@ from semiar.tree import TreeSpec
 from tiny import tiny_target
 
 
-def make_net(target, k=2, std=0.08, seed=0):
+def make_net(target, k=2, std=0.08, seed=0, norms=False):
     torch.manual_seed(seed)
-    net = FalconNet(FalconConfig.for_target(target.config, k=k))
+    net = FalconNet(FalconConfig.for_target(target.config, k=k, norms=norms))
     net.reset_parameters(std=std)
     return net.eval()
 
@@ -262,6 +262,32 @@ def test_reduced_draft_vocabulary_drafts_target_ids_and_stays_lossless(graphs, t
         assert Engine(target, drafter).generate(prompt, max_new_tokens=30).run().token_ids == ref
     drafted = {t for tree_ in seen for t in tree_.tokens}
     assert drafted and drafted <= allowed
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_drafter_with_input_and_output_norms_stays_lossless_and_round_trips(graphs, tmp_path):
+    """EAGLE-3's norms (embedding, feature, output) on the eager and the fixed-shape paths: greedy
+    output equals ar's, the cached passes equal one pass, and the norms survive a save."""
+    target, _ = tiny_target()
+    net = make_net(target, k=2, std=0.3, norms=True)
+    with torch.no_grad():
+        net.norm.weight.mul_(3.0)
+    T, H = 6, target.config.hidden_size
+    feats, emb, pos = torch.randn(1, T, H), torch.randn(1, T, H), torch.arange(T)[None]
+    with torch.no_grad():
+        full = net(feats, emb, pos, net.relaxed_mask(T))
+        cache = net.new_cache(8)
+        parts = [net(feats[:, a:a + 2], emb[:, a:a + 2], pos[:, a:a + 2], torch.ones(2, a + 2, dtype=torch.bool), cache)
+                 for a in range(0, T, 2)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-5)
+    drafter = FalconDrafter(net, target, TreeSpec("dynamic", depth=6, top_k=3, budget=12), graphs=graphs)
+    for prompt in PROMPTS:
+        ref = Engine(target).generate(prompt, max_new_tokens=30).run().token_ids
+        assert Engine(target, drafter).generate(prompt, max_new_tokens=30).run().token_ids == ref
+    save_falcon(tmp_path / "d", net, target)
+    back = load_falcon(tmp_path / "d", target, dtype=torch.float32)
+    assert back.config.norms
+    torch.testing.assert_close(back.norm.weight, net.norm.weight.to(torch.bfloat16).float())
 
 
 def test_int8_storage_round_trips_within_a_per_row_step(tmp_path):

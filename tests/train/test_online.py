@@ -138,6 +138,43 @@ def test_online_training_on_conversations_gives_a_lossless_int8_drafter(model_di
     assert got.token_ids == ref.token_ids
 
 
+def test_own_predictions_feed_a_block_the_features_predicted_for_it():
+    from semiar.train.csgd import Batch, own_predictions
+
+    B, T, H, k = 2, 7, 3, 2
+    feats = torch.zeros(B, T, H)
+    guess = torch.arange(B * T, dtype=torch.float32).view(B, T, 1).expand(B, T, H).clone()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    batch = Batch(feats, torch.zeros(B, T, dtype=torch.long), feats, torch.zeros(B, T, dtype=torch.long), mask, mask)
+    gen = torch.Generator().manual_seed(0)
+    none, n0 = own_predictions(batch, guess, k, 1, 0.0, gen)
+    assert n0 == 0 and torch.equal(none.feats, feats)
+    every, n = own_predictions(batch, guess, k, 1, 1.0, gen)
+    # every position t >= k takes output t - k (which predicts h_t); the first k keep theirs
+    assert torch.equal(every.feats[:, :k], feats[:, :k])
+    assert torch.equal(every.feats[:, k:], guess[:, :T - k]) and n == B * (T - k)
+
+
+def test_training_with_norms_token_loss_and_training_time_test_stays_lossless(model_dir, tmp_path):
+    import semiar
+    from semiar.drafters.falcon import load_falcon
+
+    out = tmp_path / "d"
+    s = train_drafter(TrainConfig(target=str(model_dir), out=str(out), n_prompts=4, max_new_tokens=12, gen_batch=4,
+                                  online=True, norms=True, reg_weight=0.1, token_weight=1.0, ttt=0.5, epochs=2,
+                                  batch_tokens=400, max_len=200, lr=1e-3, max_steps=3), progress=False)
+    assert s["steps"] == 3 and s["settings"]["ttt"] == 0.5
+    target = semiar.load_model(str(model_dir))
+    assert load_falcon(out, target).config.norms
+    kw = dict(model=str(model_dir), chat=True, max_new_tokens=30)
+    assert semiar.generate("list 3", method="falcon", drafter=str(out), **kw).token_ids == \
+        semiar.generate("list 3", **kw).token_ids
+    with pytest.raises(InvalidArgumentError, match="ttt"):
+        TrainConfig(target="x", out="y", ttt=1.5).validate()
+    with pytest.raises(InvalidArgumentError, match="not both 0"):
+        TrainConfig(target="x", out="y", reg_weight=0, token_weight=0).validate()
+
+
 def test_online_options_are_falcon_and_eagle_only():
     with pytest.raises(InvalidArgumentError, match="falcon and eagle"):
         TrainConfig(target="x", out="y", method="medusa", draft_vocab=10).validate()

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, ModelFileError
-from ..models.decoder import DecoderConfig, HostStage, KVCache, Layer, rope_cos_sin, rope_inv_freq
+from ..models.decoder import DecoderConfig, HostStage, KVCache, Layer, RMSNorm, rope_cos_sin, rope_inv_freq
 from ..models.graphs import _Captured, _Direct
 from ..tree import DraftTree, TreeSpec, best_nodes
 from .base import Drafter
@@ -75,10 +75,14 @@ class FalconConfig:
     #: training text; 0 = the whole vocabulary). A token outside them is never drafted, which
     #: cannot change the output: every drafted token is verified by the target.
     draft_vocab: int = 0
+    #: RMSNorms on the two inputs (token embedding, target feature) before the fusion and on the
+    #: output (as EAGLE-3 does): the embedding and the feature differ in scale by two orders of
+    #: magnitude, and the LM head expects a final-norm feature. Off in drafters saved before it.
+    norms: bool = False
 
     @classmethod
     def for_target(cls, target_cfg: DecoderConfig, k: int = 2, num_layers: int = 2, draft_vocab: int = 0,
-                   intermediate_size: Optional[int] = None) -> "FalconConfig":
+                   intermediate_size: Optional[int] = None, norms: bool = False) -> "FalconConfig":
         """A drafter shaped like one of the target's layers (so it can start from them);
         `intermediate_size` narrows its MLP (a smaller drafter on disk and per pass)."""
         return cls(vocab_size=target_cfg.vocab_size, hidden_size=target_cfg.hidden_size,
@@ -86,7 +90,7 @@ class FalconConfig:
                    num_kv_heads=target_cfg.num_kv_heads, k=k, num_layers=num_layers, head_dim=target_cfg.head_dim,
                    rms_norm_eps=target_cfg.rms_norm_eps, rope_theta=target_cfg.rope_theta,
                    rope_scaling=target_cfg.rope_scaling, attention_bias=target_cfg.attention_bias,
-                   draft_vocab=draft_vocab)
+                   draft_vocab=draft_vocab, norms=norms)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FalconConfig":
@@ -112,6 +116,10 @@ class FalconNet(nn.Module):
         self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=True)
         self.layers = nn.ModuleList(Layer(dcfg) for _ in range(cfg.num_layers))
         self.layers[0].input_layernorm = nn.Identity()  # fc output goes straight in (EAGLE/Falcon)
+        if cfg.norms:
+            self.emb_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.feat_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # training starts it from the target's
         self.inv_freq = rope_inv_freq(dcfg)
         self._dcfg = dcfg
         if not 0 <= cfg.draft_vocab <= cfg.vocab_size:
@@ -151,7 +159,7 @@ class FalconNet(nn.Module):
                 mask: Optional[torch.Tensor], cache: Optional[KVCache] = None) -> torch.Tensor:
         """feats, tok_emb: [B, T, H]; positions: [B, T]; mask: [T, T] (no cache) or [T, cache + T].
         Returns the predicted features [B, T, H] (output t ~ h_{t+k})."""
-        x = self.fc(torch.cat([tok_emb, feats.to(tok_emb.dtype)], -1))
+        x = self._fuse(feats, tok_emb)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
@@ -162,17 +170,23 @@ class FalconNet(nn.Module):
             x = layer(x, cos, sin, kc, vc, start, mask)
         if cache is not None:
             cache.length = start + x.shape[1]
-        return x
+        return self.norm(x) if self.config.norms else x
+
+    def _fuse(self, feats: torch.Tensor, tok_emb: torch.Tensor) -> torch.Tensor:
+        feats = feats.to(tok_emb.dtype)
+        if self.config.norms:
+            tok_emb, feats = self.emb_norm(tok_emb), self.feat_norm(feats)
+        return self.fc(torch.cat([tok_emb, feats], -1))
 
     @torch.no_grad()
     def forward_static(self, feats, tok_emb, positions, slots, mask, k_cache, v_cache):
         """Fixed-shape forward for CUDA-graph capture: S rows written to cache slots `slots` [S],
         attending over the whole capacity under `mask` [S, capacity]. feats, tok_emb: [1, S, H]."""
-        x = self.fc(torch.cat([tok_emb, feats.to(tok_emb.dtype)], -1))
+        x = self._fuse(feats, tok_emb)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask)
-        return x
+        return self.norm(x) if self.config.norms else x
 
 
 class DraftHead(nn.Module):

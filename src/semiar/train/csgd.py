@@ -122,9 +122,9 @@ class LossParts:
 
 
 def distill_loss(pred: torch.Tensor, target_feats: torch.Tensor, mask: torch.Tensor, lm_head_weight: torch.Tensor,
-                 w: float = 0.1, alpha: float = 0.9, chunk: int = 2048) -> LossParts:
-    """SmoothL1 on features + w * (alpha * KL(p || q) + (1 - alpha) * CE(argmax p)), over the
-    masked positions; the vocabulary-sized logits are made `chunk` rows at a time."""
+                 w: float = 0.1, alpha: float = 0.9, chunk: int = 2048, reg_weight: float = 1.0) -> LossParts:
+    """reg_weight * SmoothL1 on features + w * (alpha * KL(p || q) + (1 - alpha) * CE(argmax p)),
+    over the masked positions; the vocabulary-sized logits are made `chunk` rows at a time."""
     sel = mask.flatten().nonzero().flatten()
     P = pred.reshape(-1, pred.shape[-1])[sel]
     Y = target_feats.reshape(-1, target_feats.shape[-1])[sel].to(P.dtype)
@@ -149,7 +149,7 @@ def distill_loss(pred: torch.Tensor, target_feats: torch.Tensor, mask: torch.Ten
         hard = hard + F.nll_loss(logq, top, reduction="sum")
         correct += int((q_logits.argmax(-1) == top).sum())
     reg, soft, hard = reg / n, soft / n, hard / n
-    loss = reg + w * (alpha * soft + (1 - alpha) * hard)
+    loss = reg_weight * reg + w * (alpha * soft + (1 - alpha) * hard)
     return LossParts(loss, float(reg.detach()), float(soft.detach()), float(hard.detach()), correct / n, n)
 
 
@@ -163,6 +163,25 @@ def argmax_tokens(feats: torch.Tensor, lm_head_weight: torch.Tensor, chunk: int 
     return out.view(feats.shape[:-1])
 
 
+def own_predictions(batch: Batch, guess_feats: torch.Tensor, k: int, offset: int, rate: float,
+                    gen: torch.Generator) -> tuple[Batch, int]:
+    """Training-time test: a copy of `batch` in which a random `rate` of the blocks take as input
+    features the drafter's own predictions for them (output p - k predicts h_p), as a block does in
+    every drafter pass after the first at inference; tokens stay the true ones (a wrong draft token
+    ends the accepted path anyway). guess_feats: [B, T, H], a forward over the true inputs."""
+    B, T = batch.mask.shape
+    t = torch.arange(T, device=batch.feats.device)
+    block = (t + offset) // k  # [T]
+    n_blocks = int(block[-1]) + 1
+    chosen = torch.rand(B, n_blocks, generator=gen, device=gen.device).to(batch.feats.device) < rate
+    take = chosen[:, block] & (t >= k).unsqueeze(0)  # [B, T]
+    shifted = torch.zeros_like(batch.feats)
+    shifted[:, k:] = guess_feats[:, :T - k].to(batch.feats.dtype)
+    feats = torch.where(take.unsqueeze(-1), shifted, batch.feats)
+    n = int((take & batch.mask).sum())
+    return Batch(feats, batch.next_ids, batch.target_feats, batch.glance_ids, batch.mask, batch.glance_ok), n
+
+
 def autocast_ctx(device_type: str, dtype: Optional[torch.dtype]):
     """bf16 autocast when asked for (GPUs, bf16 targets on the CPU), else a no-op context."""
     return torch.autocast(device_type, dtype=dtype) if dtype else torch.autocast(device_type, enabled=False)
@@ -170,9 +189,11 @@ def autocast_ctx(device_type: str, dtype: Optional[torch.dtype]):
 
 def csgd_step(net, batch: Batch, embed: torch.nn.Embedding, lm_head_weight: torch.Tensor, progress: float,
               gen: torch.Generator, noise: float = 0.0, glance: bool = True,
-              autocast: Optional[torch.dtype] = None, chunk: int = 2048) -> tuple[LossParts, int]:
+              autocast: Optional[torch.dtype] = None, chunk: int = 2048, reg_weight: float = 1.0,
+              token_weight: float = 0.1, ttt: float = 0.0) -> tuple[LossParts, int]:
     """One CSGD forward (parallel guess, glance, distil); returns the loss parts and glance count.
-    The caller runs backward and the optimizer step."""
+    `ttt` > 0 also feeds that share of the blocks the drafter's own predicted features
+    (`own_predictions`). The caller runs backward and the optimizer step."""
     core = getattr(net, "module", net)  # DistributedDataParallel wraps the FalconNet
     k = core.config.k
     T = batch.mask.shape[1]
@@ -192,12 +213,19 @@ def csgd_step(net, batch: Batch, embed: torch.nn.Embedding, lm_head_weight: torc
 
     n_glanced = 0
     lam = glance_lambda(progress)
-    if glance and lam > 0 and k > 1:
+    do_glance = glance and lam > 0 and k > 1
+    if do_glance or ttt > 0:
         with torch.no_grad():
-            guess = argmax_tokens(run(batch), lm_head_weight)
-            truth = argmax_tokens(batch.target_feats, lm_head_weight)
-        batch, n_glanced = apply_glances(batch, guess, truth, k, offset, lam, gen)
+            guess_feats = run(batch)
+            if do_glance:
+                guess = argmax_tokens(guess_feats, lm_head_weight)
+                truth = argmax_tokens(batch.target_feats, lm_head_weight)
+        if ttt > 0:
+            batch, _ = own_predictions(batch, guess_feats, k, offset, ttt, gen)
+        if do_glance:
+            batch, n_glanced = apply_glances(batch, guess, truth, k, offset, lam, gen)
     pred = run(batch)
     with ac:
-        parts = distill_loss(pred, batch.target_feats, batch.mask, lm_head_weight, chunk=chunk)
+        parts = distill_loss(pred, batch.target_feats, batch.mask, lm_head_weight, w=token_weight, chunk=chunk,
+                             reg_weight=reg_weight)
     return parts, n_glanced

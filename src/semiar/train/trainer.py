@@ -76,6 +76,10 @@ class TrainConfig:
     time_budget: Optional[float] = None  # seconds of training: the schedule shrinks to fit
     max_prompt_len: Optional[int] = None  # self-distillation: longer prompts are left out (big batches stay small)
     store: str = "bf16"  # weights on disk: bf16 (the target's dtype) or int8 (per-row scales)
+    norms: bool = False  # falcon/eagle: input and output RMSNorms (FalconConfig.norms)
+    reg_weight: float = 1.0  # falcon/eagle: weight of the feature regression in the loss
+    token_weight: float = 0.1  # falcon/eagle: weight of the token-distribution terms (KL + CE)
+    ttt: float = 0.0  # falcon/eagle: share of blocks fed the drafter's own predictions (training-time test)
 
     def validate(self) -> None:
         if self.method not in TRAINABLE:
@@ -98,6 +102,9 @@ class TrainConfig:
                   (self.intermediate_size is None or self.intermediate_size > 0, "intermediate-size must be > 0"),
                   (self.time_budget is None or self.time_budget > 0, "time-budget must be > 0"),
                   (self.store in ("bf16", "int8"), "store must be bf16 or int8"),
+                  (self.reg_weight >= 0 and self.token_weight >= 0 and self.reg_weight + self.token_weight > 0,
+                   "reg-weight and token-weight must be >= 0, not both 0"),
+                  (0 <= self.ttt <= 1, "ttt must be in [0, 1]"),
                   (self.prompts != "none" or bool(self.text), "--prompts none needs --text")]
         for ok, msg in checks:
             if not ok:
@@ -105,8 +112,10 @@ class TrainConfig:
         if self.text:
             self.online = True
         if self.method not in ("falcon", "eagle") and (self.online or self.draft_vocab or self.intermediate_size
-                                                      or self.store != "bf16"):
-            raise InvalidArgumentError("--text/--online/--draft-vocab/--intermediate-size/--store are falcon and eagle options")
+                                                      or self.store != "bf16" or self.norms or self.ttt
+                                                      or (self.reg_weight, self.token_weight) != (1.0, 0.1)):
+            raise InvalidArgumentError("--text/--online/--draft-vocab/--intermediate-size/--store/--norms/--ttt/"
+                                       "--reg-weight/--token-weight are falcon and eagle options")
 
     def data_key(self) -> dict:
         """Settings that decide the self-distilled data (a cache with other settings is rebuilt)."""
@@ -380,7 +389,7 @@ def _method(cfg: TrainConfig, target):
 
         fcfg = FalconConfig.for_target(target.config, k=1 if cfg.method == "eagle" else cfg.k,
                                        num_layers=cfg.num_layers, draft_vocab=cfg.draft_vocab,
-                                       intermediate_size=cfg.intermediate_size)
+                                       intermediate_size=cfg.intermediate_size, norms=cfg.norms)
 
         def make(seqs, device, feat_dtype, autocast):
             if cfg.online:
@@ -392,7 +401,8 @@ def _method(cfg: TrainConfig, target):
         def step(model, seqs, embed, lm_w, progress, gen, device, feat_dtype, autocast):
             batch = make(seqs, device, feat_dtype, autocast)
             parts, n_glanced = csgd_step(model, batch, embed, lm_w, progress, gen, noise=cfg.noise,
-                                         glance=cfg.glance, autocast=autocast)
+                                         glance=cfg.glance, autocast=autocast, reg_weight=cfg.reg_weight,
+                                         token_weight=cfg.token_weight, ttt=cfg.ttt)
             parts.loss.backward()
             return parts, n_glanced
 
@@ -400,7 +410,11 @@ def _method(cfg: TrainConfig, target):
             return evaluate(net, seqs, embed, lm_w, device, feat_dtype, autocast, batch_tokens=cfg.batch_tokens,
                             make=make)
 
-        return FalconNet(fcfg), step, evaluate_f, partial(save_falcon, method=cfg.method)
+        net = FalconNet(fcfg)
+        if fcfg.norms:  # the output norm starts as the target's final norm: features in the LM head's scale
+            with torch.no_grad():
+                net.norm.weight.copy_(target.decoder.norm.weight.float())
+        return net, step, evaluate_f, partial(save_falcon, method=cfg.method)
 
     from ..drafters.hydra import HydraNet
     from ..drafters.medusa import HeadsConfig, MedusaNet, save_heads
