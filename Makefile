@@ -25,7 +25,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(SEMIAR) models pull $(TARGET)
 	$(SEMIAR) models pull $(DRAFT)
-	$(SEMIAR) bench --target $(TARGET) --draft-model $(DRAFT) --methods ar,draft,pld,ngram,copy,auto \
+	$(SEMIAR) bench --target $(TARGET) --draft-model $(DRAFT) --methods ar,draft,pld,ngram,copy,falcon,auto \
 		--tasks code,edit --n-prompts 2 --max-new-tokens 96 --out $(DEMO_OUT)
 	# Falcon with the drafter the package ships for SmolLM2-135M (docs/falcon.md)
 	$(SEMIAR) models pull $(SMALL)

@@ -93,3 +93,20 @@ def test_qwen_pair_draft_equals_ar(real_home, monkeypatch):
     ref = Engine(target).generate(ids, max_new_tokens=48).run().token_ids
     gen = Engine(target, drafter).generate(ids, max_new_tokens=48).run()
     assert gen.token_ids == ref and gen.stats.tau > 1.5
+
+
+@pytest.mark.slow
+def test_qwen_shipped_falcon_drafter_loads_and_is_lossless(real_home, monkeypatch):
+    """The int8, reduced-vocabulary drafter shipped for the default target serves it with no
+    --drafter, and its greedy output equals ar's."""
+    from semiar.drafters.falcon import FalconDrafter
+    from semiar.methods import make_drafter
+
+    monkeypatch.setenv("SEMIAR_HOME", real_home)
+    target = load_model("qwen2.5-coder-1.5b-instruct")
+    drafter = make_drafter("falcon", target)
+    assert isinstance(drafter, FalconDrafter) and drafter.net.config.draft_vocab == 32768
+    ids = target.encode("Write a Python function that checks whether a number is prime.", chat=True)
+    ref = Engine(target).generate(ids, max_new_tokens=40).run().token_ids
+    gen = Engine(target, drafter).generate(ids, max_new_tokens=40).run()
+    assert gen.token_ids == ref and gen.stats.tau > 1.2
