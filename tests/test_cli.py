@@ -115,3 +115,30 @@ def test_version(capsys):
 
     code, out, _ = run_cli(["--version"], capsys)
     assert code == 0 and out.strip() == f"semiar {__version__}"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_full_context_says_so(tmp_path, capsys, as_json):
+    d = tiny_model_dir(tmp_path / "m")  # context 512; the tiny tokenizer is one token per character
+    args = ["generate", "--model", str(d), "--prompt", "ab" * 250, "-n", "40"] + (["--json"] if as_json else [])
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    notice = [line for line in err.splitlines() if line.startswith("notice: stopped at the context limit")]
+    assert len(notice) == 1 and "of the 40 tokens asked for" in notice[0]
+    if as_json:
+        assert json.loads(out)["stop_reason"] == "context"
+    code, _, err = run_cli(["generate", "--model", str(d), "--prompt", "ab", "-n", "4"], capsys)
+    assert code == 0 and "notice:" not in err
+
+
+@pytest.mark.parametrize("columns", [None, "40"])
+def test_piped_output_keeps_full_names_and_defaults(capsys, monkeypatch, columns):
+    """Not a terminal (here: captured), tables and help are as wide as they need, whatever $COLUMNS."""
+    if columns:
+        monkeypatch.setenv("COLUMNS", columns)
+    code, out, _ = run_cli(["models", "list"], capsys)
+    assert code == 0 and "qwen2.5-coder-1.5b-instruct" in out and "…" not in out
+    code, out, _ = run_cli(["generate", "--help"], capsys)
+    assert code == 0 and "[default: qwen2.5-coder-1.5b-instruct]" in out and "…" not in out
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "results.json, report.md, speedup.png, acceptance.png" in out

@@ -32,6 +32,27 @@ def _set_threads(threads: Optional[int]) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+#: the width of tables and help when stdout is not a terminal: no line is cut to fit
+_PIPED_WIDTH = 1000
+
+
+def _console():
+    """A rich console for tables: the terminal's width on a terminal; piped or redirected, as wide
+    as the table needs, so that no name or number is cut to fit 80 columns (or $COLUMNS)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=_PIPED_WIDTH)
+
+
+def _context_notice(gen) -> None:
+    """One line on stderr when the model's context, not --max-new-tokens, ended the answer."""
+    if gen.stop_reason == "context":
+        ctx = gen.engine.target.context_length
+        typer.echo(f"notice: stopped at the context limit: the prompt has {gen.stats.prompt_tokens} tokens and "
+                   f"{gen.engine.target.name} a context of {ctx}, so {gen.stats.new_tokens} of the "
+                   f"{gen.max_new_tokens} tokens asked for fit (stop reason 'context')", err=True)
+
+
 def _version(value: bool):
     if value:
         from . import __version__
@@ -49,7 +70,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """Show the known models, their size and whether they are installed."""
-    from rich.console import Console
     from rich.table import Table
 
     from .models.registry import list_models
@@ -64,7 +84,7 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
     for r in rows:
         table.add_row(r["name"], r["family"], str(r["params"]), r["quant"], f"{r['size_bytes'] / 2**20:,.0f} MiB",
                       "yes" if r["installed"] else "no")
-    Console().print(table)
+    _console().print(table)
 
 
 @models_app.command("pull")
@@ -131,6 +151,7 @@ def generate(
         gen.run()
         res = api.Result(gen.text, gen.token_ids, gen.stop_reason, gen.method, gen.model_name, gen.stats)
         typer.echo(json.dumps(res.to_dict()))
+        _context_notice(gen)
         return
     for chunk in gen:
         if chunk.text:
@@ -140,6 +161,7 @@ def generate(
     s = gen.stats
     typer.echo(f"[{gen.method}] {s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_s:.2f} tok/s), "
                f"tau {s.tau:.2f}, {s.target_forwards} target forwards, stop: {gen.stop_reason}", err=True)
+    _context_notice(gen)
 
 
 @app.command()
@@ -177,7 +199,7 @@ def bench(
                                       "about half the step time, ~25 s more start-up per model). No effect on the CPU."),
 ):
     """Benchmark methods and peers in one run: results.json, report.md, speedup.png, acceptance.png."""
-    from .bench.run import BenchConfig, run_bench
+    from .bench.run import BenchConfig, context_stops, run_bench
 
     if "custom" in tasks.split(",") and not prompts:
         _err("task 'custom' needs --prompts FILE")
@@ -188,7 +210,6 @@ def bench(
                       chat=not no_chat, allow_near_ties=allow_near_ties, cuda_graphs=cuda_graphs, compile=compile,
                       same_text=same_text)
     results = run_bench(cfg)
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{results['target']} ({out})")
@@ -198,7 +219,11 @@ def bench(
         for m, r in rows.items():
             table.add_row(scope, m + (" (lossy)" if r.get("lossy") else ""), f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x",
                           "-" if r.get("tau") is None else f"{r['tau']:.2f}")
-    Console().print(table)
+    _console().print(table)
+    cut = context_stops(results)
+    if cut:
+        typer.echo(f"notice: {len(cut)} prompt(s) stopped at the context limit before --max-new-tokens "
+                   f"{max_new_tokens} (stop reason 'context'): {', '.join(cut)}", err=True)
     mism = results["identity"]["mismatches"]
     if allow_near_ties:
         mism = [m for m in mism if not m.get("near_tie")]
@@ -291,8 +316,13 @@ def train_drafter(
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+    # piped or redirected, help is plain text, one line per option: rich's panels fit 80 columns
+    # (or $COLUMNS) by cutting defaults and names short ("qwen2.5-coder-1.5b-instr…")
+    piped = not sys.stdout.isatty()
+    app.rich_markup_mode = None if piped else "rich"
+    wide = {"terminal_width": _PIPED_WIDTH, "max_content_width": _PIPED_WIDTH} if piped else {}
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=argv, standalone_mode=True, **wide)
     except SemiarError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
