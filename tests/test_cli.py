@@ -85,6 +85,28 @@ def test_draft_model_tokenizer_mismatch(tmp_path, capsys):
     assert code == 2 and "tokenizer" in err
 
 
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_another_tokenizer_is_refused_before_any_weights_load(tmp_path, capsys, monkeypatch, command):
+    from transformers import AutoTokenizer
+
+    from semiar.models import loading
+
+    d = tiny_model_dir(tmp_path / "t")
+    other = tiny_model_dir(tmp_path / "d", seed=1)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    loaded = []
+    real = loading._load_weights
+    monkeypatch.setattr(loading, "_load_weights", lambda path: loaded.append(path) or real(path))
+    args = (["generate", "--model", str(d), "--prompt", "hi", "--method", "draft"] if command == "generate" else
+            ["bench", "--target", str(d), "--methods", "ar,draft", "--tasks", "chat", "--out", str(tmp_path / "o")])
+    code, _, err = run_cli(args + ["--draft-model", str(other)], capsys)
+    lines = err.strip().splitlines()  # bench says what it loads first
+    assert code == 2 and lines[-1].startswith("error: draft model d does not share the tokenizer of target t")
+    assert [x for x in lines if x.startswith("error:")] == lines[-1:] and "Traceback" not in err and loaded == []
+
+
 def test_corrupt_weights(tmp_path, capsys):
     d = tiny_model_dir(tmp_path / "m")
     f = d / "model.safetensors"

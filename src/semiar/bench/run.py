@@ -176,6 +176,10 @@ class Runner:
         self.cfg = cfg
         self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed)
         fast = dict(cuda_graphs=cfg.cuda_graphs, compile=cfg.compile)
+        if cfg.draft_model and any(m in ("draft", "auto") for m in cfg.methods):
+            from ..drafters.draft_model import check_tokenizers_first
+
+            check_tokenizers_first(cfg.target, cfg.draft_model)  # before the target's weights load
         self.target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype, **fast)
         self.draft = None
         if cfg.draft_model and any(m in ("draft", "hf-assisted", "auto") for m in cfg.methods):
