@@ -164,3 +164,96 @@ def test_piped_output_keeps_full_names_and_defaults(capsys, monkeypatch, columns
     assert code == 0 and "[default: qwen2.5-coder-1.5b-instruct]" in out and "…" not in out
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and "results.json, report.md, speedup.png, acceptance.png" in out
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_generate_prompts_file_one_result_per_line(tmp_path, capsys):
+    import semiar
+
+    d = tiny_model_dir(tmp_path / "m")
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+             {"role": "user", "content": "again"}]
+    src = _jsonl(tmp_path / "in.jsonl", [{"prompt": "hello hello"}, "", {"id": "c", "messages": convo},
+                                         {"id": 7, "prompt": "abc abc", "system": "be brief"}])
+    outs = {}
+    for method in ("ar", "pld", "ngram"):
+        out = tmp_path / f"{method}.jsonl"
+        code, _, err = run_cli(["generate", "--model", str(d), "--prompts", str(src), "--out", str(out), "--chat",
+                                "-n", "10", "--method", method], capsys)
+        assert code == 0, err
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [(r["id"], r["line"]) for r in rows] == [("line-1", 1), ("c", 3), ("7", 4)]
+        for r in rows:
+            assert {"text", "token_ids", "new_tokens", "tau", "tokens_per_s", "stop_reason"} <= r.keys()
+        outs[method] = [r["token_ids"] for r in rows]
+        assert err.count(f"[{method}]") == 4  # one line per prompt, one summary
+    assert outs["pld"] == outs["ar"] == outs["ngram"]
+    target = semiar.load_model(str(d))
+    assert outs["ar"][0] == semiar.generate("hello hello", target, chat=True, max_new_tokens=10).token_ids
+    assert outs["ar"][1] == semiar.generate(convo, target, max_new_tokens=10).token_ids
+    assert outs["ar"][2] == semiar.generate("abc abc", target, chat=True, system="be brief", max_new_tokens=10).token_ids
+    code, out, _ = run_cli(["generate", "--model", str(d), "--prompts", str(src), "--chat", "-n", "10"], capsys)
+    assert code == 0 and [json.loads(x)["token_ids"] for x in out.splitlines()] == outs["ar"]  # no --out: stdout
+
+
+@pytest.mark.parametrize("rows,extra,needle", [
+    ([{"prompt": "ok"}, "not json"], [], "line 2: not valid JSON"),
+    ([{"prompt": "ok"}, {"text": "x"}], [], 'line 2: missing "prompt" (or "messages")'),
+    ([{"messages": [{"role": "user"}]}], [], 'line 1: messages[0] must be an object'),
+    ([{"messages": []}], [], 'line 1: "messages" must be a non-empty list'),
+    ([{"prompt": "ok"}, {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}], [], "line 2: give either"),
+    ([{"prompt": "ok"}, {"prompt": "ok", "system": "s"}], [], 'line 2: "system" needs --chat'),
+    ([{"prompt": "ok"}, {"prompt": "x" * 600}], [], "line 2: prompt has 600 tokens"),
+    ([{"prompt": "ok"}], ["--prompt", "hi"], "not both"),
+    ([{"prompt": "ok"}], ["--json"], "drop --json"),
+    ([{"prompt": "ok"}], ["-n", "0"], "max-new-tokens"),
+])
+def test_bad_prompts_file_is_one_line_naming_it(tmp_path, capsys, rows, extra, needle):
+    d = tiny_model_dir(tmp_path / "m")
+    src = _jsonl(tmp_path / "in.jsonl", rows)
+    code, _, err = run_cli(["generate", "--model", str(d), "--prompts", str(src), "--out", str(tmp_path / "o.jsonl")]
+                           + extra, capsys)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_out_needs_prompts(tmp_path, capsys):
+    code, _, err = run_cli(["generate", "--prompt", "hi", "--out", str(tmp_path / "o.jsonl")], capsys)
+    assert code == 2 and "--out is for --prompts" in err
+
+
+def _chat(args, text):
+    from typer.testing import CliRunner
+
+    from semiar.cli import app
+
+    r = CliRunner().invoke(app, ["chat"] + args, input=text)
+    assert r.exit_code == 0, r.output
+    return r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("method", ["ar", "pld", "lookahead"])
+def test_chat_turns_stream_and_equal_generate(tmp_path, method):
+    import semiar
+
+    d = tiny_model_dir(tmp_path / "m")
+    target = semiar.load_model(str(d))
+    first = semiar.generate("hello there", target, chat=True, max_new_tokens=12).text
+    second = semiar.generate([{"role": "user", "content": "hello there"}, {"role": "assistant", "content": first},
+                              {"role": "user", "content": "and more"}], target, max_new_tokens=12).text
+    out, err = _chat(["--model", str(d), "--method", method, "-n", "12"],
+                     "hello there\nand more\n/reset\n\nhello there\n/exit\nnot read\n")
+    assert out == f"{first}\n{second}\n{first}\n"
+    figures = [x for x in err.splitlines() if x.startswith(f"[{method}]")]
+    assert len(figures) == 3 and all("tok/s" in x and "tau" in x and "stop:" in x for x in figures)
+
+
+def test_chat_ends_at_end_of_input_and_survives_bad_turns(tmp_path):
+    d = tiny_model_dir(tmp_path / "m")  # context 512
+    out, err = _chat(["--model", str(d), "-n", "4", "--system", "be brief"], "/what\n" + "x" * 600 + "\nhi\n")
+    assert "unknown command /what" in err and "error: prompt has" in err and "/reset starts over" in err
+    assert len(out.splitlines()) == 1 and err.count("[ar]") == 1

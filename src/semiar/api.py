@@ -75,6 +75,15 @@ class Session:
                                     dtype=dtype, drafter=drafter, cuda_graphs=cuda_graphs, compile=compile)
         self.engine = Engine(self.target, self.drafter)
 
+    @staticmethod
+    def check_options(method: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: Optional[int] = None, **_) -> None:
+        """The checks that need no model, for callers to make before the model loads."""
+        check_method(method)
+        if max_new_tokens <= 0:
+            raise InvalidArgumentError(f"max-new-tokens must be > 0, got {max_new_tokens}")
+        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
     def encode(self, prompt: Prompt, chat: bool = False, system: Optional[str] = None) -> list[int]:
         """Prompt ids, checked against the context. A list of messages always goes through the chat
         template (a system message is then one of the messages)."""
@@ -119,10 +128,7 @@ def stream(prompt: Prompt, model: str | LoadedModel = "qwen2.5-coder-1.5b-instru
     cuda_graphs: on CUDA, replay forwards as CUDA graphs (default on; models.graphs);
     compile: on CUDA, torch.compile the graphed forward first (about half the step time, ~25 s
     more start-up per model; worth it for long or many generations)."""
-    check_method(method)
-    if max_new_tokens <= 0:  # the cheap checks before any model loads
-        raise InvalidArgumentError(f"max-new-tokens must be > 0, got {max_new_tokens}")
-    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    Session.check_options(method, max_new_tokens, temperature, top_k, top_p, seed)  # before any model loads
     session = Session(model, method=method, draft_model=draft_model, tree=tree, k=k, device=device, dtype=dtype,
                       drafter=drafter, cuda_graphs=cuda_graphs, compile=compile)
     return session.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

@@ -131,15 +131,32 @@ def generate(
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
     compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first "
                                  "(about half the step time, ~25 s more start-up per model)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL file, one prompt per line: "
+                                          '{"prompt": ...} or {"messages": [...]} (docs/generate.md).'),
+    out: Optional[str] = typer.Option(None, "--out", help="With --prompts: write one JSON result per line here "
+                                      "(default: stdout)."),
 ):
     """Generate text with any method; the output equals the model's own (greedy) output."""
     from . import api
 
-    if prompt is None:
-        _err("give a prompt with --prompt TEXT (or --prompt - to read stdin)")
+    if prompts is not None:
+        if prompt is not None:
+            _err("give --prompt or --prompts, not both")
+        if as_json:
+            _err("--prompts always writes JSON lines; drop --json")
+    elif out is not None:
+        _err("--out is for --prompts FILE (one result per prompt line)")
+    elif prompt is None:
+        _err("give a prompt with --prompt TEXT (or --prompt - to read stdin), or a file of them with --prompts")
     if system is not None and not chat:
         # a system message is a turn of the chat template; without one there is no place for it
         _err("--system needs --chat (the system message is part of the chat template)")
+    if prompts is not None:
+        return _generate_file(prompts, out, dict(model=model, method=method, draft_model=draft_model, tree=tree,
+                                                 k=k, device=device, dtype=dtype, drafter=drafter,
+                                                 cuda_graphs=cuda_graphs, compile=compile),
+                              dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   seed=seed, stop=stop), chat=chat, system=system, threads=threads)
     if prompt == "-":
         prompt = sys.stdin.read()
     _set_threads(threads)
@@ -148,20 +165,145 @@ def generate(
                      seed=seed, stop=stop, chat=chat, system=system, device=device, dtype=dtype, drafter=drafter,
                      cuda_graphs=cuda_graphs, compile=compile)
     if as_json:
-        gen.run()
-        res = api.Result(gen.text, gen.token_ids, gen.stop_reason, gen.method, gen.model_name, gen.stats)
-        typer.echo(json.dumps(res.to_dict()))
+        typer.echo(json.dumps(api.Result.of(gen.run()).to_dict()))
         _context_notice(gen)
         return
+    _stream_out(gen)
+    typer.echo(_figures(gen), err=True)
+    _context_notice(gen)
+
+
+def _stream_out(gen) -> None:
     for chunk in gen:
         if chunk.text:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _figures(gen) -> str:
     s = gen.stats
-    typer.echo(f"[{gen.method}] {s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_s:.2f} tok/s), "
-               f"tau {s.tau:.2f}, {s.target_forwards} target forwards, stop: {gen.stop_reason}", err=True)
-    _context_notice(gen)
+    return (f"[{gen.method}] {s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_s:.2f} tok/s), "
+            f"tau {s.tau:.2f}, {s.target_forwards} target forwards, stop: {gen.stop_reason}")
+
+
+def _generate_file(path: str, out: Optional[str], load: dict, decode: dict, *, chat: bool,
+                   system: Optional[str], threads: Optional[int]) -> None:
+    """--prompts: every line checked (format, then the context) before the first generation; one
+    JSON result per line, written as it finishes."""
+    from . import api
+    from .bench.tasks import load_prompts_file
+    from .engine import Stats
+    from .errors import InvalidArgumentError
+
+    lines = load_prompts_file(path, messages=True)
+    for p in lines:
+        if p.system is not None and not chat:
+            _err(f"{path}, line {p.line}: \"system\" needs --chat (the system message is part of the chat template)")
+    api.Session.check_options(**load, **decode)  # bad options before the model loads
+    try:
+        sink = open(out, "w", encoding="utf-8") if out else sys.stdout
+    except OSError as e:
+        _err(f"cannot write {out}: {e.strerror or e}")
+    _set_threads(threads)
+    session = api.Session(**load)
+    prompts_of = [(list(p.messages), False, None) if p.messages else (p.prompt, chat, p.system or system)
+                  for p in lines]
+    for p, (prompt, as_chat, sys_msg) in zip(lines, prompts_of):
+        try:
+            session.encode(prompt, chat=as_chat, system=sys_msg)
+        except SemiarError as e:
+            raise InvalidArgumentError(f"{path}, line {p.line}: {e}") from None
+    total = Stats()
+    try:
+        for n, p in enumerate(lines, 1):
+            prompt, as_chat, sys_msg = prompts_of[n - 1]
+            gen = session.stream(prompt, chat=as_chat, system=sys_msg, **decode).run()
+            sink.write(json.dumps({"id": p.id, "line": p.line, **api.Result.of(gen).to_dict()}) + "\n")
+            sink.flush()
+            typer.echo(f"{n}/{len(lines)} {p.id}: " + _figures(gen), err=True)
+            _context_notice(gen)
+            total.new_tokens += gen.stats.new_tokens
+            total.target_forwards += gen.stats.target_forwards
+            total.seconds += gen.stats.seconds
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    typer.echo(f"[{session.method}] {len(lines)} prompts, {total.new_tokens} tokens in {total.seconds:.2f} s "
+               f"({total.tokens_per_s:.2f} tok/s), tau {total.tau:.2f}" + (f", results in {out}" if out else ""),
+               err=True)
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Known name, .gguf file, HF directory or hub id."),
+    method: str = typer.Option("ar", "--method", help="Any method of `semiar methods`."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for --method draft (and an extra arm for auto)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", help="Trained drafter directory (falcon, eagle, medusa, hydra)."),
+    tree: Optional[str] = typer.Option(None, "--tree", help="chain:K | dynamic:DEPTH,TOPK,BUDGET | JSON choices | lookahead:W,N,G."),
+    k: Optional[int] = typer.Option(None, "-k", help="Draft length (tokens per step) for chain drafters."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Longest answer per turn."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (every turn starts from it)."),
+    stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message of the conversation."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default), fp16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
+    compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first."),
+):
+    """A multi-turn chat in the terminal: answers stream, the speculative figures follow each turn.
+    One line per turn; /reset starts over, /exit or end of input ends. Reads piped input too."""
+    from . import api
+
+    load = dict(model=model, method=method, draft_model=draft_model, tree=tree, k=k, device=device, dtype=dtype,
+                drafter=drafter, cuda_graphs=cuda_graphs, compile=compile)
+    decode = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  stop=stop)
+    api.Session.check_options(**load, **decode)
+    _set_threads(threads)
+    session = api.Session(**load)
+    if not getattr(session.target.tokenizer, "chat_template", None):
+        _err(f"model {session.target.name} has no chat template; use `semiar generate` for raw prompts")
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"{session.target.name} ({method}); /reset starts over, /exit or Ctrl-D ends", err=True)
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break  # end of piped input
+        text = line.rstrip("\n")
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            history = list(start)
+            typer.echo("(a new conversation)", err=True)
+            continue
+        if command.startswith("/"):
+            typer.echo(f"unknown command {command}; /reset starts over, /exit ends", err=True)
+            continue
+        turn = history + [{"role": "user", "content": text}]
+        try:
+            gen = session.stream(turn, **decode)
+        except SemiarError as e:  # e.g. the conversation outgrew the context: the session goes on
+            typer.echo(f"error: {e}" + ("; /reset starts over" if "context" in str(e) else ""), err=True)
+            continue
+        _stream_out(gen)
+        typer.echo(_figures(gen), err=True)
+        _context_notice(gen)
+        history = turn + [{"role": "assistant", "content": gen.text}]
 
 
 @app.command()
