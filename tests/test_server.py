@@ -254,13 +254,9 @@ def test_cli_serve_bad_model_is_one_line(capsys):
 
 
 @pytest.mark.real
-def test_smollm2_server_equals_generate(monkeypatch):
-    import os
-    from pathlib import Path
-
+def test_smollm2_server_equals_generate(real_home):
     from semiar.models import registry
 
-    monkeypatch.setenv("SEMIAR_HOME", os.environ.get("SEMIAR_TEST_HOME") or str(Path.home() / ".cache" / "semiar"))
     registry.pull("smollm2-135m-instruct", progress=False)
     smol = load_model("smollm2-135m-instruct")
     q = "Write a Python function that adds two numbers."
