@@ -221,9 +221,14 @@ def test_bad_prompts_file_is_one_line_naming_it(tmp_path, capsys, rows, extra, n
     assert len(err.strip().splitlines()) == 1
 
 
-def test_out_needs_prompts(tmp_path, capsys):
+def test_out_needs_prompts_and_a_writable_path(tmp_path, capsys):
     code, _, err = run_cli(["generate", "--prompt", "hi", "--out", str(tmp_path / "o.jsonl")], capsys)
     assert code == 2 and "--out is for --prompts" in err
+    src = _jsonl(tmp_path / "in.jsonl", [{"prompt": "ok"}])
+    for bad in (tmp_path, tmp_path / "no" / "o.jsonl"):
+        code, _, err = run_cli(["generate", "--model", "no-such-model", "--prompts", str(src), "--out", str(bad)],
+                               capsys)
+        assert code == 2 and "cannot write" in err  # before the model (here: unknown) is looked up
 
 
 def _chat(args, text):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -202,27 +203,28 @@ def _generate_file(path: str, out: Optional[str], load: dict, decode: dict, *, c
         if p.system is not None and not chat:
             _err(f"{path}, line {p.line}: \"system\" needs --chat (the system message is part of the chat template)")
     api.Session.check_options(**load, **decode)  # bad options before the model loads
-    try:
-        sink = open(out, "w", encoding="utf-8") if out else sys.stdout
-    except OSError as e:
-        _err(f"cannot write {out}: {e.strerror or e}")
+    if out is not None:  # a bad --out before the model loads too; the file is opened once all is checked
+        parent = Path(out).expanduser().resolve().parent
+        if Path(out).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+            _err(f"cannot write {out}: not a writable file path")
     _set_threads(threads)
     session = api.Session(**load)
-    prompts_of = [(list(p.messages), False, None) if p.messages else (p.prompt, chat, p.system or system)
-                  for p in lines]
-    for p, (prompt, as_chat, sys_msg) in zip(lines, prompts_of):
+    jobs = []  # (line, prompt or messages, chat, system)
+    for p in lines:
+        job = (p, list(p.messages), False, None) if p.messages else (p, p.prompt, chat, p.system or system)
         try:
-            session.encode(prompt, chat=as_chat, system=sys_msg)
+            session.encode(job[1], chat=job[2], system=job[3])
         except SemiarError as e:
             raise InvalidArgumentError(f"{path}, line {p.line}: {e}") from None
+        jobs.append(job)
     total = Stats()
+    sink = open(out, "w", encoding="utf-8") if out else sys.stdout
     try:
-        for n, p in enumerate(lines, 1):
-            prompt, as_chat, sys_msg = prompts_of[n - 1]
+        for n, (p, prompt, as_chat, sys_msg) in enumerate(jobs, 1):
             gen = session.stream(prompt, chat=as_chat, system=sys_msg, **decode).run()
             sink.write(json.dumps({"id": p.id, "line": p.line, **api.Result.of(gen).to_dict()}) + "\n")
             sink.flush()
-            typer.echo(f"{n}/{len(lines)} {p.id}: " + _figures(gen), err=True)
+            typer.echo(f"{n}/{len(jobs)} {p.id}: " + _figures(gen), err=True)
             _context_notice(gen)
             total.new_tokens += gen.stats.new_tokens
             total.target_forwards += gen.stats.target_forwards
