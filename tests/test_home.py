@@ -1,7 +1,6 @@
 """The suite and $SEMIAR_HOME: real models come from the model cache the suite was started with
 ($SEMIAR_HOME, default ~/.cache/semiar; conftest.REAL_HOME, the `real_home` fixture); anything
-else a test writes goes to a temporary directory. conftest also fails a run, pointed elsewhere,
-that changed ~/.cache/semiar."""
+else a test writes goes to a temporary directory."""
 
 import os
 import subprocess
