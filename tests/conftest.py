@@ -14,9 +14,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+from semiar.models.registry import semiar_home  # noqa: E402
+
+#: the model cache the suite was started with ($SEMIAR_HOME, default ~/.cache/semiar): real-model
+#: tests read their models from it (and pull them into it once); every other test gets an empty
+#: temporary $SEMIAR_HOME of its own
+REAL_HOME = semiar_home()
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
-    """No test writes to the user's model cache unless it asks for the real one."""
+    """No test writes to the user's model cache unless it asks for the real one (`real_home`)."""
     if "SEMIAR_REAL_HOME" not in os.environ:
         monkeypatch.setenv("SEMIAR_HOME", str(tmp_path / "semiar-home"))
+
+
+@pytest.fixture
+def real_home(monkeypatch) -> Path:
+    """$SEMIAR_HOME for this test is the suite's model cache (REAL_HOME), where real models are."""
+    monkeypatch.setenv("SEMIAR_HOME", str(REAL_HOME))
+    return REAL_HOME

@@ -110,3 +110,18 @@ def test_auto_waits_on_the_device_only_in_steps_where_it_asked_a_model_arm(monke
     assert len(waits) == 2 + len(asked)  # prefill and end, then one per step that asked the draft model
     assert 0 < len(asked) < g.stats.target_forwards
 
+
+
+def test_a_full_context_stops_with_its_own_reason():
+    """A prompt that leaves fewer positions than max_new_tokens stops with 'context', not 'length';
+    the budget that ends exactly at the context is still 'length' (what was asked for came)."""
+    from semiar.drafters.lookup import PromptLookupDrafter
+
+    target, _ = tiny_target("qwen2")  # context 512
+    target.eos_ids = set()
+    prompt = [(7 * i) % 50 + 1 for i in range(500)]
+    for drafter in (None, PromptLookupDrafter()):
+        gen = Engine(target, drafter).generate(prompt, max_new_tokens=40).run()
+        assert len(gen.token_ids) == 12 and gen.stop_reason == "context"
+    assert Engine(target).generate(prompt, max_new_tokens=12).run().stop_reason == "length"
+    assert Engine(target).generate(prompt[:100], max_new_tokens=12).run().stop_reason == "length"

@@ -53,6 +53,7 @@ def test_chat_greedy_equals_generate_and_usage(target, client):
     assert r.choices[0].message.content == ref.text
     assert r.usage.completion_tokens == len(ref.token_ids)
     assert r.choices[0].finish_reason == {"eos": "stop", "stop": "stop", "length": "length"}[ref.stop_reason]
+    assert r.usage.model_extra["stop_reason"] == ref.stop_reason
     extra = r.usage.model_extra
     assert extra["target_forwards"] == ref.stats.target_forwards and extra["tau"] == pytest.approx(1.0)
     # a per-request method: same text, speculative figures in usage
@@ -83,6 +84,18 @@ def test_chat_stream_joins_and_stop(target, client):
         stop = text[3:6]
         r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=30, temperature=0, stop=[stop])
         assert r.choices[0].message.content == text[:text.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_a_full_context_is_length_with_the_reason_in_usage(client):
+    """OpenAI has no finish reason for a full context: it is "length", and usage.stop_reason says
+    "context" (also when max_tokens is left out: the answer runs to the context's end)."""
+    ids = [(7 * i) % 50 + 1 for i in range(504)]  # context 512: 8 positions left
+    for kw in ({"max_tokens": 40}, {}):
+        r = client.completions.create(model="tiny", prompt=ids, temperature=0, **kw)
+        assert r.choices[0].finish_reason == "length" and r.usage.model_extra["stop_reason"] == "context"
+        assert r.usage.completion_tokens == 8
+    r = client.completions.create(model="tiny", prompt=ids, temperature=0, max_tokens=8)
+    assert r.choices[0].finish_reason == "length" and r.usage.model_extra["stop_reason"] == "length"
 
 
 def test_sampling_with_seed_repeats(client):
@@ -241,13 +254,9 @@ def test_cli_serve_bad_model_is_one_line(capsys):
 
 
 @pytest.mark.real
-def test_smollm2_server_equals_generate(monkeypatch):
-    import os
-    from pathlib import Path
-
+def test_smollm2_server_equals_generate(real_home):
     from semiar.models import registry
 
-    monkeypatch.setenv("SEMIAR_HOME", os.environ.get("SEMIAR_TEST_HOME") or str(Path.home() / ".cache" / "semiar"))
     registry.pull("smollm2-135m-instruct", progress=False)
     smol = load_model("smollm2-135m-instruct")
     q = "Write a Python function that adds two numbers."

@@ -10,8 +10,9 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
+from .drafters.draft_model import check_tokenizers_first
 from .engine import Engine, Generation
 from .errors import InvalidArgumentError
 from .methods import check_method, make_drafter
@@ -28,6 +29,12 @@ class Result:
     model: str
     stats: object
 
+    @classmethod
+    def of(cls, gen: Generation) -> "Result":
+        """The result of a finished generation."""
+        return cls(text=gen.text, token_ids=gen.token_ids, stop_reason=gen.stop_reason, method=gen.method,
+                   model=gen.model_name, stats=gen.stats)
+
     def to_dict(self) -> dict:
         d = {"text": self.text, "token_ids": self.token_ids, "new_tokens": self.stats.new_tokens,
              "seconds": round(self.stats.seconds, 4), "tokens_per_s": round(self.stats.tokens_per_s, 3),
@@ -38,36 +45,99 @@ class Result:
         return d
 
 
-def stream(prompt: str, model: str | LoadedModel = "qwen2.5-coder-1.5b-instruct", *, method: str = "ar",
+#: a prompt: text, or a conversation of {"role": ..., "content": ...} messages (chat template implied)
+Prompt = Union[str, Sequence[dict]]
+
+
+class Session:
+    """A target and one method's drafter, loaded once, for many generations: a file of prompts, a
+    chat, a notebook. `stream` and `generate` below are one-request sessions.
+
+    A draft model's tokenizer is compared with the target's before any weights load.
+
+    Example:
+        >>> s = Session("smollm2-135m-instruct", method="pld")                          # doctest: +SKIP
+        >>> s.generate("Write a haiku about caches", chat=True, max_new_tokens=48).text  # doctest: +SKIP
+        >>> s.generate([{"role": "user", "content": "And one about trees"}]).stats.tau  # doctest: +SKIP
+    """
+
+    def __init__(self, model: str | LoadedModel = "qwen2.5-coder-1.5b-instruct", *, method: str = "ar",
+                 draft_model: Optional[str | LoadedModel] = None, tree: Optional[str] = None,
+                 k: Optional[int] = None, device: str = "cpu", dtype: Optional[str] = None, drafter=None,
+                 cuda_graphs: Optional[bool] = None, compile: bool = False):
+        check_method(method)
+        if draft_model is not None and method in DRAFT_MODEL_METHODS:
+            check_tokenizers_first(model, draft_model)  # seconds, where loading the target first took ~20
+        self.method = method
+        self.target = model if isinstance(model, LoadedModel) else load_model(
+            model, device=device, dtype=dtype, cuda_graphs=cuda_graphs, compile=compile)
+        self.drafter = make_drafter(method, self.target, draft_model=draft_model, tree=tree, k=k, device=device,
+                                    dtype=dtype, drafter=drafter, cuda_graphs=cuda_graphs, compile=compile)
+        self.engine = Engine(self.target, self.drafter)
+
+    @staticmethod
+    def check_options(method: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: Optional[int] = None, **_) -> None:
+        """The checks that need no model, for callers to make before the model loads."""
+        check_method(method)
+        if max_new_tokens <= 0:
+            raise InvalidArgumentError(f"max-new-tokens must be > 0, got {max_new_tokens}")
+        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+    def encode(self, prompt: Prompt, chat: bool = False, system: Optional[str] = None) -> list[int]:
+        """Prompt ids, checked against the context. A list of messages always goes through the chat
+        template (a system message is then one of the messages)."""
+        if isinstance(prompt, str):
+            ids = self.target.encode(prompt, chat=chat, system=system)
+        else:
+            if system is not None:
+                raise InvalidArgumentError("a conversation carries its system message as its first message")
+            ids = self.target.encode_messages(list(prompt))
+        self.target.check_prompt(len(ids))
+        return ids
+
+    def stream(self, prompt: Prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: Optional[int] = None, stop: Sequence[str] = (), chat: bool = False,
+               system: Optional[str] = None) -> Generation:
+        """Start one generation; iterate the `Generation` for streaming chunks."""
+        if max_new_tokens <= 0:
+            raise InvalidArgumentError(f"max-new-tokens must be > 0, got {max_new_tokens}")
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        ids = self.encode(prompt, chat=chat, system=system)
+        gen = self.engine.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
+        gen.method, gen.model_name = self.method, self.target.name
+        return gen
+
+    def generate(self, prompt: Prompt, **kw) -> Result:
+        """One whole generation; same keywords as `Session.stream`."""
+        return Result.of(self.stream(prompt, **kw).run())
+
+
+#: methods that use a draft model when one is given (auto makes it one of its arms)
+DRAFT_MODEL_METHODS = ("draft", "auto")
+
+
+def stream(prompt: Prompt, model: str | LoadedModel = "qwen2.5-coder-1.5b-instruct", *, method: str = "ar",
            draft_model: Optional[str | LoadedModel] = None, tree: Optional[str] = None, k: Optional[int] = None,
            max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            seed: Optional[int] = None, stop: Sequence[str] = (), chat: bool = False,
            system: Optional[str] = None, device: str = "cpu", dtype: Optional[str] = None,
            drafter=None, cuda_graphs: Optional[bool] = None, compile: bool = False) -> Generation:
     """Start a generation and return the `Generation` to iterate (streaming chunks).
+    prompt: text, or a list of {"role", "content"} messages (the chat template applies);
     cuda_graphs: on CUDA, replay forwards as CUDA graphs (default on; models.graphs);
     compile: on CUDA, torch.compile the graphed forward first (about half the step time, ~25 s
     more start-up per model; worth it for long or many generations)."""
-    check_method(method)
-    if max_new_tokens <= 0:
-        raise InvalidArgumentError(f"max-new-tokens must be > 0, got {max_new_tokens}")
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    target = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype,
-                                                                     cuda_graphs=cuda_graphs, compile=compile)
-    drafter = make_drafter(method, target, draft_model=draft_model, tree=tree, k=k, device=device, dtype=dtype,
-                           drafter=drafter, cuda_graphs=cuda_graphs, compile=compile)
-    ids = target.encode(prompt, chat=chat, system=system)
-    target.check_prompt(len(ids))
-    gen = Engine(target, drafter).generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
-    gen.method, gen.model_name = method, target.name
-    return gen
+    Session.check_options(method, max_new_tokens, temperature, top_k, top_p, seed)  # before any model loads
+    session = Session(model, method=method, draft_model=draft_model, tree=tree, k=k, device=device, dtype=dtype,
+                      drafter=drafter, cuda_graphs=cuda_graphs, compile=compile)
+    return session.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, stop=stop, chat=chat, system=system)
 
 
-def generate(prompt: str, model: str | LoadedModel = "qwen2.5-coder-1.5b-instruct", **kw) -> Result:
+def generate(prompt: Prompt, model: str | LoadedModel = "qwen2.5-coder-1.5b-instruct", **kw) -> Result:
     """Generate a completion; same keywords as `stream`. Returns text, ids and stats."""
-    gen = stream(prompt, model, **kw).run()
-    return Result(text=gen.text, token_ids=gen.token_ids, stop_reason=gen.stop_reason, method=gen.method,
-                  model=gen.model_name, stats=gen.stats)
+    return Result.of(stream(prompt, model, **kw).run())
 
 
 def iter_text(gen: Generation) -> Iterator[str]:

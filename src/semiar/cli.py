@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -32,6 +33,27 @@ def _set_threads(threads: Optional[int]) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+#: the width of tables and help when stdout is not a terminal: no line is cut to fit
+_PIPED_WIDTH = 1000
+
+
+def _console():
+    """A rich console for tables: the terminal's width on a terminal; piped or redirected, as wide
+    as the table needs, so that no name or number is cut to fit 80 columns (or $COLUMNS)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=_PIPED_WIDTH)
+
+
+def _context_notice(gen) -> None:
+    """One line on stderr when the model's context, not --max-new-tokens, ended the answer."""
+    if gen.stop_reason == "context":
+        ctx = gen.engine.target.context_length
+        typer.echo(f"notice: stopped at the context limit: the prompt has {gen.stats.prompt_tokens} tokens and "
+                   f"{gen.engine.target.name} a context of {ctx}, so {gen.stats.new_tokens} of the "
+                   f"{gen.max_new_tokens} tokens asked for fit (stop reason 'context')", err=True)
+
+
 def _version(value: bool):
     if value:
         from . import __version__
@@ -49,7 +71,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """Show the known models, their size and whether they are installed."""
-    from rich.console import Console
     from rich.table import Table
 
     from .models.registry import list_models
@@ -64,7 +85,7 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
     for r in rows:
         table.add_row(r["name"], r["family"], str(r["params"]), r["quant"], f"{r['size_bytes'] / 2**20:,.0f} MiB",
                       "yes" if r["installed"] else "no")
-    Console().print(table)
+    _console().print(table)
 
 
 @models_app.command("pull")
@@ -111,15 +132,32 @@ def generate(
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
     compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first "
                                  "(about half the step time, ~25 s more start-up per model)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL file, one prompt per line: "
+                                          '{"prompt": ...} or {"messages": [...]} (docs/generate.md).'),
+    out: Optional[str] = typer.Option(None, "--out", help="With --prompts: write one JSON result per line here "
+                                      "(default: stdout)."),
 ):
     """Generate text with any method; the output equals the model's own (greedy) output."""
     from . import api
 
-    if prompt is None:
-        _err("give a prompt with --prompt TEXT (or --prompt - to read stdin)")
+    if prompts is not None:
+        if prompt is not None:
+            _err("give --prompt or --prompts, not both")
+        if as_json:
+            _err("--prompts always writes JSON lines; drop --json")
+    elif out is not None:
+        _err("--out is for --prompts FILE (one result per prompt line)")
+    elif prompt is None:
+        _err("give a prompt with --prompt TEXT (or --prompt - to read stdin), or a file of them with --prompts")
     if system is not None and not chat:
         # a system message is a turn of the chat template; without one there is no place for it
         _err("--system needs --chat (the system message is part of the chat template)")
+    if prompts is not None:
+        return _generate_file(prompts, out, dict(model=model, method=method, draft_model=draft_model, tree=tree,
+                                                 k=k, device=device, dtype=dtype, drafter=drafter,
+                                                 cuda_graphs=cuda_graphs, compile=compile),
+                              dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   seed=seed, stop=stop), chat=chat, system=system, threads=threads)
     if prompt == "-":
         prompt = sys.stdin.read()
     _set_threads(threads)
@@ -128,18 +166,146 @@ def generate(
                      seed=seed, stop=stop, chat=chat, system=system, device=device, dtype=dtype, drafter=drafter,
                      cuda_graphs=cuda_graphs, compile=compile)
     if as_json:
-        gen.run()
-        res = api.Result(gen.text, gen.token_ids, gen.stop_reason, gen.method, gen.model_name, gen.stats)
-        typer.echo(json.dumps(res.to_dict()))
+        typer.echo(json.dumps(api.Result.of(gen.run()).to_dict()))
+        _context_notice(gen)
         return
+    _stream_out(gen)
+    typer.echo(_figures(gen), err=True)
+    _context_notice(gen)
+
+
+def _stream_out(gen) -> None:
     for chunk in gen:
         if chunk.text:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _figures(gen) -> str:
     s = gen.stats
-    typer.echo(f"[{gen.method}] {s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_s:.2f} tok/s), "
-               f"tau {s.tau:.2f}, {s.target_forwards} target forwards, stop: {gen.stop_reason}", err=True)
+    return (f"[{gen.method}] {s.new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_s:.2f} tok/s), "
+            f"tau {s.tau:.2f}, {s.target_forwards} target forwards, stop: {gen.stop_reason}")
+
+
+def _generate_file(path: str, out: Optional[str], load: dict, decode: dict, *, chat: bool,
+                   system: Optional[str], threads: Optional[int]) -> None:
+    """--prompts: every line checked (format, then the context) before the first generation; one
+    JSON result per line, written as it finishes."""
+    from . import api
+    from .bench.tasks import load_prompts_file
+    from .engine import Stats
+    from .errors import InvalidArgumentError
+
+    lines = load_prompts_file(path, messages=True)
+    for p in lines:
+        if p.system is not None and not chat:
+            _err(f"{path}, line {p.line}: \"system\" needs --chat (the system message is part of the chat template)")
+    api.Session.check_options(**load, **decode)  # bad options before the model loads
+    if out is not None:  # a bad --out before the model loads too; the file is opened once all is checked
+        parent = Path(out).expanduser().resolve().parent
+        if Path(out).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+            _err(f"cannot write {out}: not a writable file path")
+    _set_threads(threads)
+    session = api.Session(**load)
+    jobs = []  # (line, prompt or messages, chat, system)
+    for p in lines:
+        job = (p, list(p.messages), False, None) if p.messages else (p, p.prompt, chat, p.system or system)
+        try:
+            session.encode(job[1], chat=job[2], system=job[3])
+        except SemiarError as e:
+            raise InvalidArgumentError(f"{path}, line {p.line}: {e}") from None
+        jobs.append(job)
+    total = Stats()
+    sink = open(out, "w", encoding="utf-8") if out else sys.stdout
+    try:
+        for n, (p, prompt, as_chat, sys_msg) in enumerate(jobs, 1):
+            gen = session.stream(prompt, chat=as_chat, system=sys_msg, **decode).run()
+            sink.write(json.dumps({"id": p.id, "line": p.line, **api.Result.of(gen).to_dict()}) + "\n")
+            sink.flush()
+            typer.echo(f"{n}/{len(jobs)} {p.id}: " + _figures(gen), err=True)
+            _context_notice(gen)
+            total.new_tokens += gen.stats.new_tokens
+            total.target_forwards += gen.stats.target_forwards
+            total.seconds += gen.stats.seconds
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    typer.echo(f"[{session.method}] {len(lines)} prompts, {total.new_tokens} tokens in {total.seconds:.2f} s "
+               f"({total.tokens_per_s:.2f} tok/s), tau {total.tau:.2f}" + (f", results in {out}" if out else ""),
+               err=True)
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Known name, .gguf file, HF directory or hub id."),
+    method: str = typer.Option("ar", "--method", help="Any method of `semiar methods`."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Draft model for --method draft (and an extra arm for auto)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", help="Trained drafter directory (falcon, eagle, medusa, hydra)."),
+    tree: Optional[str] = typer.Option(None, "--tree", help="chain:K | dynamic:DEPTH,TOPK,BUDGET | JSON choices | lookahead:W,N,G."),
+    k: Optional[int] = typer.Option(None, "-k", help="Draft length (tokens per step) for chain drafters."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Longest answer per turn."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (every turn starts from it)."),
+    stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message of the conversation."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default), fp16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
+    compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first."),
+):
+    """A multi-turn chat in the terminal: answers stream, the speculative figures follow each turn.
+    One line per turn; /reset starts over, /exit or end of input ends. Reads piped input too."""
+    from . import api
+
+    load = dict(model=model, method=method, draft_model=draft_model, tree=tree, k=k, device=device, dtype=dtype,
+                drafter=drafter, cuda_graphs=cuda_graphs, compile=compile)
+    decode = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  stop=stop)
+    api.Session.check_options(**load, **decode)
+    _set_threads(threads)
+    session = api.Session(**load)
+    if not getattr(session.target.tokenizer, "chat_template", None):
+        _err(f"model {session.target.name} has no chat template; use `semiar generate` for raw prompts")
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"{session.target.name} ({method}); /reset starts over, /exit or Ctrl-D ends", err=True)
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break  # end of piped input
+        text = line.rstrip("\n")
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            history = list(start)
+            typer.echo("(a new conversation)", err=True)
+            continue
+        if command.startswith("/"):
+            typer.echo(f"unknown command {command}; /reset starts over, /exit ends", err=True)
+            continue
+        turn = history + [{"role": "user", "content": text}]
+        try:
+            gen = session.stream(turn, **decode)
+        except SemiarError as e:  # e.g. the conversation outgrew the context: the session goes on
+            typer.echo(f"error: {e}" + ("; /reset starts over" if "context" in str(e) else ""), err=True)
+            continue
+        _stream_out(gen)
+        typer.echo(_figures(gen), err=True)
+        _context_notice(gen)
+        history = turn + [{"role": "assistant", "content": gen.text}]
 
 
 @app.command()
@@ -177,7 +343,7 @@ def bench(
                                       "about half the step time, ~25 s more start-up per model). No effect on the CPU."),
 ):
     """Benchmark methods and peers in one run: results.json, report.md, speedup.png, acceptance.png."""
-    from .bench.run import BenchConfig, run_bench
+    from .bench.run import BenchConfig, context_stops, run_bench
 
     if "custom" in tasks.split(",") and not prompts:
         _err("task 'custom' needs --prompts FILE")
@@ -188,7 +354,6 @@ def bench(
                       chat=not no_chat, allow_near_ties=allow_near_ties, cuda_graphs=cuda_graphs, compile=compile,
                       same_text=same_text)
     results = run_bench(cfg)
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{results['target']} ({out})")
@@ -198,7 +363,11 @@ def bench(
         for m, r in rows.items():
             table.add_row(scope, m + (" (lossy)" if r.get("lossy") else ""), f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x",
                           "-" if r.get("tau") is None else f"{r['tau']:.2f}")
-    Console().print(table)
+    _console().print(table)
+    cut = context_stops(results)
+    if cut:
+        typer.echo(f"notice: {len(cut)} prompt(s) stopped at the context limit before --max-new-tokens "
+                   f"{max_new_tokens} (stop reason 'context'): {', '.join(cut)}", err=True)
     mism = results["identity"]["mismatches"]
     if allow_near_ties:
         mism = [m for m in mism if not m.get("near_tie")]
@@ -295,8 +464,13 @@ def train_drafter(
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+    # piped or redirected, help is plain text, one line per option: rich's panels fit 80 columns
+    # (or $COLUMNS) by cutting defaults and names short ("qwen2.5-coder-1.5b-instr…")
+    piped = not sys.stdout.isatty()
+    app.rich_markup_mode = None if piped else "rich"
+    wide = {"terminal_width": _PIPED_WIDTH, "max_content_width": _PIPED_WIDTH} if piped else {}
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=argv, standalone_mode=True, **wide)
     except SemiarError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -176,7 +176,9 @@ def _sync(device) -> None:
 
 class Generation:
     """One request in flight. Iterate for streaming `Chunk`s; afterwards `token_ids`, `text`,
-    `stats` and `stop_reason` ('eos', 'stop', 'length') hold the result."""
+    `stats` and `stop_reason` hold the result: 'eos' (an end-of-sequence token), 'stop' (a stop
+    string), 'length' (max_new_tokens reached) or 'context' (the model's context is full before
+    max_new_tokens: the answer was cut by the context, not by the budget asked for)."""
 
     def __init__(self, engine: "Engine", prompt_ids: list[int], max_new_tokens: int,
                  sampling: SamplingParams, stop: Sequence[str], forced: Optional[Sequence[int]] = None):
@@ -221,7 +223,8 @@ class Generation:
         in_dev = input_device(dec)  # the host for graph replays: their inputs go over in one copy
         prompt = self.prompt_ids
         target.check_prompt(len(prompt))
-        budget = min(self.max_new_tokens, target.context_length - len(prompt))
+        room = target.context_length - len(prompt)  # positions left in the model's context
+        budget = min(self.max_new_tokens, room)
         if self.forced is not None:
             budget = min(budget, len(self.forced))
         max_nodes = drafter.max_nodes if drafter else 0
@@ -299,7 +302,8 @@ class Generation:
             self.text = detok.text
             yield Chunk(emitted, step_text)
         if self.stop_reason is None:
-            self.stop_reason = "length"
+            # the context, not max_new_tokens, ended it: callers tell the user the answer was cut
+            self.stop_reason = "context" if room < self.max_new_tokens and len(self.token_ids) >= room else "length"
         _sync(device)
         stats.seconds = time.perf_counter() - t0
 

@@ -208,7 +208,9 @@ class ModelWorker:
 
 # ---------------------------------------------------------------- request parsing
 
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+#: the engine's stop reasons as OpenAI finish reasons; a full context is "length" there, and
+#: `usage.stop_reason` keeps the engine's own reason ("context") for clients that want to know
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 #: fields we accept only at their default (anything else would silently change the answer)
 UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": None, "top_logprobs": None,
                "logit_bias": None, "best_of": 1, "echo": False, "suffix": None, "tools": None,
@@ -325,9 +327,10 @@ class Server:
             raise RequestError(f"the prompt has {len(ids)} tokens but {self.name} has a context of "
                                f"{target.context_length}; shorten it", param="messages" if chat else "prompt",
                                code="context_length_exceeded")
-        room = target.context_length - len(ids)
         key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _number(body, key, room, lo=1, integer=True)
+        # unclamped: the engine stops at the context's end and says so (stop reason "context");
+        # left out, the answer may run to the end of the context
+        max_tokens = _number(body, key, target.context_length, lo=1, integer=True)
         temperature = _number(body, "temperature", 1.0, lo=0, hi=2)  # OpenAI's default; 0 is greedy
         top_p = _number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)
         top_k = _number(body, "top_k", 0, lo=0, integer=True)
@@ -351,7 +354,7 @@ class Server:
         if not isinstance(so, dict):
             raise RequestError("'stream_options' must be an object", param="stream_options")
         opts = {"stream": bool(body.get("stream", False)), "include_usage": bool(so.get("include_usage", False))}
-        job = Job(ids, method, min(max_tokens, room), sampling, stop, asyncio.get_running_loop())
+        job = Job(ids, method, max_tokens, sampling, stop, asyncio.get_running_loop())
         return job, opts
 
     def _usage(self, gen, method: str) -> dict:
@@ -360,7 +363,7 @@ class Server:
                 "total_tokens": s.prompt_tokens + s.new_tokens, "method": method,
                 "target_forwards": s.target_forwards, "tau": round(s.tau, 4),
                 "accept_by_depth": [round(x, 4) for x in s.accept_by_depth],
-                "tokens_per_s": round(s.tokens_per_s, 3)}
+                "tokens_per_s": round(s.tokens_per_s, 3), "stop_reason": gen.stop_reason}
 
     def _make_app(self):
         from fastapi import FastAPI

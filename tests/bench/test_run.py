@@ -119,6 +119,22 @@ def test_bench_cli_exit_codes(tmp_path, model_dirs, capsys):
     assert code == 2 and "not writable" in err
 
 
+def test_bench_says_which_prompts_stopped_at_the_context(tmp_path, model_dirs, capsys):
+    from semiar.cli import main
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "long", "prompt": "ab" * 250}) + '\n{"id": "short", "prompt": "ab"}\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--target", str(model_dirs[0]), "--tasks", "custom", "--prompts", str(long), "--no-chat",
+              "--methods", "ar,pld", "-n", "40", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 0, err
+    assert "notice: 1 prompt(s) stopped at the context limit" in err and "custom/long" in err
+    runs = json.loads((tmp_path / "o" / "results.json").read_text())["runs"]
+    assert [r["stop_reason"] for r in runs["pld"]][0] == "context" and runs["ar"][1]["stop_reason"] != "context"
+
+
 def test_bench_config_validation():
     with pytest.raises(InvalidArgumentError):
         BenchConfig(methods=["ar", "ar"]).validate()

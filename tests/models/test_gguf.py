@@ -216,13 +216,12 @@ def test_name_mapping():
     assert hf_name("rope_freqs.weight") is None
 
 
-def _check_against_transformers_gguf(name, monkeypatch):
+def _check_against_transformers_gguf(name):
     """Logits of transformers on our dense dir vs transformers' own dequantised GGUF load, and the tokenizers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     from semiar.models import registry
 
-    monkeypatch.setenv("SEMIAR_HOME", os.environ.get("SEMIAR_TEST_HOME") or str(Path.home() / ".cache" / "semiar"))
     out = registry.pull(name, progress=False)
     src = registry.gguf_path(name)
     tok = AutoTokenizer.from_pretrained(out)
@@ -242,12 +241,12 @@ def _check_against_transformers_gguf(name, monkeypatch):
 
 
 @pytest.mark.real
-def test_smollm2_conversion_matches_transformers_gguf(monkeypatch):
-    tok = _check_against_transformers_gguf("smollm2-135m-instruct", monkeypatch)
+def test_smollm2_conversion_matches_transformers_gguf(real_home):
+    tok = _check_against_transformers_gguf("smollm2-135m-instruct")
     assert tok.eos_token == "<|im_end|>"
 
 
 @pytest.mark.slow
-def test_qwen05_conversion_matches_transformers_gguf(monkeypatch):
-    tok = _check_against_transformers_gguf("qwen2.5-coder-0.5b-instruct", monkeypatch)
+def test_qwen05_conversion_matches_transformers_gguf(real_home):
+    tok = _check_against_transformers_gguf("qwen2.5-coder-0.5b-instruct")
     assert tok.eos_token == "<|im_end|>"

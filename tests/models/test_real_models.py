@@ -1,9 +1,6 @@
 """Real models (pulled from PyPI packages). SmolLM2-135M is small enough for CI (`real` marker,
 run by `make test`); the Qwen pair is `slow` (`make test-slow`)."""
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,15 +12,9 @@ pytestmark = pytest.mark.real
 SMOL = "smollm2-135m-instruct"
 
 
-@pytest.fixture(scope="module")
-def real_home():
-    """Real models are large: tests share the user's cache (or $SEMIAR_TEST_HOME), not a tmp dir."""
-    return os.environ.get("SEMIAR_TEST_HOME") or str(Path.home() / ".cache" / "semiar")
-
-
 @pytest.fixture
-def smol(real_home, monkeypatch):
-    monkeypatch.setenv("SEMIAR_HOME", real_home)
+def smol(real_home):
+    """Real models are large: tests read them from the suite's $SEMIAR_HOME (conftest.real_home)."""
     registry.pull(SMOL, progress=False)
     return load_model(SMOL)
 
@@ -83,10 +74,9 @@ def test_smollm2_shipped_falcon_drafter_loads_and_is_lossless(smol):
 
 
 @pytest.mark.slow
-def test_qwen_pair_draft_equals_ar(real_home, monkeypatch):
+def test_qwen_pair_draft_equals_ar(real_home):
     from semiar.methods import make_drafter
 
-    monkeypatch.setenv("SEMIAR_HOME", real_home)
     target = load_model("qwen2.5-coder-1.5b-instruct")
     drafter = make_drafter("draft", target, draft_model="qwen2.5-coder-0.5b-instruct")
     ids = target.encode("Write a Python function that reverses a string.", chat=True)

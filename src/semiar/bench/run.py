@@ -176,6 +176,10 @@ class Runner:
         self.cfg = cfg
         self.sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed)
         fast = dict(cuda_graphs=cfg.cuda_graphs, compile=cfg.compile)
+        if cfg.draft_model and any(m in ("draft", "auto") for m in cfg.methods):
+            from ..drafters.draft_model import check_tokenizers_first
+
+            check_tokenizers_first(cfg.target, cfg.draft_model)  # before the target's weights load
         self.target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype, **fast)
         self.draft = None
         if cfg.draft_model and any(m in ("draft", "hf-assisted", "auto") for m in cfg.methods):
@@ -217,6 +221,7 @@ class Runner:
             gen = self.engines[method].generate(ids, max_new_tokens=max_new, sampling=sampling, forced=forced).run()
             d = gen.stats.to_dict()
             d["token_ids"] = gen.token_ids
+            d["stop_reason"] = gen.stop_reason  # 'context': the prompt left fewer positions than max_new
             if chosen is not None:  # which arm drafted how many of this run's steps
                 d["arm_steps"] = {a: n - before.get(a, 0) for a, n in chosen.items() if n - before.get(a, 0)}
             if forced is not None:
@@ -226,6 +231,18 @@ class Runner:
         return {"new_tokens": len(out), "seconds": round(secs, 4),
                 "tokens_per_s": round(len(out) / secs, 3) if secs > 0 else 0.0,
                 "tau": None, "target_forwards": None, "accept_by_depth": [], "time_split": None, "token_ids": out}
+
+
+def context_stops(results: dict) -> list[str]:
+    """'task/prompt_id' of every prompt whose engine runs stopped at the model's context (their
+    outputs are shorter than max_new_tokens asked for), in run order."""
+    seen: list[str] = []
+    for runs in results["runs"].values():
+        for r in runs:
+            key = f"{r.get('task')}/{r.get('prompt_id')}"
+            if r.get("stop_reason") == "context" and key not in seen:
+                seen.append(key)
+    return seen
 
 
 def _median_record(runs: list[dict]) -> dict:

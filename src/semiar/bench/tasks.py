@@ -11,6 +11,8 @@ Built-in tasks:
 
 Users can add their own prompts as a JSONL file (task ``custom``): one object per line,
 ``{"prompt": "...", "system": "...", "id": "..."}``, with ``system`` and ``id`` optional.
+``semiar generate --prompts`` reads the same format, where a line may also be a conversation,
+``{"messages": [{"role": "user", "content": "..."}, ...], "id": "..."}``.
 
 All loading is deterministic: ``n`` takes the first ``n`` prompts in file order.
 """
@@ -21,7 +23,7 @@ import gzip
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -41,12 +43,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Prompt:
-    """One benchmark prompt: a user message plus an optional system message."""
+    """One benchmark prompt: a user message plus an optional system message; or, from a file read
+    with ``messages=True``, a whole conversation (``prompt`` is then empty)."""
 
     task: str
     id: str
     prompt: str
     system: str | None = None
+    messages: tuple | None = None  # ({"role": ..., "content": ...}, ...)
+    line: int | None = field(default=None, compare=False)  # its line in a prompts file
 
 
 TASKS = ("code", "chat", "edit", "math")
@@ -80,12 +85,18 @@ def load_task(name: str, n: int | None = None) -> list[Prompt]:
     return list(prompts if n is None else prompts[:n])
 
 
-def load_prompts_file(path: str | os.PathLike[str]) -> list[Prompt]:
-    """Prompts from a user's JSONL file (task ``custom``).
+def load_prompts_file(path: str | os.PathLike[str], messages: bool = False) -> list[Prompt]:
+    """Prompts from a user's JSONL file (task ``custom``; ``semiar generate --prompts``).
 
     One JSON object per line: ``"prompt"`` (a non-empty string) is required; ``"system"``
     (a string; empty or null means none) and ``"id"`` (a string or integer, unique in the
     file; default ``line-<N>``) are optional; other keys are ignored. Blank lines are skipped.
+    messages: a line may instead hold ``"messages"``, a non-empty list of ``{"role": str,
+    "content": str}`` objects (a conversation for the chat template), in place of ``"prompt"``.
+
+    Example:
+        >>> load_prompts_file("my_prompts.jsonl")[0].prompt  # doctest: +SKIP
+        'Explain the difference between TCP and UDP in three sentences.'
     """
     p = Path(path)
     if not p.exists():
@@ -101,7 +112,7 @@ def load_prompts_file(path: str | os.PathLike[str]) -> list[Prompt]:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise InvalidArgumentError(f"{p}, line {line}: not UTF-8 text; save the file as UTF-8") from exc
-    prompts = _parse_jsonl(text, source=str(p), task=CUSTOM)
+    prompts = _parse_jsonl(text, source=str(p), task=CUSTOM, messages=messages)
     if not prompts:
         raise InvalidArgumentError(
             f"prompts file {p} has no prompts; expected one JSON object per line, e.g. {_EXAMPLE}"
@@ -179,7 +190,7 @@ def _json_type(value: object) -> str:
             list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _parse_jsonl(text: str, *, source: str, task: str) -> list[Prompt]:
+def _parse_jsonl(text: str, *, source: str, task: str, messages: bool = False) -> list[Prompt]:
     """Parse prompt JSONL text; every problem raises InvalidArgumentError naming the line."""
     prompts: list[Prompt] = []
     first_line_of: dict[str, int] = {}
@@ -199,13 +210,19 @@ def _parse_jsonl(text: str, *, source: str, task: str) -> list[Prompt]:
         if not isinstance(obj, dict):
             raise bad(f"expected a JSON object like {_EXAMPLE}, got {_json_type(obj)}")
 
-        if "prompt" not in obj:
-            raise bad('missing "prompt"')
-        prompt = obj["prompt"]
-        if not isinstance(prompt, str):
-            raise bad(f'"prompt" must be a string, got {_json_type(prompt)}')
-        if not prompt.strip():
-            raise bad('"prompt" is empty')
+        conversation = None
+        if messages and "messages" in obj:
+            if "prompt" in obj or "system" in obj:
+                raise bad('give either "prompt" (with an optional "system") or "messages", not both')
+            conversation, prompt = _parse_messages(obj["messages"], bad), ""
+        elif "prompt" not in obj:
+            raise bad('missing "prompt"' + (' (or "messages")' if messages else ""))
+        else:
+            prompt = obj["prompt"]
+            if not isinstance(prompt, str):
+                raise bad(f'"prompt" must be a string, got {_json_type(prompt)}')
+            if not prompt.strip():
+                raise bad('"prompt" is empty')
 
         system = obj.get("system")
         if system is not None and not isinstance(system, str):
@@ -226,8 +243,17 @@ def _parse_jsonl(text: str, *, source: str, task: str) -> list[Prompt]:
             raise bad(f'duplicate id "{pid}" (first used on line {first_line_of[pid]})')
         first_line_of[pid] = lineno
 
-        prompts.append(Prompt(task=task, id=pid, prompt=prompt, system=system))
+        prompts.append(Prompt(task=task, id=pid, prompt=prompt, system=system, messages=conversation, line=lineno))
     return prompts
+
+
+def _parse_messages(msgs, bad) -> tuple:
+    if not isinstance(msgs, list) or not msgs:
+        raise bad(f'"messages" must be a non-empty list, got {_json_type(msgs)}')
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise bad(f'messages[{i}] must be an object with a string "role" and a string "content"')
+    return tuple({"role": m["role"], "content": m["content"]} for m in msgs)
 
 
 @lru_cache(maxsize=None)

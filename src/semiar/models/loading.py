@@ -77,15 +77,20 @@ class LoadedModel:
     def encode(self, prompt: str, chat: bool = False, system: Optional[str] = None) -> list[int]:
         """Token ids for a prompt; with chat=True the model's chat template is applied."""
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise SemiarError(f"model {self.name} has no chat template; drop --chat")
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-            return list(ids)
+            return self.encode_messages(messages)
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return list(ids)
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation ({"role", "content"} dicts) through the chat template, ending
+        where the assistant's next answer begins."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SemiarError(f"model {self.name} has no chat template; drop --chat")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
         return list(ids)
 
     def decode(self, ids: list[int]) -> str:
@@ -172,6 +177,15 @@ def load_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise ModelFileError(f"cannot load the tokenizer in {path}: {e}") from None
+
+
+def peek_tokenizer(spec: "str | LoadedModel", progress: bool = True) -> tuple[str, object]:
+    """(name, tokenizer) of a model without loading its weights: a second or two, where the weights
+    of a 1.5B take ~20 s and 14 GB; for checks that must come before the big load."""
+    if isinstance(spec, LoadedModel):
+        return spec.name, spec.tokenizer
+    name, path = resolve_model_dir(spec, progress=progress)
+    return name, load_tokenizer(path)
 
 
 def eos_ids_of(path: Path, hf_config: dict, tokenizer) -> set[int]:
