@@ -92,6 +92,31 @@ def test_torchrun_two_processes(model_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["training"]["world_size"] == 2
 
 
+def test_torchrun_two_processes_online_recipe(model_dir, tmp_path):
+    """The learned-drafter recipe under DDP (gloo on CPU): conversations split across ranks, the draft
+    vocabulary counted over both, the time budget cut to one step count for both ranks; the drafter
+    rank 0 writes is lossless."""
+    import semiar
+
+    conv = tmp_path / "c.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"list {i}"},
+                          {"role": "assistant", "content": "abc " * (3 + i % 4)}]} for i in range(16)]
+    conv.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ddp-online"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "semiar.cli",
+                        "train-drafter", "--target", str(model_dir), "--out", str(out), "--prompts", "none",
+                        "--text", str(conv), "--draft-vocab", "40", "--norms", "--reg-weight", "0.1", "--token-weight", "1",
+                        "--store", "int8", "--epochs", "40", "--batch-tokens", "256", "--max-len", "200",
+                        "--time-budget", "3", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["world_size"] == 2 and training["data"]["conversations"] == 8  # this rank's half
+    kw = dict(model=str(model_dir), chat=True, max_new_tokens=24)
+    assert semiar.generate("list 3", method="falcon", drafter=str(out), **kw).token_ids == \
+        semiar.generate("list 3", **kw).token_ids
+
+
 def test_every_method_trains_on_one_shared_data_cache_and_benches(model_dir, tmp_path):
     """medusa, hydra and eagle train on the data.pt falcon made (no regeneration), and one bench
     gives each learned method its own drafter; the lossy method is labelled and not identity-checked."""

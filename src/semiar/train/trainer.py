@@ -346,6 +346,10 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
             if cfg.time_budget and step - step0 >= 20:  # fit the schedule into the budget, from the measured pace
                 spent = time.perf_counter() - t_train
                 fit = step + int((cfg.time_budget - spent) / ((time.perf_counter() - t_pace) / (step - step0 - 10)))
+                if world > 1:  # every rank must stop at the same step (the slowest rank's pace decides)
+                    t = torch.tensor([fit], device=device if device.startswith("cuda") else "cpu")
+                    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+                    fit = int(t)
                 if fit < total:
                     total = max(step, fit)
                     warmup = min(warmup, max(1, total // 20))
