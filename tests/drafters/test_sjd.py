@@ -1,6 +1,6 @@
 """Speculative Jacobi decoding and the relaxed visual rules on the engine: greedy sjd is greedy ar
 token for token (with and without CFG); sampled sjd follows the target's distribution (chi-square);
-lantern and gsd are labelled lossy, and the same test shows that they are."""
+lantern and gsd are labelled lossy, and the same test shows it for lantern."""
 
 from collections import Counter
 
@@ -77,13 +77,15 @@ def counts(m, method, n, **kw):
 
 def test_sampled_sjd_follows_the_target():
     m = image_model(vocab=V, grid=2, cfg_scale=2.0, std=0.5)
-    _, _, pval = chi_square_pvalue(counts(m, "sjd", 2500), exact_joint(m))
+    _, _, pval = chi_square_pvalue(counts(m, "sjd", 1500), exact_joint(m))
     assert pval > 1e-3
 
 
-def test_gsd_is_caught_as_lossy():
+def test_lantern_is_caught_as_lossy():
+    """A code outside the target's top-k (p = 0) is accepted on its neighbours' mass: the same
+    test fails outright."""
     m = image_model(vocab=V, grid=2, cfg_scale=2.0, std=0.5)
-    _, _, pval = chi_square_pvalue(counts(m, "gsd", 1500, group=4), exact_joint(m))
+    _, _, pval = chi_square_pvalue(counts(m, "lantern", 400, lantern_k=4, delta=0.3), exact_joint(m))
     assert pval < 1e-6
 
 

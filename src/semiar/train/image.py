@@ -163,6 +163,17 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor, cfg: ImageTrainConfi
     return net, acc
 
 
+def _fd_floor(net, images, stats, seed) -> dict:
+    """The Fréchet distance of n real digits (drawn at random) to all of them: what a perfect
+    sampler scores at the bench's sample counts (the statistic is biased upwards at small n)."""
+    from ..bench.image_quality import Judge
+
+    judge = Judge(net, {k: v.double().numpy() for k, v in stats.items()})
+    g = torch.Generator().manual_seed(seed + 3)
+    return {str(n): round(judge.score(images[torch.randperm(len(images), generator=g)[:n]])["fd"], 3)
+            for n in (40, 80, 160)}
+
+
 def train_image(cfg: ImageTrainConfig) -> dict:
     """Train the three networks and write `out` (config.json, gpt/vq.safetensors) and `judge_out`
     (classifier.safetensors, stats.safetensors). Returns a summary."""
@@ -196,5 +207,8 @@ def train_image(cfg: ImageTrainConfig) -> dict:
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(jout / "classifier.safetensors"))
     stats = feature_stats(net, images, labels)
     save_file({k: v.float().contiguous() for k, v in stats.items()}, str(jout / "stats.safetensors"))
+    summary["real_digit_fd"] = _fd_floor(net, images, stats, cfg.seed)
+    (out / "config.json").write_text(json.dumps({"gpt": gpt.config.to_dict(), "vq": vq.config.to_dict(),
+                                                 "trained": summary}, indent=2))
     _log(json.dumps(summary))
     return summary
