@@ -255,7 +255,7 @@ def bench(
 
 
 def _bench_image(target, methods, tasks, n_prompts, temperature, top_k, top_p, k, seed, out, threads, cfg):
-    from .bench.image import ImageBenchConfig, run_image_bench
+    from .bench.image import ImageBenchConfig, run_image_bench, split_variants
 
     if tasks != "image":
         _err("the image task runs alone: --tasks image")
@@ -265,7 +265,7 @@ def _bench_image(target, methods, tasks, n_prompts, temperature, top_k, top_p, k
         methods = "ar,sjd,lantern,gsd"
     if temperature == 0.0:
         temperature = 1.0  # image models are sampled; greedy makes every class one image
-    res = run_image_bench(ImageBenchConfig(target=target, methods=_split_variants(methods), n_per_class=n_prompts, cfg=cfg,
+    res = run_image_bench(ImageBenchConfig(target=target, methods=split_variants(methods), n_per_class=n_prompts, cfg=cfg,
                                            temperature=temperature, top_k=top_k, top_p=top_p, k=k, seed=seed, out=out,
                                            threads=threads))
     from rich.console import Console
@@ -279,18 +279,6 @@ def _bench_image(target, methods, tasks, n_prompts, temperature, top_k, top_p, k
                       f"{r['steps_per_image']:.1f}", f"{r['tau']:.2f}",
                       "-" if r["acceptance"] is None else f"{r['acceptance']:.3f}", f"{r['accuracy']:.3f}", f"{r['fd']:.2f}")
     Console().print(table)
-
-
-def _split_variants(methods: str) -> list:
-    """'ar,sjd,lantern:8,0.2,gsd:4' -> ['ar', 'sjd', 'lantern:8,0.2', 'gsd:4'] (a variant's own commas
-    follow its colon)."""
-    out = []
-    for part in methods.split(","):
-        if out and ":" in out[-1] and part and (part[0].isdigit() or part[0] == "."):
-            out[-1] += "," + part
-        elif part:
-            out.append(part)
-    return out
 
 
 @app.command()

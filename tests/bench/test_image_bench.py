@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from semiar.bench.image import ImageBenchConfig, parse_variant, run_image_bench
-from semiar.cli import _split_variants
+from semiar.bench.image import ImageBenchConfig, parse_variant, run_image_bench, split_variants
 from semiar.errors import InvalidArgumentError
 
 
@@ -27,7 +26,7 @@ def test_image_bench_reports_every_figure(tmp_path):
 def test_variants():
     assert parse_variant("gsd:4") == ("gsd", {"group": 4})
     assert parse_variant("sjd:8") == ("sjd", {"k": 8})
-    assert _split_variants("ar,sjd,lantern:8,0.2,gsd:4,lantern:16,.3") == ["ar", "sjd", "lantern:8,0.2", "gsd:4",
+    assert split_variants("ar,sjd,lantern:8,0.2,gsd:4,lantern:16,.3") == ["ar", "sjd", "lantern:8,0.2", "gsd:4",
                                                                             "lantern:16,.3"]
     for bad in ("pld", "lantern:8", "gsd:x"):
         with pytest.raises(InvalidArgumentError):

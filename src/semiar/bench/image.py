@@ -68,6 +68,18 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     raise InvalidArgumentError(f"malformed image variant {spec!r}; use lantern:K,DELTA, gsd:GROUP or sjd:WINDOW")
 
 
+def split_variants(methods: str) -> list:
+    """'ar,sjd,lantern:8,0.2,gsd:4' -> ['ar', 'sjd', 'lantern:8,0.2', 'gsd:4'] (a variant's own commas
+    follow its colon)."""
+    out = []
+    for part in methods.split(","):
+        if out and ":" in out[-1] and part and (part[0].isdigit() or part[0] == "."):
+            out[-1] += "," + part
+        elif part:
+            out.append(part)
+    return out
+
+
 def run_image_bench(cfg: ImageBenchConfig, progress: bool = True) -> dict:
     """Run every variant; write results.json and report.md under cfg.out; return the results."""
     from ..models.image import load_image_model

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, ModelFileError, SemiarError, UnknownModelError
 from .decoder import DecoderOutput, KVCache
-from .vq import VQConfig, VQModel, code_neighbours, load_vq_state_dict, _unwrap
+from .vq import VQConfig, VQModel, code_neighbours, load_vq_state_dict, unwrap_checkpoint
 
 
 @dataclass
@@ -346,7 +346,7 @@ def _read_weights(path: Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    return unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _find(dirpath: Path, stem: str) -> Path:
@@ -360,7 +360,7 @@ def load_gpt_state_dict(gpt: ImageGPT, sd: dict) -> None:
     """Load our own or LlamaGen-format GPT weights. LlamaGen keeps its rotary table and caches
     out of the state dict; a class table without the null row (trained without CFG dropout) is
     padded with a zero row, and CFG then has no meaning for it."""
-    sd = {k: v for k, v in _unwrap(sd).items() if not k.startswith(("freqs_cis", "causal_mask"))
+    sd = {k: v for k, v in unwrap_checkpoint(sd).items() if not k.startswith(("freqs_cis", "causal_mask"))
           and ".kv_cache." not in k}
     table = sd.get("cls_embedding.embedding_table.weight")
     if table is not None and table.shape[0] == gpt.config.num_classes:

@@ -255,14 +255,16 @@ _LLAMAGEN_EXTRA = ("quantize.codebook_used",)
 def load_vq_state_dict(model: VQModel, sd: dict) -> None:
     """Load our own or LlamaGen-format VQ weights (its `codebook_used` usage buffer is dropped; a
     `model`/`ema` wrapper and DDP `module.` prefixes are unwrapped)."""
-    sd = _unwrap(sd)
+    sd = unwrap_checkpoint(sd)
     sd = {k: v for k, v in sd.items() if k not in _LLAMAGEN_EXTRA}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"VQ weights do not match the config: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
-def _unwrap(sd: dict) -> dict:
+def unwrap_checkpoint(sd: dict) -> dict:
+    """A checkpoint's state dict without `ema`/`model`/`module`/`state_dict` wrappers and DDP or
+    torch.compile prefixes (how LlamaGen and most trainers save)."""
     for key in ("ema", "model", "module", "state_dict"):
         if key in sd and isinstance(sd[key], dict):
             sd = sd[key]
