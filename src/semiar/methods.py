@@ -134,9 +134,10 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
 COPY_GPU_TREE = TreeSpec("dynamic", depth=8, top_k=8, budget=48)
 
 
-#: sjd's window when -k is not given: on the 2-core CPU a 16-node forward of the 49-code MNIST model
-#: costs little more than a 1-node one (docs/visual.md)
-SJD_WINDOW = 16
+#: sjd's window when -k is not given. On the 2-core CPU with mnist-vq (CFG 2), 8 and 16 took the
+#: same steps per image (28.8, 28.7) and 8 ran faster (1.18x vs 1.05x over ar; 4: 31.4 steps,
+#: 1.20x); docs/visual.md. A GPU, where a wider forward is nearly free, would favour a wider window.
+SJD_WINDOW = 8
 
 
 def _jacobi(method: str, target, k: Optional[int], tree, lantern_k: int, delta: float, group: int) -> Drafter:

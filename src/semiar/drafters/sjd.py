@@ -44,7 +44,7 @@ class SJDDrafter(Drafter):
     needs_node_logits = True
     on_device = False  # the guesses come from the last forward's rows: nothing queued here
 
-    def __init__(self, vocab_size: int, window: int = 16, acceptance=None, name: Optional[str] = None):
+    def __init__(self, vocab_size: int, window: int = 8, acceptance=None, name: Optional[str] = None):
         if window < 1:
             raise InvalidArgumentError(f"the Jacobi window must be >= 1, got {window}")
         self.vocab_size, self.window = vocab_size, window
