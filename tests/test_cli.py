@@ -262,3 +262,32 @@ def test_chat_ends_at_end_of_input_and_survives_bad_turns(tmp_path):
     out, err = _chat(["--model", str(d), "-n", "4", "--system", "be brief"], "/what\n" + "x" * 600 + "\nhi\n")
     assert "unknown command /what" in err and "error: prompt has" in err and "/reset starts over" in err
     assert len(out.splitlines()) == 1 and err.count("[ar]") == 1
+
+
+def test_generate_image_writes_a_grid(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    code, stdout, err = run_cli(["generate-image", "--model", "mnist-vq", "--method", "sjd", "--class", "3", "--n", "2",
+                                 "--out", str(out), "--cfg", "1.5", "--top-k", "50", "--seed", "1", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["images"] == 2 and res["steps_per_image"] <= 49
+    assert Image.open(out).size == (2 * 30 * 2, 1 * 30 * 2)  # 2 columns of 28 + 2 px border, scaled 2x
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--class", "10"], "class must be in 0..9"),
+    (["--class", "1", "--method", "pld"], "not for images"),
+    (["--class", "1", "--model", "no-such"], "unknown image model"),
+    (["--class", "1", "--cfg", "0.5"], "cfg scale"),
+    (["--class", "1", "--n", "0"], "n must be > 0"),
+    (["--class", "1", "--method", "lantern", "--delta", "2"], "delta"),
+    (["--class", "1", "--method", "gsd", "--group", "0"], "group size"),
+    (["--class", "1", "--out", "grid.jpg"], ".png"),
+])
+def test_generate_image_bad_input_is_one_line(tmp_path, capsys, args, needle):
+    if "--out" not in args:
+        args = args + ["--out", str(tmp_path / "g.png")]
+    code, _, err = run_cli(["generate-image"] + args, capsys)
+    assert code == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1

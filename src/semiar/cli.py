@@ -308,6 +308,45 @@ def chat(
         history = turn + [{"role": "assistant", "content": gen.text}]
 
 
+@app.command("generate-image")
+def generate_image(
+    model: str = typer.Option("mnist-vq", "--model", "-m", help="Image-token model: mnist-vq (shipped) or a directory."),
+    method: str = typer.Option("sjd", "--method", help="ar, sjd, lantern (lossy), gsd (lossy)."),
+    cls: int = typer.Option(..., "--class", help="Class to draw (0-9 for mnist-vq)."),
+    n: int = typer.Option(16, "--n", help="How many images."),
+    out: str = typer.Option("grid.png", "--out", "-o", help="PNG file for the grid."),
+    cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale (1 = none)."),
+    temperature: float = typer.Option(1.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed", help="Image i uses seed + i."),
+    k: Optional[int] = typer.Option(None, "-k", help="Jacobi window (codes drafted per forward) for sjd/lantern/gsd."),
+    lantern_k: int = typer.Option(8, "--lantern-k", help="lantern: latent neighbours a code may borrow mass from."),
+    delta: float = typer.Option(0.2, "--delta", help="lantern: total-variation budget of the borrowed mass."),
+    group: int = typer.Option(8, "--group", help="gsd: size of the target's top group."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's summary as JSON."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+):
+    """Sample images of one class from an image-token model and write them as a PNG grid."""
+    from . import api
+
+    if not out.lower().endswith(".png"):
+        _err(f"--out must be a .png file, got {out!r}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        _err(f"--out {out!r}: its folder does not exist")
+    _set_threads(threads)
+    r = api.generate_images(model, cls, n, method=method, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, k=k, lantern_k=lantern_k, delta=delta, group=group)
+    api.save_image_grid(r.images, out)
+    s = r.summary()
+    if as_json:
+        typer.echo(json.dumps({**s, "out": out}))
+        return
+    lossy = " (lossy)" if method in ("lantern", "gsd") and temperature > 0 else ""
+    typer.echo(f"[{method}{lossy}] {n} images of class {cls} in {s['seconds']:.2f} s, {s['steps_per_image']:.1f} "
+               f"target forwards per image (tau {s['tau']:.2f}) -> {out}", err=True)
+
+
 @app.command()
 def bench(
     target: str = typer.Option(DEFAULT_MODEL, "--target", help="Target model."),
@@ -341,10 +380,15 @@ def bench(
     compile: bool = typer.Option(True, "--compile/--no-compile",
                                  help="On CUDA: torch.compile the graphed forwards before capturing them (default: "
                                       "about half the step time, ~25 s more start-up per model). No effect on the CPU."),
+    cfg: float = typer.Option(1.0, "--cfg", help="Image task: classifier-free guidance scale."),
 ):
-    """Benchmark methods and peers in one run: results.json, report.md, speedup.png, acceptance.png."""
+    """Benchmark methods and peers in one run: results.json, report.md, speedup.png, acceptance.png.
+    `--tasks image --target mnist-vq --methods ar,sjd,lantern:8,0.2,gsd:8`: the image methods with
+    speedup, steps per image, acceptance and the judge's accuracy and Fréchet distance."""
     from .bench.run import BenchConfig, context_stops, run_bench
 
+    if "image" in tasks.split(","):
+        return _bench_image(target, methods, tasks, n_prompts, temperature, top_k, top_p, k, seed, out, threads, cfg)
     if "custom" in tasks.split(",") and not prompts:
         _err("task 'custom' needs --prompts FILE")
     cfg = BenchConfig(target=target, draft_model=draft_model, drafter=drafter, methods=[m for m in methods.split(",") if m],
@@ -377,6 +421,33 @@ def bench(
         _err("failed and left out: " + "; ".join(f"{m}: {e}" for m, e in results["failed"].items()), code=1)
     if results.get("interrupted"):
         raise typer.Exit(130)
+
+
+def _bench_image(target, methods, tasks, n_prompts, temperature, top_k, top_p, k, seed, out, threads, cfg):
+    from .bench.image import ImageBenchConfig, run_image_bench, split_variants
+
+    if tasks != "image":
+        _err("the image task runs alone: --tasks image")
+    if target == DEFAULT_MODEL:
+        target = "mnist-vq"
+    if methods == "ar,pld,ngram":  # the text default
+        methods = "ar,sjd,lantern,gsd"
+    if temperature == 0.0:
+        temperature = 1.0  # image models are sampled; greedy makes every class one image
+    res = run_image_bench(ImageBenchConfig(target=target, methods=split_variants(methods), n_per_class=n_prompts, cfg=cfg,
+                                           temperature=temperature, top_k=top_k, top_p=top_p, k=k, seed=seed, out=out,
+                                           threads=threads))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{res['target']} image task ({out})")
+    for col in ("variant", "speedup", "steps/image", "tau", "acceptance", "accuracy", "FD"):
+        table.add_column(col)
+    for spec, r in res["summary"].items():
+        table.add_row(spec + (" (lossy)" if r["lossy"] else ""), "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                      f"{r['steps_per_image']:.1f}", f"{r['tau']:.2f}",
+                      "-" if r["acceptance"] is None else f"{r['acceptance']:.3f}", f"{r['accuracy']:.3f}", f"{r['fd']:.2f}")
+    Console().print(table)
 
 
 @app.command()

@@ -233,6 +233,7 @@ class Generation:
         detok = _Detokenizer(target.tokenizer, self.stop)
         needs_hidden = bool(drafter and drafter.needs_hidden)
         needs_argmax = bool(drafter and drafter.needs_node_argmax)
+        needs_logits = bool(drafter and drafter.needs_node_logits)
 
         t0 = time.perf_counter()
         prompt_hidden = None
@@ -297,6 +298,8 @@ class Generation:
                 if needs_argmax:  # the target's greedy guess at every node (Jacobi drafters); greedy
                     # verification has it already, sampling costs one argmax and one host copy
                     kw["node_argmax"] = verdict.argmax or out.logits[0].argmax(-1).tolist()
+                if needs_logits:  # the target's whole distribution at every node (Speculative Jacobi)
+                    kw["node_logits"] = out.logits[0]
                 drafter.observe(emitted, len(verdict.path), hidden, **kw)
                 stats.draft_seconds += time.perf_counter() - td
             self.text = detok.text

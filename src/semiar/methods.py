@@ -3,7 +3,7 @@
 Example:
     >>> from semiar.methods import METHODS
     >>> sorted(METHODS)
-    ['ar', 'auto', 'copy', 'draft', 'eagle', 'falcon', 'hydra', 'hydra-typical', 'lookahead', 'medusa', 'medusa-typical', 'ngram', 'pld']
+    ['ar', 'auto', 'copy', 'draft', 'eagle', 'falcon', 'gsd', 'hydra', 'hydra-typical', 'lantern', 'lookahead', 'medusa', 'medusa-typical', 'ngram', 'pld', 'sjd']
 """
 
 from __future__ import annotations
@@ -29,13 +29,19 @@ METHODS = {
     "eagle": "EAGLE-style feature drafter, one token per pass, EAGLE-2 dynamic tree (--drafter DIR)",
     "medusa-typical": "LOSSY: medusa with typical acceptance (sampled output is not the target's distribution)",
     "hydra-typical": "LOSSY: hydra with typical acceptance (sampled output is not the target's distribution)",
+    "sjd": "speculative Jacobi decoding: the last forward's rows are the next draft (-k window); image or text",
+    "lantern": "LOSSY, image models: sjd drafts, a code credited with its VQ-latent neighbours' mass (--lantern-k, --delta)",
+    "gsd": "LOSSY, image models: sjd drafts, a code in the target's top group accepted by the group's mass (--group)",
 }
 
 #: what `auto` chooses from when no draft model or trained drafter is given
 TRAINING_FREE = ("copy", "pld", "ngram", "lookahead")
 
 #: opt-in methods whose output is NOT exactly the target's (never counted as lossless)
-LOSSY = {"medusa-typical", "hydra-typical"}
+LOSSY = {"medusa-typical", "hydra-typical", "lantern", "gsd"}
+
+#: the methods `semiar generate-image` runs (the others draft from text: n-grams, copies, heads)
+IMAGE_METHODS = ("ar", "sjd", "lantern", "gsd")
 
 #: methods that need a trained drafter directory, and the `train-drafter --method` that makes it
 LEARNED = {"falcon": "falcon", "eagle": "eagle", "medusa": "medusa", "hydra": "hydra",
@@ -49,9 +55,11 @@ def check_method(method: str) -> None:
 
 def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | TreeSpec] = None,
                  k: Optional[int] = None, ngram: Optional[int] = None, device: str = "cpu",
-                 dtype=None, corpus_ids=None, drafter=None, cuda_graphs=None, compile=False) -> Optional[Drafter]:
+                 dtype=None, corpus_ids=None, drafter=None, cuda_graphs=None, compile=False,
+                 lantern_k: int = 8, delta: float = 0.2, group: int = 8) -> Optional[Drafter]:
     """Build the drafter for `method` (None for `ar`). draft_model: a name/path or a LoadedModel;
-    drafter: a trained drafter directory (or a loaded FalconNet) for the learned methods."""
+    drafter: a trained drafter directory (or a loaded FalconNet) for the learned methods;
+    lantern_k, delta: lantern's neighbourhood and total-variation budget; group: gsd's group size."""
     check_method(method)
     if k is not None and k <= 0:
         raise InvalidArgumentError(f"k must be > 0, got {k}")
@@ -70,6 +78,8 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
             raise InvalidArgumentError("ngram builds a dynamic tree; use --tree dynamic:DEPTH,TOPK,BUDGET")
         s = spec or TreeSpec("dynamic", depth=k or 6, top_k=2, budget=10)
         return NgramDrafter(n=ngram or 3, depth=s.depth, top_k=s.top_k, budget=s.budget, corpus_ids=corpus_ids)
+    if method in ("sjd", "lantern", "gsd"):
+        return _jacobi(method, target, k, tree, lantern_k, delta, group)
     if method in LEARNED:
         return _learned(method, target, drafter, spec, k, compile=compile)
     if method == "lookahead":
@@ -122,6 +132,30 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
 #: by replaying the H200 run's greedy outputs under the measured verification cost (edit tau 2.30 ->
 #: 3.28, code 6.80 -> 7.54; docs/methods.md). On the CPU the default stays the chain of up to 32.
 COPY_GPU_TREE = TreeSpec("dynamic", depth=8, top_k=8, budget=48)
+
+
+#: sjd's window when -k is not given. On the 2-core CPU with mnist-vq (CFG 2), 8 and 16 took the
+#: same steps per image (28.8, 28.7) and 8 ran faster (1.18x vs 1.05x over ar; 4: 31.4 steps,
+#: 1.20x); docs/visual.md. A GPU, where a wider forward is nearly free, would favour a wider window.
+SJD_WINDOW = 8
+
+
+def _jacobi(method: str, target, k: Optional[int], tree, lantern_k: int, delta: float, group: int) -> Drafter:
+    from .drafters.sjd import SJDDrafter
+    from .verify import GroupedAcceptance, LanternAcceptance
+
+    if tree is not None:
+        raise InvalidArgumentError(f"{method} drafts a chain; set its length with -k (the Jacobi window)")
+    acceptance = None
+    if method == "lantern":
+        if not hasattr(target, "neighbours"):
+            raise InvalidArgumentError("lantern needs an image-token model (its VQ codebook gives the neighbours)")
+        acceptance = LanternAcceptance(target.neighbours(lantern_k), lantern_k, delta)
+    elif method == "gsd":
+        if not hasattr(target, "neighbours"):
+            raise InvalidArgumentError("gsd is for image-token models (semiar generate-image)")
+        acceptance = GroupedAcceptance(group)
+    return SJDDrafter(target.config.vocab_size, window=k or SJD_WINDOW, acceptance=acceptance, name=method)
 
 
 def _pld(k: int, n: int) -> Drafter:

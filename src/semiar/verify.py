@@ -6,6 +6,9 @@ draft path to keep and which token the target adds after it.
   is Leviathan et al. / Chen et al.). The emitted tokens follow exactly the target's distribution
   after `target_probs` (temperature, top-k, top-p), the same function the AR sampler uses.
 - `verify_typical`: Medusa's typical acceptance, opt-in and **lossy** under sampling.
+- `LanternAcceptance`, `GroupedAcceptance`: the visual methods' relaxed rules (`lantern`, `gsd`),
+  opt-in and **lossy** under sampling: a draft image code is credited with the mass of codes that
+  look alike (its VQ latent neighbours, or the target's top group).
 - `verify_forced`: for benchmarks only (`semiar bench --same-text`): the output follows given ids
   (another run's greedy text) instead of the argmax, and every position where the argmax differs
   is reported with its logit gap, so methods can be timed on one and the same text.
@@ -26,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from .errors import InvalidArgumentError
 from .sampling import SamplingParams, target_probs
 from .tree import DraftTree
 
@@ -76,6 +80,14 @@ def verify_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParam
     target's token is drawn from what remains of p. By induction the emitted token is distributed
     exactly as p, and the subtree below an accepted child continues the same way.
     """
+    return _sample_walk(tree, logits, params, generator, None)
+
+
+def _sample_walk(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                 relaxed) -> Verdict:
+    """verify_sampling's walk; `relaxed(p, q, x)` (q None: one-hot), when given, is the acceptance
+    probability of draft token x in place of min(1, p(x)/q(x)) (the lossy visual rules below);
+    rejection and the residual are the exact rule's either way."""
     kids = tree.children()
     node, path, out = -1, [], []
     gen_device = generator.device
@@ -85,12 +97,17 @@ def verify_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParam
         for c in kids[node + 1]:
             x = tree.tokens[c]
             q = tree.q[c] if tree.q is not None else None
-            px = float(p[x])
-            qx = 1.0 if q is None else float(q[x])
             u = float(torch.rand((), generator=generator, device=gen_device))
-            if qx > 0 and u * qx < px:  # u < min(1, px / qx) without dividing
-                accepted = c
-                break
+            if relaxed is not None:
+                if u < relaxed(p, q, x):
+                    accepted = c
+                    break
+            else:
+                px = float(p[x])
+                qx = 1.0 if q is None else float(q[x])
+                if qx > 0 and u * qx < px:  # u < min(1, px / qx) without dividing
+                    accepted = c
+                    break
             if q is None:
                 p = p.clone()
                 p[x] = 0.0
@@ -109,6 +126,73 @@ def verify_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParam
         path.append(accepted)
         out.append(tree.tokens[accepted])
         node = accepted
+
+
+class LanternAcceptance:
+    """LANTERN's relaxed acceptance (Jang et al. 2024): **lossy** (method `lantern`). Image codes
+    that lie close in the VQ latent space decode to near-identical patches, so a draft code x is
+    credited with the target mass of its latent neighbours: A = {x} plus x's nearest codes, nearest
+    first, among its k nearest, as long as the mass moved onto x stays within the total-variation
+    budget delta (p(A - {x}) <= delta, which bounds the TV distance between p and the distribution
+    that gave x that mass). x is accepted with probability min(1, p(A) / q(A)); a rejection
+    resamples from the exact residual. Greedy decoding (temperature 0) stays exact (verify_greedy).
+    neighbours: [vocab, >= k] codes by latent distance (models.vq.code_neighbours)."""
+
+    def __init__(self, neighbours: torch.Tensor, k: int = 8, delta: float = 0.2):
+        if k < 1 or k > neighbours.shape[1]:
+            raise InvalidArgumentError(f"lantern k must be in 1..{neighbours.shape[1]}, got {k}")
+        if not 0 <= delta <= 1:
+            raise InvalidArgumentError(f"lantern delta must be in [0, 1], got {delta}")
+        self.neighbours, self.k, self.delta = neighbours[:, :k], k, delta
+
+    def mass(self, p: torch.Tensor, x: int) -> tuple[torch.Tensor, float]:
+        """(the codes in A, p(A))."""
+        nb = self.neighbours[x].to(p.device)
+        moved = p[nb].cumsum(0)
+        take = nb[moved <= self.delta]
+        group = torch.cat([torch.tensor([x], device=p.device), take])
+        return group, float(p[x]) + (float(moved[len(take) - 1]) if len(take) else 0.0)
+
+    def accept_probability(self, p: torch.Tensor, q: Optional[torch.Tensor], x: int) -> float:
+        group, pa = self.mass(p, x)
+        qa = 1.0 if q is None else float(q.to(p.device)[group].sum())
+        return min(1.0, pa / qa) if qa > 0 else 0.0
+
+    def __call__(self, tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator) -> Verdict:
+        if params.greedy:
+            return verify_greedy(tree, logits)
+        return _sample_walk(tree, logits, params, generator, self.accept_probability)
+
+
+class GroupedAcceptance:
+    """Grouped speculative decoding's acceptance (GSD; So et al. 2025), as we read it: **lossy**
+    (method `gsd`). Many image codes are equally valid next tokens, so a draft is judged with its
+    group instead of alone: the group is the target's `group` most probable codes at that position
+    (a dynamic cluster: it follows p, not a fixed clustering of the codebook). A draft code x inside
+    the group is accepted with probability min(1, p(G) / q(G)), the group's mass under the target
+    over its mass under the draft; outside it, the exact test min(1, p(x) / q(x)). A rejection
+    resamples from the exact residual. Greedy decoding stays exact (verify_greedy)."""
+
+    def __init__(self, group: int = 8):
+        if group < 1:
+            raise InvalidArgumentError(f"gsd group size must be >= 1, got {group}")
+        self.group = group
+
+    def accept_probability(self, p: torch.Tensor, q: Optional[torch.Tensor], x: int) -> float:
+        top = torch.topk(p, min(self.group, p.shape[-1])).indices
+        if not bool((top == x).any()):
+            qx = 1.0 if q is None else float(q[x])
+            return min(1.0, float(p[x]) / qx) if qx > 0 else 0.0
+        pg = float(p[top].sum())
+        qg = 1.0 if q is None else float(q.to(p.device)[top].sum())
+        return min(1.0, pg / qg) if qg > 0 else 0.0
+
+    def __call__(self, tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator) -> Verdict:
+        if params.greedy:
+            return verify_greedy(tree, logits)
+        return _sample_walk(tree, logits, params, generator, self.accept_probability)
 
 
 def verify_typical(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,

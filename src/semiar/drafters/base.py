@@ -50,6 +50,9 @@ class Drafter:
     #: set when the drafter wants the target's argmax at every node it proposed (Jacobi-style
     #: drafters): observe() then also receives node_argmax=[root, node 0, ..., node n-1]
     needs_node_argmax = False
+    #: set when the drafter wants the target's logits at the root and every node it proposed
+    #: ([n + 1, vocab], as the verifier saw them): observe() then also receives node_logits=
+    needs_node_logits = False
     #: an opt-in relaxed acceptance rule with `verify.verify`'s signature (Medusa's typical
     #: acceptance), or None for the engine's lossless verification
     acceptance = None
@@ -82,7 +85,8 @@ class Drafter:
         needs_hidden) the target's features [len(accepted_path)+1, hidden] of root + accepted path.
         A drafter with needs_node_argmax also gets `node_argmax`: the target's argmax token at the
         root and at every node of the tree it proposed (the tree as verified: the engine may have
-        cut nodes deeper than the remaining token budget)."""
+        cut nodes deeper than the remaining token budget); one with needs_node_logits gets
+        `node_logits`, the target's logits there ([n + 1, vocab])."""
 
     @property
     def lossless(self) -> bool:
