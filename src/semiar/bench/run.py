@@ -180,7 +180,7 @@ class Runner:
         self.draft = None
         if cfg.draft_model and any(m in ("draft", "hf-assisted", "auto") for m in cfg.methods):
             # on the CPU its 1-2 token steps take the kernel timed fastest at load (models.md)
-            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype, **fast)
+            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype_spec, **fast)
         self.engines = {}
         self.peers = {}
         trees = tree_per_method(cfg.tree, cfg.methods)

@@ -463,13 +463,14 @@ class Decoder(nn.Module):
         #: next layer (`Layer.forward_deferred`); False: each layer adds its own (for measurements)
         self.defer_residual = True
 
+    # from the final norm, which every weight format keeps dense (the quantized embedding has no .weight)
     @property
     def device(self):
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self):
-        return self.embed_tokens.weight.dtype
+        return self.norm.weight.dtype
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
         c = self.config
