@@ -165,6 +165,7 @@ def bench(
     device: str = typer.Option("cpu", "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="q4 (CPU default for a GGUF: its quantized weights, int4 kernels), fp32 (CPU default otherwise), bf16 (CUDA default), fp16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+    llamacpp_bin: Optional[str] = typer.Option(None, "--llamacpp-bin", help="llama.cpp's build/bin directory: the llamacpp peer runs its llama-server on the same GGUF (default: llama-server on PATH, else llama-cpp-python)."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Feed prompts raw, without the chat template."),
     allow_near_ties: bool = typer.Option(False, "--allow-near-ties",
                                          help="Exit 0 when every greedy mismatch is a numerical near-tie (bf16 on GPUs)."),
@@ -187,7 +188,7 @@ def bench(
                       tasks=[t for t in tasks.split(",") if t], n_prompts=n_prompts, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed, out=out,
                       device=device, dtype=dtype, threads=threads, prompts_file=prompts, tree=tree, k=k,
-                      chat=not no_chat, allow_near_ties=allow_near_ties, cuda_graphs=cuda_graphs, compile=compile,
+                      llamacpp_bin=llamacpp_bin, chat=not no_chat, allow_near_ties=allow_near_ties, cuda_graphs=cuda_graphs, compile=compile,
                       same_text=same_text)
     results = run_bench(cfg)
     from rich.console import Console
