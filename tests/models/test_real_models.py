@@ -23,16 +23,34 @@ def real_home():
 
 @pytest.fixture
 def smol(real_home, monkeypatch):
+    """SmolLM2 as the CPU runs it by default: its GGUF's quantized weights (q4)."""
     monkeypatch.setenv("SEMIAR_HOME", real_home)
     registry.pull(SMOL, progress=False)
     return load_model(SMOL)
 
 
-def test_smollm2_matches_transformers(smol):
+@pytest.fixture
+def smol_fp32(real_home, monkeypatch):
+    monkeypatch.setenv("SEMIAR_HOME", real_home)
+    registry.pull(SMOL, progress=False)
+    return load_model(SMOL, dtype="fp32")
+
+
+def test_smollm2_default_is_q4_and_close_to_fp32(smol, smol_fp32):
+    assert smol.weights == "q4" and smol_fp32.weights == "float32"
+    ids = torch.tensor([smol.encode("def fibonacci(n):", chat=True)])
+    q = smol.decoder(ids, smol.decoder.new_cache(ids.shape[1])).logits
+    f = smol_fp32.decoder(ids, smol_fp32.decoder.new_cache(ids.shape[1])).logits
+    assert (q.argmax(-1) == f.argmax(-1)).float().mean() > 0.8
+    assert (q - f).abs().max().item() < 0.1 * f.abs().max().item()
+
+
+def test_smollm2_matches_transformers(smol_fp32):
     """Our decoder vs transformers on the same dense weights, and our GGUF dequantisation vs
     transformers' own GGUF reader."""
     from transformers import AutoModelForCausalLM
 
+    smol = smol_fp32
     ids = torch.tensor([smol.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"", chat=True)])
     ours = smol.decoder(ids, smol.decoder.new_cache(ids.shape[1])).logits
     hf = AutoModelForCausalLM.from_pretrained(str(smol.path), dtype=torch.float32).eval()

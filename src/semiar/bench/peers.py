@@ -96,6 +96,10 @@ def hf_model_for(loaded, dtype: torch.dtype):
             return model.eval()
         except Exception:  # an architecture we do not map: load the checkpoint instead
             pass
+    if getattr(loaded, "gguf", None) is not None:  # a q4 target: transformers runs the dense weights
+        from ..models.gguf import ensure_dense_weights
+
+        ensure_dense_weights(loaded.path, loaded.gguf, progress=False)
     return AutoModelForCausalLM.from_pretrained(str(loaded.path), dtype=dtype).to(loaded.decoder.device).eval()
 
 

@@ -30,7 +30,8 @@ SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
 
 def default_dtype(device: str) -> torch.dtype:
-    """bf16 on CUDA, fp32 on the CPU. bf16 on a CPU with native bf16 (AVX512-BF16, AMX) is faster
+    """The dense default: bf16 on CUDA, fp32 on the CPU (a GGUF on the CPU runs as q4 instead:
+    `load_model`). bf16 on a CPU with native bf16 (AVX512-BF16, AMX) is faster
     (`--dtype bf16`: a qwen2.5-coder-1.5b step 1.7-1.9x faster on an AMD EPYC, docs/models.md), but bf16's rounding
     differs between the kernels for one row and for a block, so greedy speculative output then
     departs from greedy `ar` at near-ties (SmolLM2 in bf16: 10 such cases over 6 prompts), as it
