@@ -79,9 +79,10 @@ class LoadedModel:
             self.weights = str(self.decoder.dtype).replace("torch.", "")
 
     @property
-    def dtype_spec(self) -> str | torch.dtype:
-        """What to pass as `load_model(dtype=...)` for a model in the same format (a draft model)."""
-        return QUANT if self.weights == QUANT else self.dtype
+    def dtype_spec(self) -> Optional[torch.dtype]:
+        """What to pass as `load_model(dtype=...)` for a draft model beside this one: a dense
+        model's dtype; for a q4 model None, the draft's own default (q4 for a GGUF on the CPU)."""
+        return None if self.weights == QUANT else self.dtype
 
     @property
     def context_length(self) -> int:
