@@ -385,7 +385,7 @@ def load_quant_decoder(cfg, cache_file) -> nn.Module:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from .decoder import Decoder, rope_inv_freq
+    from .decoder import Attention, Decoder, RMSNorm, rope_inv_freq
 
     try:
         sd = load_file(str(cache_file))
@@ -421,6 +421,11 @@ def load_quant_decoder(cfg, cache_file) -> nn.Module:
     dec.lm_head = QuantLinear([part("lm_head")])
     dec.norm.weight = nn.Parameter(sd.pop("model.norm.weight"), False)
     dec.inv_freq = rope_inv_freq(cfg)
+    # the int4 kernel is row-invariant; the fp32 parts are made so too (see Attention.row_exact):
+    # otherwise their last-bit differences, rounded into bf16 activations, part speculation from ar
+    for m in dec.modules():
+        if isinstance(m, (Attention, RMSNorm)):
+            m.row_exact = True
     left = [n for n, p in dec.named_parameters() if p.is_meta]
     if sd or left:
         raise ModelFileError(f"quantized cache {cache_file} does not match the config (left over {list(sd)[:3]}, "
