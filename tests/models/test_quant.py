@@ -110,3 +110,18 @@ def test_embedding_rows_are_exact():
     ids = torch.tensor([[3, 0, 39], [7, 7, 1]])
     ref = np.asarray(gguf.quants.dequantize(raw, T.Q4_K), dtype=np.float32)
     assert torch.equal(emb(ids), torch.from_numpy(ref[ids.numpy()]))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_q4_block_forward_equals_one_token_steps(family):
+    """A verification block's logits are bit-identical to one-token steps over the same tokens."""
+    from tiny import tiny_quant_target
+
+    dec = tiny_quant_target(family).decoder
+    assert dec.layers[0].self_attn.row_exact and dec.norm.row_exact
+    ids = torch.tensor([[5, 17, 33, 8, 60, 1, 2, 3, 9, 11]])
+    block = dec(ids, dec.new_cache(32)).logits[:, 3:]
+    cache = dec.new_cache(32)
+    dec(ids[:, :3], cache)
+    steps = torch.cat([dec(ids[:, t:t + 1], cache).logits for t in range(3, 10)], 1)
+    assert torch.equal(block, steps)
