@@ -1,4 +1,5 @@
-"""Greedy identity: every method emits exactly what autoregressive greedy decoding emits."""
+"""Greedy identity: every method emits exactly what autoregressive greedy decoding emits, on dense
+fp32 weights and on the quantized path (`--dtype q4`: a tiny GGUF with quantized tensors)."""
 
 import random
 
@@ -14,7 +15,10 @@ from semiar.drafters.lookahead import LookaheadDrafter
 from semiar.drafters.ngram import NgramDrafter
 from semiar.engine import Engine
 from semiar.tree import DraftTree, TreeSpec
-from tiny import tiny_target
+from tiny import tiny_quant_target, tiny_target
+
+# a tiny model per weight format: make(family, seed=...) -> LoadedModel
+MODELS = {"fp32": lambda family="qwen2", **kw: tiny_target(family, **kw)[0], "q4": tiny_quant_target}
 
 
 class OracleDrafter(Drafter):
@@ -54,10 +58,11 @@ def ar_tokens(target, prompt, n):
 PROMPTS = [[5, 17, 33, 8, 60], [1, 2, 3, 1, 2, 3, 1, 2], [40] * 3 + [41, 42, 43, 40, 41], list(range(10, 40))]
 
 
+@pytest.mark.parametrize("weights", list(MODELS))
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 @pytest.mark.parametrize("p_wrong,width", [(0.0, 1), (0.3, 1), (0.3, 3), (1.0, 2)])
-def test_oracle_tree_greedy_identity(family, p_wrong, width):
-    target, _ = tiny_target(family)
+def test_oracle_tree_greedy_identity(family, p_wrong, width, weights):
+    target = MODELS[weights](family)
     for prompt in PROMPTS:
         for n in (1, 7, 30):
             ref = ar_tokens(target, prompt, n)
@@ -68,28 +73,29 @@ def test_oracle_tree_greedy_identity(family, p_wrong, width):
                 assert gen.stats.tau > 2
 
 
+@pytest.mark.parametrize("weights", list(MODELS))
 @pytest.mark.parametrize("make", [
-    lambda t: PromptLookupDrafter(k=5, max_ngram=3),
-    lambda t: NgramDrafter(n=3, depth=4, top_k=2, budget=10),
-    lambda t: DraftModelDrafter(tiny_target("qwen2", seed=0)[0], target=t, tree=TreeSpec("chain", k=4)),
-    lambda t: DraftModelDrafter(tiny_target("qwen2", seed=1)[0], target=t, tree=TreeSpec("chain", k=3)),
-    lambda t: DraftModelDrafter(tiny_target("qwen2", seed=1)[0], target=t,
+    lambda t, mk: PromptLookupDrafter(k=5, max_ngram=3),
+    lambda t, mk: NgramDrafter(n=3, depth=4, top_k=2, budget=10),
+    lambda t, mk: DraftModelDrafter(mk("qwen2", seed=0), target=t, tree=TreeSpec("chain", k=4)),
+    lambda t, mk: DraftModelDrafter(mk("qwen2", seed=1), target=t, tree=TreeSpec("chain", k=3)),
+    lambda t, mk: DraftModelDrafter(mk("qwen2", seed=1), target=t,
                                 tree=TreeSpec("dynamic", depth=3, top_k=2, budget=8)),
-    lambda t: DraftModelDrafter(tiny_target("qwen2", seed=0)[0], target=t,
+    lambda t, mk: DraftModelDrafter(mk("qwen2", seed=0), target=t,
                                 tree=TreeSpec("dynamic", depth=4, top_k=3, budget=12)),
-    lambda t: LookaheadDrafter(window=3, ngram=3, candidates=3),
-    lambda t: LookaheadDrafter(window=5, ngram=4, candidates=5),
-    lambda t: LookaheadDrafter(window=2, ngram=2, candidates=0, pool_from_context=False),
-    lambda t: CopyDrafter(k=8),
-    lambda t: CopyDrafter(k=16, alternates=4, alt_len=4, budget=24),
-    lambda t: AutoDrafter({"copy": CopyDrafter(), "pld": PromptLookupDrafter(), "lookahead": LookaheadDrafter(),
-                           "draft": DraftModelDrafter(tiny_target("qwen2", seed=1)[0], target=t)}),
+    lambda t, mk: LookaheadDrafter(window=3, ngram=3, candidates=3),
+    lambda t, mk: LookaheadDrafter(window=5, ngram=4, candidates=5),
+    lambda t, mk: LookaheadDrafter(window=2, ngram=2, candidates=0, pool_from_context=False),
+    lambda t, mk: CopyDrafter(k=8),
+    lambda t, mk: CopyDrafter(k=16, alternates=4, alt_len=4, budget=24),
+    lambda t, mk: AutoDrafter({"copy": CopyDrafter(), "pld": PromptLookupDrafter(), "lookahead": LookaheadDrafter(),
+                           "draft": DraftModelDrafter(mk("qwen2", seed=1), target=t)}),
 ], ids=["pld", "ngram", "draft-self", "draft-other", "draft-tree-other", "draft-tree-self",
         "lookahead-3-3-3", "lookahead-5-4-5", "lookahead-jacobi-only", "copy", "copy-tree", "auto"])
-def test_drafters_greedy_identity(make):
-    target, _ = tiny_target("qwen2")
+def test_drafters_greedy_identity(make, weights):
+    target = MODELS[weights]("qwen2")
     for prompt in PROMPTS:
-        drafter = make(target)
+        drafter = make(target, MODELS[weights])
         for n in (1, 9, 40):
             ref = ar_tokens(target, prompt, n)
             gen = Engine(target, drafter).generate(prompt, max_new_tokens=n).run()
@@ -106,9 +112,10 @@ def test_self_draft_is_accepted():
     assert all(a > 0.99 for a in gen.stats.accept_by_depth)
 
 
-def test_cache_equals_ar_cache_after_speculation():
+@pytest.mark.parametrize("weights", list(MODELS))
+def test_cache_equals_ar_cache_after_speculation(weights):
     """After any accept/reject sequence, the target cache equals AR's cache on the same tokens."""
-    target, _ = tiny_target("llama")
+    target = MODELS[weights]("llama")
     prompt = [9, 8, 7, 6]
     ref = ar_tokens(target, prompt, 20)
     drafter = OracleDrafter(ref + [0] * 8, len(prompt), p_wrong=0.4, width=2)

@@ -1,5 +1,6 @@
 """End to end through the engine: under sampling, the first tokens a speculative method emits
-follow the target's own distribution (chi-square against exact probabilities)."""
+follow the target's own distribution (chi-square against exact probabilities), on dense fp32
+weights and on the quantized path (`--dtype q4`)."""
 
 from collections import Counter
 
@@ -15,7 +16,7 @@ from semiar.engine import Engine
 from semiar.sampling import SamplingParams, target_probs
 from semiar.tree import TreeSpec
 from stats import chi_square_pvalue
-from tiny import tiny_target
+from tiny import tiny_quant_target, tiny_target
 
 V = 8
 PROMPT = [1, 2, 3, 1, 2]
@@ -80,11 +81,15 @@ def eagle_drafter(target):
     return EagleDrafter(net, target, TreeSpec("dynamic", depth=2, top_k=2, budget=5))
 
 
+MODELS = {"fp32": lambda seed=0: tiny_target("qwen2", seed=seed, vocab=V)[0],
+          "q4": lambda seed=0: tiny_quant_target("qwen2", seed=seed, vocab=V)}
+
+
+@pytest.mark.parametrize("weights", list(MODELS))
 @pytest.mark.parametrize("method", ["ar", "draft-chain", "draft-tree", "ngram", "falcon", "falcon-vocab", "lookahead", "copy",
                                     "copy-tree", "auto", "medusa", "hydra", "eagle"])
-def test_first_two_tokens_follow_target(method):
-    target, _ = tiny_target("qwen2", vocab=V)
-    draft, _ = tiny_target("qwen2", seed=5, vocab=V)
+def test_first_two_tokens_follow_target(method, weights):
+    target, draft = MODELS[weights](), MODELS[weights](seed=5)
     drafter = {
         "ar": None,
         "draft-chain": lambda: DraftModelDrafter(draft, target=target, tree=TreeSpec("chain", k=2)),

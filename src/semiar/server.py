@@ -270,7 +270,7 @@ class Server:
         if target.tokenizer is None:
             raise InvalidArgumentError(f"model {target.name} has no tokenizer; a server needs one")
         if draft_model is not None:
-            draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype,
+            draft_model = load_model(draft_model, device=device, dtype=dtype or target.dtype_spec,
                                      cuda_graphs=cuda_graphs, compile=compile)
         self.name = served_name or (model if isinstance(model, str) else target.name)
         self.aliases = {self.name, target.name}

@@ -235,3 +235,83 @@ def test_hf_peer_shares_our_dense_weights_and_matches_its_own_load(tmp_path):
             a = shared.generate(ids, max_new_tokens=8, do_sample=False)
             b = own.generate(ids, max_new_tokens=8, do_sample=False)
         assert a.tolist() == b.tolist()
+
+
+FAKE_LLAMA_SERVER = r'''#!{python}
+"""A stand-in for llama.cpp's llama-server: /health, /completion with prompt ids; logs what it got."""
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+args = sys.argv[1:]
+log = os.environ["FAKE_LLAMA_LOG"]
+with open(log, "a") as f:
+    f.write(json.dumps({{"argv": args}}) + "\n")
+
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _send(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send({{"status": "ok"}})
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with open(log, "a") as f:
+            f.write(json.dumps({{"request": req}}) + "\n")
+        toks = [(req["prompt"][-1] + i) % 50 + 3 for i in range(req["n_predict"])]
+        self._send({{"content": "", "tokens": toks, "timings": {{"prompt_ms": 2.0, "predicted_ms": 4.0 * len(toks)}}}})
+
+
+HTTPServer(("127.0.0.1", int(args[args.index("--port") + 1])), H).serve_forever()
+'''
+
+
+def test_bench_llamacpp_peer_runs_llama_server_on_the_same_gguf(tmp_path, monkeypatch):
+    import os
+    import sys
+
+    from tiny import tiny_gguf
+
+    tiny_gguf(tmp_path / "m.gguf", tokenizer=True)
+    bindir = tmp_path / "llama.cpp" / "build" / "bin"
+    bindir.mkdir(parents=True)
+    server = bindir / "llama-server"
+    server.write_text(FAKE_LLAMA_SERVER.format(python=sys.executable))
+    server.chmod(0o755)
+    log = tmp_path / "server.log"
+    monkeypatch.setenv("FAKE_LLAMA_LOG", str(log))
+    cfg = BenchConfig(target=str(tmp_path / "m.gguf"), methods=["ar", "llamacpp"], tasks=["custom"],
+                      prompts_file=str(prompts_file(tmp_path)), n_prompts=2, max_new_tokens=6, threads=1,
+                      out=str(tmp_path / "out"), repeats=1, llamacpp_bin=str(tmp_path / "llama.cpp" / "build"))
+    res = run_bench(cfg, progress=False)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    argv = lines[0]["argv"]
+    assert argv[argv.index("-m") + 1] == str(tmp_path / "m.gguf") and argv[argv.index("-t") + 1] == "1"
+    requests = [x["request"] for x in lines[1:]]
+    assert len(requests) == 3 and all(r["n_predict"] == 6 for r in requests)  # warm-up + 2 prompts
+    timed = requests[-2:]  # after the warm-up: the two prompts, as ids with the chat template applied
+    assert [len(r["prompt"]) for r in timed] == [p["prompt_tokens"] for p in res["prompts"]]
+    assert all(r["temperature"] == 0.0 and r["top_k"] == 1 and not r["cache_prompt"] for r in timed)
+    runs = res["runs"]["llamacpp"]
+    assert [r["new_tokens"] for r in runs] == [6, 6]
+    assert runs[0]["seconds"] == pytest.approx((2.0 + 4.0 * 6) / 1e3)  # the server's own timings
+    assert res["machine"]["peers"]["llamacpp"].startswith("llama-server ")
+    assert res["machine"]["weights"] == "q4"
+    assert "peer llamacpp: llama-server" in (tmp_path / "out" / "report.md").read_text()
+    assert "llamacpp" in res["summary"]["all"]
+
+
+def test_llamacpp_bin_without_a_server_is_a_clear_error(tmp_path):
+    from semiar.bench.peers import find_llama_server
+
+    with pytest.raises(InvalidArgumentError, match="no executable llama-server"):
+        find_llama_server(str(tmp_path))

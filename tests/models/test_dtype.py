@@ -25,3 +25,16 @@ def test_bf16_on_the_cpu_decodes_drafts_and_trains(tmp_path):
                                   max_new_tokens=16, gen_batch=8, batch_tokens=400, max_len=200, max_steps=2),
                       progress=False)
     assert s["steps"] == 2
+
+
+def test_q4_is_for_gguf_models_and_not_for_training(tmp_path):
+    import pytest
+
+    from semiar.errors import SemiarError
+
+    d = tiny_model_dir(tmp_path / "tiny")
+    assert load_model(str(d)).weights == "float32"  # no GGUF behind it: the dense default
+    with pytest.raises(SemiarError, match="not a GGUF model"):
+        load_model(str(d), dtype="q4")
+    with pytest.raises(SemiarError, match="dense weights"):
+        train_drafter(TrainConfig(target=str(d), out=str(tmp_path / "f"), dtype="q4"), progress=False)

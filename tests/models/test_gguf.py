@@ -10,95 +10,21 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from semiar.errors import ModelFileError, SemiarError
 from semiar.models.gguf import convert_gguf, dense_dir_for_gguf, hf_name
 from semiar.models.loading import load_model
-from tiny import tiny_hf_model
+from tiny import GGUF_TEMPLATE, gguf_tokens, tiny_gguf
 
-GGUF_NAMES = {v: k for k, v in {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}.items()}
-
-# A byte-level BPE vocabulary: 256 byte symbols, a few merges, three control tokens.
-MERGES = ["Ġ t", "h e", "Ġt he", "i n", "e r", "Ġ w"]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TOKENS = [bytes_to_unicode()[b] for b in range(256)] + [m.replace(" ", "") for m in MERGES] + SPECIALS
+TOKENS = gguf_tokens()
 EOS, BOS = len(TOKENS) - 1, len(TOKENS) - 3
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def llamacpp_permute(w, n_head):
-    """What llama.cpp's converter does to llama q/k rows (the converter under test must undo it)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def llama3_rope_factors(theta, dim, factor, old=8192, lo=1.0, hi=4.0):
-    """The per-frequency divisors llama.cpp stores as `rope_freqs` for a Llama 3.x model."""
-    out = []
-    for freq in 1.0 / theta ** (np.arange(0, dim, 2) / dim):
-        wavelen = 2 * np.pi / freq
-        if wavelen < old / hi:
-            out.append(1.0)
-        elif wavelen > old / lo:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - lo) / (hi - lo)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
+TEMPLATE = GGUF_TEMPLATE
 
 
 def write_tiny_gguf(path, family="qwen2", quantize_ffn=False, tie=True, arch=None, rope_factor=None):
-    hf = tiny_hf_model(family, tie=tie, vocab=len(TOKENS))
-    c = hf.config
-    w = gguf.GGUFWriter(str(path), arch or family)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2" if family == "qwen2" else "default")
-    w.add_token_list(TOKENS)
-    w.add_token_types([1] * (len(TOKENS) - len(SPECIALS)) + [3] * len(SPECIALS))
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(BOS)
-    w.add_eos_token_id(EOS)
-    w.add_add_bos_token(False)
-    w.add_chat_template(TEMPLATE)
-    if rope_factor:
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(10000.0, c.head_dim, rope_factor))
-    for name, t in hf.state_dict().items():
-        if name == "lm_head.weight" and tie:
-            continue
-        parts = name.split(".")
-        if name.startswith("model.layers."):
-            layer, mod = parts[2], ".".join(parts[3:5]) if parts[3] in ("self_attn", "mlp") else parts[3]
-            gname = f"blk.{layer}.{GGUF_NAMES[mod]}.{parts[-1]}"
-        else:
-            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                     "lm_head.weight": "output.weight"}[name]
-        arr = t.detach().numpy().astype(np.float32)
-        if family == "llama" and ".attn_q." in gname:
-            arr = llamacpp_permute(arr, c.num_attention_heads)
-        if family == "llama" and ".attn_k." in gname:
-            arr = llamacpp_permute(arr, c.num_key_value_heads)
-        if quantize_ffn and ".ffn_up." in gname:
-            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(gname, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return hf
+    """F32 tensors (ffn_up Q8_0 with quantize_ffn), the byte-level tokenizer and chat template."""
+    return tiny_gguf(path, family, tie=tie, types={"ffn_up": "Q8_0"} if quantize_ffn else {}, tokenizer=True,
+                     arch=arch, rope_factor=rope_factor)
 
 
 @pytest.mark.parametrize("family,tie", [("qwen2", True), ("llama", False)])
@@ -126,9 +52,12 @@ def test_convert_roundtrip(tmp_path, family, tie):
         ref = hf(ids).logits
         got = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
     assert (got - ref).abs().max().item() < 1e-4
-    m = load_model(str(out))
+    m = load_model(str(out), dtype="fp32")
     assert (m.decoder(ids, m.decoder.new_cache(16)).logits - ref).abs().max().item() < 1e-4
     assert m.config.tie_word_embeddings == tie
+    q = load_model(str(out))  # the CPU default for a GGUF's directory: its weights quantized (F32: 8 bits)
+    assert q.weights == "q4" and q.dtype_spec is None  # a draft beside it takes its own default
+    assert (q.decoder(ids, q.decoder.new_cache(16)).logits - ref).abs().max().item() < 0.1
 
 
 def test_tokenizer_and_chat_template(tmp_path):

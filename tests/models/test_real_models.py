@@ -14,16 +14,33 @@ SMOL = "smollm2-135m-instruct"
 
 @pytest.fixture
 def smol(real_home):
-    """Real models are large: tests read them from the suite's $SEMIAR_HOME (conftest.real_home)."""
+    """SmolLM2 as the CPU runs it by default: its GGUF's quantized weights (q4), read from the suite's
+    $SEMIAR_HOME (conftest.real_home)."""
     registry.pull(SMOL, progress=False)
     return load_model(SMOL)
 
 
-def test_smollm2_matches_transformers(smol):
+@pytest.fixture
+def smol_fp32(real_home):
+    registry.pull(SMOL, progress=False)
+    return load_model(SMOL, dtype="fp32")
+
+
+def test_smollm2_default_is_q4_and_close_to_fp32(smol, smol_fp32):
+    assert smol.weights == "q4" and smol_fp32.weights == "float32"
+    ids = torch.tensor([smol.encode("def fibonacci(n):", chat=True)])
+    q = smol.decoder(ids, smol.decoder.new_cache(ids.shape[1])).logits
+    f = smol_fp32.decoder(ids, smol_fp32.decoder.new_cache(ids.shape[1])).logits
+    assert (q.argmax(-1) == f.argmax(-1)).float().mean() > 0.8
+    assert (q - f).abs().max().item() < 0.1 * f.abs().max().item()
+
+
+def test_smollm2_matches_transformers(smol_fp32):
     """Our decoder vs transformers on the same dense weights, and our GGUF dequantisation vs
     transformers' own GGUF reader."""
     from transformers import AutoModelForCausalLM
 
+    smol = smol_fp32
     ids = torch.tensor([smol.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"", chat=True)])
     ours = smol.decoder(ids, smol.decoder.new_cache(ids.shape[1])).logits
     hf = AutoModelForCausalLM.from_pretrained(str(smol.path), dtype=torch.float32).eval()
@@ -86,13 +103,12 @@ def test_qwen_pair_draft_equals_ar(real_home):
 
 
 @pytest.mark.slow
-def test_qwen_shipped_falcon_drafter_loads_and_is_lossless(real_home, monkeypatch):
+def test_qwen_shipped_falcon_drafter_loads_and_is_lossless(real_home):
     """The int8, reduced-vocabulary drafter shipped for the default target serves it with no
     --drafter, and its greedy output equals ar's."""
     from semiar.drafters.falcon import FalconDrafter
     from semiar.methods import make_drafter
 
-    monkeypatch.setenv("SEMIAR_HOME", real_home)
     target = load_model("qwen2.5-coder-1.5b-instruct")
     drafter = make_drafter("falcon", target)
     assert isinstance(drafter, FalconDrafter) and drafter.net.config.draft_vocab == 32768

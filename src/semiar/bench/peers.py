@@ -1,10 +1,19 @@
 """Peers measured in the same run as our methods, through their own public APIs:
-transformers `generate` (plain, assisted with a draft model, prompt lookup) and, when installed,
+transformers `generate` (plain, assisted with a draft model, prompt lookup), llama.cpp's own
+`llama-server` binary when found (`--llamacpp-bin DIR`, or on PATH) and otherwise, when installed,
 llama-cpp-python. Each peer takes prompt ids and returns (new token ids, seconds)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import socket
+import subprocess
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -15,7 +24,7 @@ PEERS = {
     "hf-ar": "transformers generate(), same dense weights and dtype",
     "hf-assisted": "transformers assisted generation with assistant_model=<draft model>",
     "hf-pld": "transformers prompt lookup (prompt_lookup_num_tokens=10)",
-    "llamacpp": "llama-cpp-python on the GGUF (optional)",
+    "llamacpp": "llama.cpp on the same GGUF: its llama-server binary (--llamacpp-bin DIR or PATH), else llama-cpp-python",
     "llamacpp-pld": "llama-cpp-python with its prompt-lookup draft model (optional)",
 }
 
@@ -87,6 +96,10 @@ def hf_model_for(loaded, dtype: torch.dtype):
             return model.eval()
         except Exception:  # an architecture we do not map: load the checkpoint instead
             pass
+    if getattr(loaded, "gguf", None) is not None:  # a q4 target: transformers runs the dense weights
+        from ..models.gguf import ensure_dense_weights
+
+        ensure_dense_weights(loaded.path, loaded.gguf, progress=False)
     return AutoModelForCausalLM.from_pretrained(str(loaded.path), dtype=dtype).to(loaded.decoder.device).eval()
 
 
@@ -162,3 +175,75 @@ def llamacpp_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def find_llama_server(bin_dir: Optional[str] = None) -> Optional[Path]:
+    """llama.cpp's `llama-server` in bin_dir (or bin_dir/bin), else on PATH; None when absent.
+    A bin_dir without one is an error the user can act on."""
+    if bin_dir:
+        for cand in (Path(bin_dir) / "llama-server", Path(bin_dir) / "bin" / "llama-server"):
+            if cand.is_file() and os.access(cand, os.X_OK):
+                return cand
+        raise InvalidArgumentError(f"--llamacpp-bin {bin_dir}: no executable llama-server there (or in its bin/); "
+                                   "build llama.cpp (docs/bench.md) and pass its build/bin directory")
+    found = shutil.which("llama-server")
+    return Path(found) if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServerPeer:
+    """llama.cpp's own `llama-server` on the GGUF, given our prompt ids (chat template already applied)
+    through /completion, greedy (top-k 1), prompt cache off, stopping at its end-of-generation token
+    or the budget. Seconds are the server's own prompt + generation times (no HTTP in them)."""
+
+    def __init__(self, name: str, server: Path, gguf_path, threads: int, n_ctx: int = 4096,
+                 start_timeout: float = 180.0):
+        self.name, self.port = name, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(server), "-m", str(gguf_path), "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx),
+               "--host", "127.0.0.1", "--port", str(self.port), "-np", "1", "--no-webui"]
+        self.log = open(os.devnull, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise InvalidArgumentError(f"llama-server exited with code {self.proc.returncode} at start "
+                                           f"({' '.join(cmd)})")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise InvalidArgumentError(f"llama-server did not come up within {start_timeout:.0f} s")
+            time.sleep(0.2)
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> tuple[list[int], float]:
+        body = {"prompt": list(prompt_ids), "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
+                "samplers": ["top_k"], "cache_prompt": False, "return_tokens": True, "seed": seed}
+        req = urllib.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=3600) as r:
+            out = json.loads(r.read())
+        wall = time.perf_counter() - t0
+        t = out.get("timings") or {}
+        secs = (t.get("prompt_ms", 0.0) + t.get("predicted_ms", 0.0)) / 1e3 if t else wall
+        return [int(x) for x in out.get("tokens", [])], secs
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

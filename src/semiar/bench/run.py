@@ -24,7 +24,7 @@ from ..engine import Engine
 from ..errors import InvalidArgumentError, SemiarError
 from ..methods import LEARNED, LOSSY, METHODS, make_drafter
 from ..sampling import SamplingParams
-from .peers import PEERS, HFPeer, LlamaCppPeer, llamacpp_available
+from .peers import PEERS, HFPeer, LlamaCppPeer, LlamaServerPeer, find_llama_server, llamacpp_available
 from .tasks import load_tasks
 
 #: lossless methods and the baseline their greedy output must equal
@@ -50,6 +50,8 @@ class BenchConfig:
     device: str = "cpu"
     dtype: Optional[str] = None
     threads: Optional[int] = None
+    #: llama.cpp's build/bin directory (its llama-server runs the `llamacpp` peer); None: PATH, else llama-cpp-python
+    llamacpp_bin: Optional[str] = None
     prompts_file: Optional[str] = None
     tree: Optional[str] = None
     k: Optional[int] = None
@@ -184,9 +186,10 @@ class Runner:
         self.draft = None
         if cfg.draft_model and any(m in ("draft", "hf-assisted", "auto") for m in cfg.methods):
             # on the CPU its 1-2 token steps take the kernel timed fastest at load (models.md)
-            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype, **fast)
+            self.draft = load_model(cfg.draft_model, device=cfg.device, dtype=self.target.dtype_spec, **fast)
         self.engines = {}
         self.peers = {}
+        self.peer_info = {}
         trees = tree_per_method(cfg.tree, cfg.methods)
         drafters = drafter_per_method(cfg.drafter, cfg.methods)
         for m in cfg.methods:
@@ -201,7 +204,20 @@ class Runner:
                                        draft=self.draft, sampling=self.sampling)
             elif m.startswith("llamacpp"):
                 gguf = self._gguf_path()
-                self.peers[m] = LlamaCppPeer(m, gguf, cfg.threads or os.cpu_count() or 1)
+                threads = cfg.threads or os.cpu_count() or 1
+                server = find_llama_server(cfg.llamacpp_bin) if m == "llamacpp" else None
+                if server is not None:
+                    self.peers[m] = LlamaServerPeer(m, server, gguf, threads)
+                    self.peer_info[m] = f"llama-server {server}"
+                else:
+                    self.peers[m] = LlamaCppPeer(m, gguf, threads)
+                    self.peer_info[m] = "llama-cpp-python"
+
+    def close(self) -> None:
+        """Stop what the peers started (llama-server processes)."""
+        for p in self.peers.values():
+            if hasattr(p, "close"):
+                p.close()
 
     def _gguf_path(self):
         from ..models import registry
@@ -258,13 +274,18 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     Raises SemiarError when a lossless method's greedy output differs from its baseline
     (after writing everything)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     cfg.validate()
+    server = find_llama_server(cfg.llamacpp_bin) if "llamacpp" in cfg.methods else None
+
+    def peer_missing(m: str) -> bool:
+        return m.startswith("llamacpp") and not (m == "llamacpp" and server) and not llamacpp_available()
+
     for m in cfg.methods:
-        if m.startswith("llamacpp") and not llamacpp_available():
-            Console(stderr=True).print(f"[yellow]skipping {m}: llama-cpp-python is not installed[/]")
-    cfg.methods = [m for m in cfg.methods if not (m.startswith("llamacpp") and not llamacpp_available())]
+        if peer_missing(m):
+            Console(stderr=True).print(f"[yellow]skipping {m}: no llama-server found (--llamacpp-bin DIR) and "
+                                       "llama-cpp-python is not installed[/]")
+    cfg.methods = [m for m in cfg.methods if not peer_missing(m)]
     if "ar" not in cfg.methods:
         cfg.methods = ["ar"] + cfg.methods  # every speedup is a ratio against ar from this run
     prompts = load_tasks(cfg.tasks, cfg.n_prompts, cfg.prompts_file)
@@ -274,6 +295,15 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     console = Console(stderr=True)
     console.print(f"loading {cfg.target}" + (f" + {cfg.draft_model}" if cfg.draft_model else ""))
     runner = Runner(cfg, console)
+    try:
+        return _run_loaded(cfg, runner, prompts, out, console, progress)
+    finally:
+        runner.close()
+
+
+def _run_loaded(cfg: BenchConfig, runner: Runner, prompts, out: Path, console, progress: bool) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     encoded = []
     for p in prompts:
         ids = runner.target.encode(p.prompt, chat=cfg.chat, system=p.system)
@@ -284,6 +314,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     kernel = getattr(runner.target.decoder, "one_row_kernel", None)
     if kernel:  # which CPU kernel multiplies one row (models.decoder.PackedLinear): it sets ar's speed
         machine["cpu_one_row_kernel"] = kernel
+    machine["weights"] = runner.target.weights  # q4 (the GGUF's quantized blocks, models.quant) or a dense dtype
+    if runner.peer_info:
+        machine["peers"] = runner.peer_info
     gpu_rows = getattr(runner.target.decoder, "gpu_row_kernel", None)
     if gpu_rows:  # per weight shape: one-row products through the Triton kernel or cuBLAS (models.gemv)
         machine["gpu_row_kernel"] = gpu_rows
@@ -512,8 +545,11 @@ def render_report(results: dict) -> str:
              f"{s['n_prompts']} prompts/task; max new tokens {s['max_new_tokens']}; temperature {s['temperature']}; "
              f"repeats {s['repeats']} (median)",
              f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, device {m['device']}"
-             + (f" ({m['gpu']})" if m.get("gpu") else "") + f"; torch {m['torch']}, transformers {m['transformers']}",
+             + (f" ({m['gpu']})" if m.get("gpu") else "") + f"; torch {m['torch']}, transformers {m['transformers']}"
+             + (f"; weights {m['weights']}" if m.get("weights") else ""),
              ""]
+    for peer, how in (m.get("peers") or {}).items():
+        lines.insert(-1, f"- peer {peer}: {how}")
     if results.get("interrupted"):
         lines += ["**Interrupted**: only the prompts that finished are included.", ""]
     for meth, err in (results.get("failed") or {}).items():

@@ -30,10 +30,15 @@ FORMAT_VERSION = 1
 
 def embedding_hash(decoder) -> str:
     """sha256 of a strided sample of the target's embedding rows, rounded to bf16 so the same
-    weights hash alike whether loaded in fp32 or bf16, on CPU or GPU."""
-    w = decoder.embed_tokens.weight.detach()
-    rows = torch.arange(0, w.shape[0], max(1, w.shape[0] // 4096), device=w.device)
-    sample = w.index_select(0, rows).to(torch.bfloat16).float().cpu().contiguous()
+    weights hash alike whether loaded in fp32, bf16 or q4 (whose embedding rows are the GGUF's,
+    dequantised exactly as the fp32 conversion does), on CPU or GPU."""
+    emb = decoder.embed_tokens
+    w = getattr(emb, "weight", None)
+    n = w.shape[0] if w is not None else emb.num_embeddings
+    rows = torch.arange(0, n, max(1, n // 4096), device=decoder.device)
+    with torch.no_grad():
+        picked = w.detach().index_select(0, rows) if w is not None else emb(rows)
+    sample = picked.to(torch.bfloat16).float().cpu().contiguous()
     return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:32]
 
 

@@ -173,6 +173,10 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
+    #: sum each row's squares in float64 (the quantized path, models.quant): a row's result then does
+    #: not depend on how many rows the forward holds (fp32 sums may split one row across threads)
+    row_exact = False
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -181,7 +185,11 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.row_exact:
+            ms = x.double().pow(2).mean(-1, keepdim=True).float()
+        else:
+            ms = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(ms + self.eps)
         return self.weight * x.to(dtype)
 
 
@@ -303,6 +311,10 @@ def rotate_half(x):
 class Attention(nn.Module):
     #: static path (CUDA graphs) through SDPA instead of explicit matmuls; for measurements
     static_sdpa = False
+    #: attention in float64, explicit matmuls (the quantized path, models.quant): fp32 kernels for one
+    #: query row and for a block differ in the last bits, which the next layer's bf16 activations
+    #: turn into different tokens at near-ties; float64 differences vanish in the cast back to fp32
+    row_exact = False
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -346,7 +358,12 @@ class Attention(nn.Module):
         if mask is not None and g > 1:
             # [T, end] -> [g*T, end]; per-row masks [B, 1, T, end] -> [B, 1, g*T, end]
             mask = mask.repeat(g, 1) if mask.dim() == 2 else mask.repeat(1, 1, g, 1)
-        if isinstance(start, torch.Tensor) and not self.static_sdpa:
+        if self.row_exact:
+            scores = torch.matmul(q.double(), keys.double().transpose(-1, -2)) * (1.0 / math.sqrt(self.d))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(scores.softmax(-1), values.double()).to(q.dtype)
+        elif isinstance(start, torch.Tensor) and not self.static_sdpa:
             # a few query rows over the whole static capacity: explicit matmuls spread the keys
             # over the GPU, where SDPA's fused kernels gave a few thread blocks a long serial loop
             # (measured: a 1.5B decode step 4.8 ms with SDPA over 2048 slots)
@@ -463,13 +480,14 @@ class Decoder(nn.Module):
         #: next layer (`Layer.forward_deferred`); False: each layer adds its own (for measurements)
         self.defer_residual = True
 
+    # from the final norm, which every weight format keeps dense (the quantized embedding has no .weight)
     @property
     def device(self):
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self):
-        return self.embed_tokens.weight.dtype
+        return self.norm.weight.dtype
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
         c = self.config

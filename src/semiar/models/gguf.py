@@ -1,7 +1,9 @@
-"""GGUF -> dense Hugging Face-format directory (config.json + model.safetensors + tokenizer).
+"""GGUF -> Hugging Face-format directory (config.json, tokenizer, and on request model.safetensors).
 
-Dequantising takes a while (tens of seconds for 1.5B parameters), so it happens once per file;
-later loads read the dense safetensors in seconds.
+The directory is written without weights first: the CPU default (`--dtype q4`) runs the GGUF's
+quantized blocks (`models.quant`, cached beside it). Dense fp32 weights are written only when a
+dense dtype is asked for (`ensure_dense_weights`): dequantising takes tens of seconds for 1.5B
+parameters and 4 bytes a weight on disk, so it happens at most once per file.
 
 Example:
     >>> from semiar.models.gguf import convert_gguf                    # doctest: +SKIP
@@ -174,39 +176,44 @@ def dequantize(tensor) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
-def convert_gguf(gguf_path, out_dir, progress: bool = True, tokenizer: bool = True,
-                 sha256: Optional[str] = None) -> Path:
-    """Write a dense fp32 HF-format directory (config, generation config, model.safetensors,
-    tokenizer with chat template) for a llama/qwen2 GGUF file; returns out_dir.
-
-    Written into `<out_dir>.tmp-<pid>` and renamed; `semiar_source.json` is written last, so a
-    directory without it is incomplete. tokenizer=False skips the tokenizer (tests)."""
+def _write_dense(reader, cfg: dict, out_file: Path, label: str, progress: bool) -> None:
+    """Every weight of the GGUF dequantised to fp32, HF-named, into one safetensors file."""
     from rich.progress import Progress
     from safetensors.torch import save_file
 
+    llama = cfg["model_type"] == "llama"
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    tensors: dict[str, torch.Tensor] = {}
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"dequantising {label}", total=len(reader.tensors))
+        for t in reader.tensors:
+            name = hf_name(t.name)
+            if name is not None:
+                w = dequantize(t)
+                proj = name.split(".")[-2]
+                if llama and proj in heads:
+                    w = _unpermute(w, heads[proj])
+                tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))
+            bar.advance(task)
+    save_file(tensors, str(out_file), metadata={"format": "pt"})
+
+
+def convert_gguf(gguf_path, out_dir, progress: bool = True, tokenizer: bool = True,
+                 sha256: Optional[str] = None, weights: bool = True) -> Path:
+    """Write an HF-format directory (config, generation config, tokenizer with chat template and,
+    with weights=True, dense fp32 model.safetensors) for a llama/qwen2 GGUF file; returns out_dir.
+
+    Written into `<out_dir>.tmp-<pid>` and renamed; `semiar_source.json` is written last, so a
+    directory without it is incomplete. tokenizer=False skips the tokenizer (tests)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = _open(gguf_path)
     cfg = hf_config(reader)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    llama = cfg["model_type"] == "llama"
-    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
     try:
-        tensors: dict[str, torch.Tensor] = {}
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task(f"dequantising {gguf_path.name}", total=len(reader.tensors))
-            for t in reader.tensors:
-                name = hf_name(t.name)
-                if name is not None:
-                    w = dequantize(t)
-                    proj = name.split(".")[-2]
-                    if llama and proj in heads:
-                        w = _unpermute(w, heads[proj])
-                    tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))
-                bar.advance(task)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors
+        if weights:
+            _write_dense(reader, cfg, tmp / "model.safetensors", gguf_path.name, progress)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": end_token_ids(reader) or cfg["eos_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -236,14 +243,45 @@ def _write_tokenizer(reader, gguf_path: Path, out: Path) -> None:
     tok.save_pretrained(str(out), save_jinja_files=False)
 
 
+def has_dense_weights(out_dir) -> bool:
+    """Whether a converted directory holds the dense fp32 weights."""
+    return (Path(out_dir) / "model.safetensors").is_file()
+
+
+def ensure_dense_weights(out_dir, gguf_path, progress: bool = True) -> Path:
+    """Write the dense fp32 model.safetensors into a converted directory if it is not there yet
+    (temporary name, then renamed); returns out_dir."""
+    out_dir, gguf_path = Path(out_dir), Path(gguf_path)
+    if not has_dense_weights(out_dir):
+        reader = _open(gguf_path)
+        tmp = out_dir / f"model.safetensors.tmp-{os.getpid()}"
+        try:
+            _write_dense(reader, hf_config(reader), tmp, gguf_path.name, progress)
+            tmp.replace(out_dir / "model.safetensors")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return out_dir
+
+
+def source_of(out_dir) -> Optional[Path]:
+    """The GGUF a converted directory was made from (its stamp), if it is still there."""
+    try:
+        src = Path(json.loads((Path(out_dir) / STAMP).read_text())["source"])
+    except (OSError, KeyError, ValueError):
+        return None
+    return src if src.is_file() else None
+
+
 def is_complete(out_dir) -> bool:
     """Whether a converted directory was finished (its stamp is written last)."""
     return (Path(out_dir) / STAMP).exists()
 
 
-def dense_dir_for_gguf(path, progress: bool = True) -> Path:
-    """Dense directory for a user's local .gguf file, converted on first use and cached in
-    $SEMIAR_HOME/converted/<key> (key: sha256 of size + first and last MiB)."""
+def dense_dir_for_gguf(path, progress: bool = True, weights: bool = False) -> Path:
+    """HF-format directory for a user's local .gguf file, converted on first use and cached in
+    $SEMIAR_HOME/converted/<key> (key: sha256 of size + first and last MiB); dense fp32 weights
+    only with weights=True (`ensure_dense_weights`)."""
     from .registry import semiar_home
 
     path = Path(path).expanduser().resolve()
@@ -256,5 +294,7 @@ def dense_dir_for_gguf(path, progress: bool = True) -> Path:
         h.update(f.read(1 << 20))
     out = semiar_home() / "converted" / h.hexdigest()[:16]
     if not is_complete(out):
-        convert_gguf(path, out, progress=progress)
+        convert_gguf(path, out, progress=progress, weights=weights)
+    elif weights:
+        ensure_dense_weights(out, path, progress=progress)
     return out

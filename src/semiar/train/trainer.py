@@ -187,7 +187,10 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed + rank)
     t_start = time.perf_counter()
 
-    target = load_model(cfg.target, device=device, dtype=parse_dtype(cfg.dtype, device), pack=False)
+    dtype = parse_dtype(cfg.dtype, device)  # None/auto: the dense default (training reads dense weights)
+    if not isinstance(dtype, torch.dtype):
+        raise SemiarError("train-drafter needs the target's dense weights: use --dtype fp32 or bf16, not q4")
+    target = load_model(cfg.target, device=device, dtype=dtype, pack=False)
     for p in target.decoder.parameters():
         p.requires_grad_(False)
 
