@@ -29,8 +29,8 @@ def tiny_hf_model(family: str = "qwen2", seed: int = 0, vocab: int = VOCAB, laye
     return model.eval()
 
 
-def tiny_target(family: str = "qwen2", seed: int = 0, **kw):
-    """A LoadedModel around our native decoder with tiny random weights (no tokenizer)."""
+def tiny_target(family: str = "qwen2", seed: int = 0, device="cpu", **kw):
+    """A LoadedModel around our native decoder with tiny random weights (no tokenizer), on `device`."""
     from semiar.models.decoder import Decoder, DecoderConfig
     from semiar.models.loading import LoadedModel
 
@@ -38,7 +38,7 @@ def tiny_target(family: str = "qwen2", seed: int = 0, **kw):
     cfg = DecoderConfig.from_hf(hf.config.to_dict())
     dec = Decoder(cfg)
     dec.load_hf_state_dict({k: v.clone() for k, v in hf.state_dict().items()})
-    return LoadedModel(name=f"tiny-{family}-{seed}", path=None, decoder=dec.eval(), tokenizer=None,
+    return LoadedModel(name=f"tiny-{family}-{seed}", path=None, decoder=dec.to(device).eval(), tokenizer=None,
                        config=cfg, eos_ids=set()), hf
 
 

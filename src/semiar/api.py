@@ -45,7 +45,7 @@ def stream(prompt: str, model: str | LoadedModel = "qwen2.5-coder-1.5b-instruct"
            system: Optional[str] = None, device: str = "cpu", dtype: Optional[str] = None,
            drafter=None, cuda_graphs: Optional[bool] = None, compile: bool = False) -> Generation:
     """Start a generation and return the `Generation` to iterate (streaming chunks).
-    cuda_graphs: on CUDA, replay forwards as CUDA graphs (default on; models.graphs);
+    cuda_graphs: on CUDA, replay forwards as CUDA graphs (default on; models.cuda.graphs);
     compile: on CUDA, torch.compile the graphed forward first (about half the step time, ~25 s
     more start-up per model; worth it for long or many generations)."""
     check_method(method)

@@ -13,7 +13,8 @@ import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from semiar.errors import ModelFileError, SemiarError
-from semiar.models.gguf import convert_gguf, dense_dir_for_gguf, hf_name
+from semiar.models.gguf import convert_gguf, hf_name
+from semiar.models.registry import dense_dir_for_gguf
 from semiar.models.loading import load_model
 from tiny import tiny_hf_model
 

@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -239,22 +238,3 @@ def _write_tokenizer(reader, gguf_path: Path, out: Path) -> None:
 def is_complete(out_dir) -> bool:
     """Whether a converted directory was finished (its stamp is written last)."""
     return (Path(out_dir) / STAMP).exists()
-
-
-def dense_dir_for_gguf(path, progress: bool = True) -> Path:
-    """Dense directory for a user's local .gguf file, converted on first use and cached in
-    $SEMIAR_HOME/converted/<key> (key: sha256 of size + first and last MiB)."""
-    from .registry import semiar_home
-
-    path = Path(path).expanduser().resolve()
-    _open(path)  # validate before hashing
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    out = semiar_home() / "converted" / h.hexdigest()[:16]
-    if not is_complete(out):
-        convert_gguf(path, out, progress=progress)
-    return out

@@ -108,11 +108,9 @@ def resolve_model_dir(spec: str, progress: bool = True) -> tuple[str, Path]:
         return spec, registry.ensure_model(spec, progress=progress)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf" or path.is_file():
-        from .gguf import dense_dir_for_gguf
-
         if not path.exists():
             raise ModelFileError(f"GGUF file not found: {path}")
-        return path.stem, dense_dir_for_gguf(path, progress=progress)
+        return path.stem, registry.dense_dir_for_gguf(path, progress=progress)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelFileError(f"{path} is not a model directory: it has no config.json")
@@ -204,7 +202,7 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
     pack: on CPU, prepack linear weights for oneDNN (see `Decoder.pack_for_cpu`); inference only.
     cuda_graphs: on CUDA (native backend), replay forwards of up to 64 tokens as CUDA graphs over a
         static cache of `graph_capacity` positions (default on; False turns it off); compile=True
-        compiles the forward with torch.compile first (see `models.graphs`).
+        compiles the forward with torch.compile first (see `models.cuda.graphs`).
     """
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise SemiarError("--device cuda was asked for but CUDA is not available on this machine")
@@ -250,7 +248,7 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
         raise SemiarError(f"unknown backend {backend!r}; use native or hf")
     runner = decoder
     if backend == "native" and str(device).startswith("cuda") and cuda_graphs is not False:
-        from .graphs import GraphedDecoder
+        from .cuda.graphs import GraphedDecoder
 
         runner = GraphedDecoder(decoder, capacity=min(graph_capacity, cfg.max_position_embeddings + 128),
                                 compile=compile)
