@@ -75,7 +75,7 @@ for method in ("pld", "ngram", "copy", "lookahead"):
     print(f"compiled {method} == AR:", gen.token_ids == b, "tau", round(gen.stats.tau, 2),
           departure(long_ids, b, gen.token_ids))
 
-# the one-row Triton kernel (models.gemv) on this GPU: against cuBLAS at the 1.5B's shapes, then
+# the one-row Triton kernel (models.cuda.gemv) on this GPU: against cuBLAS at the 1.5B's shapes, then
 # forced on for every layer of compiled graphs (SEMIAR_GEMV=1, the fused step off)
 import os  # noqa: E402
 

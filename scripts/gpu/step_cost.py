@@ -162,8 +162,8 @@ ap.add_argument("--reps", type=int, default=200)
 ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv",
                 help="comma-separated, measured in this order: graphs-full (attention over the whole cache), graphs, "
                      "graphs-sdpa, compiled (torch.compile + graphs, cuBLAS for every product), compiled-gemv (+ the "
-                     "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-fused (+ one-token steps as five "
-                     "fused Triton kernels per layer, models.fused; compiled-fused-nopdl: without programmatic dependent "
+                     "one-row Triton kernel where it beats cuBLAS, models.cuda.gemv), compiled-fused (+ one-token steps as five "
+                     "fused Triton kernels per layer, models.cuda.fused; compiled-fused-nopdl: without programmatic dependent "
                      "launch; compiled-fused-tree: + blocks of 2-64 tokens attending through fused.block_attention; "
                      "compiled-fused-mlp: + their MLP's gate/up and SwiGLU in one kernel (-emulate: Inductor rounds "
                      "every bf16 intermediate as eager does; -nodefer: each layer adds its own last residual, not the next "
