@@ -118,7 +118,7 @@ else:
 
     from semiar.engine import Engine
     from semiar.methods import make_drafter
-    from semiar.models.graphs import GraphedDecoder
+    from semiar.models.cuda.graphs import GraphedDecoder
     from semiar.models.loading import load_model
 
     m = load_model(str(tiny_model_dir(Path(tempfile.mkdtemp()) / "tiny")))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-# without a GPU, Triton kernels (models.gemv) run under Triton's interpreter; read at import
+# without a GPU, Triton kernels (models.cuda.gemv) run under Triton's interpreter; read at import
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

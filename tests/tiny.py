@@ -29,8 +29,8 @@ def tiny_hf_model(family: str = "qwen2", seed: int = 0, vocab: int = VOCAB, laye
     return model.eval()
 
 
-def tiny_target(family: str = "qwen2", seed: int = 0, **kw):
-    """A LoadedModel around our native decoder with tiny random weights (no tokenizer)."""
+def tiny_target(family: str = "qwen2", seed: int = 0, device="cpu", **kw):
+    """A LoadedModel around our native decoder with tiny random weights (no tokenizer), on `device`."""
     from semiar.models.decoder import Decoder, DecoderConfig
     from semiar.models.loading import LoadedModel
 
@@ -38,7 +38,7 @@ def tiny_target(family: str = "qwen2", seed: int = 0, **kw):
     cfg = DecoderConfig.from_hf(hf.config.to_dict())
     dec = Decoder(cfg)
     dec.load_hf_state_dict({k: v.clone() for k, v in hf.state_dict().items()})
-    return LoadedModel(name=f"tiny-{family}-{seed}", path=None, decoder=dec.eval(), tokenizer=None,
+    return LoadedModel(name=f"tiny-{family}-{seed}", path=None, decoder=dec.to(device).eval(), tokenizer=None,
                        config=cfg, eos_ids=set()), hf
 
 
@@ -196,7 +196,7 @@ def tiny_quant_target(family: str = "qwen2", seed: int = 0, vocab: int = VOCAB, 
     from pathlib import Path
 
     from semiar.models.decoder import DecoderConfig
-    from semiar.models.gguf import _open, hf_config
+    from semiar.models.gguf import hf_config, open_reader
     from semiar.models.loading import LoadedModel
     from semiar.models.quant import load_quant_decoder, write_quant_cache
 
@@ -205,7 +205,7 @@ def tiny_quant_target(family: str = "qwen2", seed: int = 0, vocab: int = VOCAB, 
         d = Path(tempfile.mkdtemp(prefix="semiar-tiny-gguf-"))
         tiny_gguf(d / "m.gguf", family, seed=seed, vocab=vocab, tie=tie)
         write_quant_cache(d / "m.gguf", d / "q4.safetensors", progress=False)
-        cfg = DecoderConfig.from_hf(hf_config(_open(d / "m.gguf")))
+        cfg = DecoderConfig.from_hf(hf_config(open_reader(d / "m.gguf")))
         _QUANT_DECODERS[key] = load_quant_decoder(cfg, d / "q4.safetensors")
     dec = _QUANT_DECODERS[key]
     return LoadedModel(name=f"tiny-q4-{family}-{seed}", path=None, decoder=dec, tokenizer=None,

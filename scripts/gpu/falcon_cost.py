@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from semiar.drafters.falcon import FalconConfig, FalconDrafter, FalconNet
-from semiar.models.graphs import GraphedDecoder
+from semiar.models.cuda.graphs import GraphedDecoder
 from semiar.sampling import SamplingParams
 from semiar.tree import TreeSpec
 

@@ -22,6 +22,9 @@
 #                                    PROFILE_SIZES=16,64: also the tree forwards' kernels; PRODUCTS=1,16,64: the
 #                                    products alone for blocks of that many rows, cuBLAS and cuBLASLt; CHAINS=2,6,12:
 #                                    greedy chains of that many tokens in one replay vs stepped (a draft model)
+#   scripts/gpu/session.sh tests     the suite's GPU part on the GPU (no staging needed): pytest -m "not real and not slow"
+#                                    over tests/models (the kernel tests take CUDA tensors there, compiled Triton) and
+#                                    the drafters' graph tests; log, JUnit XML and the summary line under $OUT
 # The benches compile the models (semiar bench's default on CUDA); TREES sets per-method trees (default: each method's own);
 # for greedy, SAME_TEXT=1 times every lossless method on ar's text (--same-text) and REPEATS=N takes medians of N runs.
 # Each step leaves a results tarball (and drafter weights) under $OUT; docs/benchmarks.md quotes them.
@@ -184,5 +187,15 @@ EOF2
     cp -r "$OUT/step" "$RUNS/" 2>/dev/null
     pack step
     ;;
-  *) echo "usage: $0 smol|falcon|learned-data|learned-ablate|learned|heads|greedy|t1|step" >&2; exit 2 ;;
+  tests)
+    # compiled kernels, not the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 only without /dev/nvidia0)
+    export TRITON_INTERPRET=0
+    python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "-")' \
+      | tee "$OUT/tests-env.txt"
+    timeout -s INT "${SECS:-540}" python3 -m pytest -q -rfs -p no:cacheprovider -m "not real and not slow" \
+      --durations=10 --junitxml "$OUT/tests.xml" ${TESTS:-tests/models tests/drafters/test_falcon.py} 2>&1 \
+      | tee "$OUT/tests.log" | tail -60
+    tail -n 1 "$OUT/tests.log" | tee -a "$OUT/tests-env.txt"
+    ;;
+  *) echo "usage: $0 smol|falcon|learned-data|learned-ablate|learned|heads|greedy|t1|step|tests" >&2; exit 2 ;;
 esac

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from semiar.models.graphs import _Captured
+from semiar.models.cuda.capture import Captured
 
 
 @triton.jit
@@ -56,8 +56,8 @@ def add_splits(p_ptr, y_ptr, total, stride, SPLIT: tl.constexpr, BLOCK: tl.const
 
 
 def graph_ms(fn, reps):
-    """ms per replay of `fn` captured as one CUDA graph (models.graphs._Captured), the mean of `reps`."""
-    g = _Captured(fn, []).graph
+    """ms per replay of `fn` captured as one CUDA graph (models.cuda.capture.Captured), the mean of `reps`."""
+    g = Captured(fn, []).graph
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()

@@ -75,13 +75,13 @@ for method in ("pld", "ngram", "copy", "lookahead"):
     print(f"compiled {method} == AR:", gen.token_ids == b, "tau", round(gen.stats.tau, 2),
           departure(long_ids, b, gen.token_ids))
 
-# the one-row Triton kernel (models.gemv) on this GPU: against cuBLAS at the 1.5B's shapes, then
+# the one-row Triton kernel (models.cuda.gemv) on this GPU: against cuBLAS at the 1.5B's shapes, then
 # forced on for every layer of compiled graphs (SEMIAR_GEMV=1, the fused step off)
 import os  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from semiar.models import gemv  # noqa: E402
+from semiar.models.cuda import gemv  # noqa: E402
 
 for N, K in [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960), (151936, 1536)]:
     # errors against fp32, then ms per product over distinct weights (L2-cold, as in a step)
@@ -108,8 +108,8 @@ for method in ("pld", "copy", "lookahead"):
 # default on CUDA): greedy output of the tree methods against AR
 del os.environ["SEMIAR_FUSED"], os.environ["SEMIAR_GEMV"]
 tree = load_model(str(d), device="cuda", compile=True)
-print("fused one-token step:", tree.decoder.fused_row_step, "block attention:",
-      tree.decoder.layers[0].self_attn.block_kernel)
+print("fused one-token step:", tree.decoder.row_layer is not None, "block attention:",
+      tree.decoder.layers[0].self_attn.block_kernel is not None)
 e = Engine(tree).generate(long_ids, max_new_tokens=60).run().token_ids
 print("fused, AR == eager AR:", e == a, "(bf16: may differ at near-ties)")
 for method in ("pld", "copy", "lookahead"):

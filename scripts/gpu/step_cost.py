@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from semiar.models import gemv
+from semiar.models.cuda import gemv
 from semiar.models.decoder import Attention
-from semiar.models.graphs import GraphedDecoder, _Captured
+from semiar.models.cuda.capture import Captured
+from semiar.models.cuda.graphs import GraphedDecoder
 from semiar.models.loading import load_model
 
 DATASHEET = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
@@ -77,7 +78,7 @@ def matmuls_alone(dec, reps, product=F.linear):
         for m, x in zip(linears, xs):
             product(x, m.weight, m.bias)
 
-    g = _Captured(run, [])
+    g = Captured(run, [])
     return timed(g.graph.replay, reps), len(linears)
 
 
@@ -142,7 +143,7 @@ def products_by_rows(rows_list, reps):
                     for m, x in zip(mods, xs):
                         F.linear(x, m.weight, m.bias)
 
-                ms = timed(_Captured(run, []).graph.replay, reps)
+                ms = timed(Captured(run, []).graph.replay, reps)
                 nbytes = sum(m.weight.numel() * m.weight.element_size() for m in mods)
                 row[kind] = {"us_per_layer": round(ms * 1e3 / len(mods), 2), "TBps": round(nbytes / ms / 1e9, 2)}
             row["total_ms"] = round(sum(v["us_per_layer"] * len(kinds[k]) for k, v in row.items()) / 1e3, 3)
@@ -161,8 +162,8 @@ ap.add_argument("--reps", type=int, default=200)
 ap.add_argument("--variants", default="graphs-full,graphs,compiled,compiled-gemv",
                 help="comma-separated, measured in this order: graphs-full (attention over the whole cache), graphs, "
                      "graphs-sdpa, compiled (torch.compile + graphs, cuBLAS for every product), compiled-gemv (+ the "
-                     "one-row Triton kernel where it beats cuBLAS, models.gemv), compiled-fused (+ one-token steps as five "
-                     "fused Triton kernels per layer, models.fused; compiled-fused-nopdl: without programmatic dependent "
+                     "one-row Triton kernel where it beats cuBLAS, models.cuda.gemv), compiled-fused (+ one-token steps as five "
+                     "fused Triton kernels per layer, models.cuda.fused; compiled-fused-nopdl: without programmatic dependent "
                      "launch; compiled-fused-tree: + blocks of 2-64 tokens attending through fused.block_attention; "
                      "compiled-fused-mlp: + their MLP's gate/up and SwiGLU in one kernel (-emulate: Inductor rounds "
                      "every bf16 intermediate as eager does; -nodefer: each layer adds its own last residual, not the next "
@@ -274,7 +275,7 @@ def configure(name):
                   "compiled-fused-mlp-nodefer": None, "compiled-fused-tree-nodefer": None,
                   "compiled-fused-mlp-noprefetch": None,
                   "compiled-rowsum": True}.get(name, False)
-    from semiar.models import fused
+    from semiar.models.cuda import fused
 
     fused.PDL = False if name.endswith("-nopdl") else None  # None: on where the GPU and Triton have it
     fused.PREFETCH = not name.endswith("-noprefetch")  # row_product's weights loaded a chunk ahead
@@ -330,7 +331,7 @@ def measure(name):
         chain_costs(name, g, cache)
     del cache  # (the graphs' static cache is free again)
     if kw["fused_step"]:
-        from semiar.models import fused
+        from semiar.models.cuda import fused
 
         res[name + "_pdl"] = fused.PDL
         if not a.agreement_only:
@@ -350,10 +351,10 @@ def measure(name):
             profile_step(name, kw, T)
     gemv.uninstall(dec)
     dec.static_fns = None
-    dec.fused_row_step = False
+    dec.row_layer = None
     for layer in dec.layers:
-        layer.self_attn.block_kernel = False
-        layer.mlp.block_kernel = False
+        layer.self_attn.block_kernel = None
+        layer.mlp.block_kernel = None
     torch.cuda.empty_cache()
 
 
@@ -416,7 +417,7 @@ def block_agreement(name, g, steps=64, block=16):
 def fused_parts():
     """GPU time of each fused kernel of a layer against the plain one-row kernel for the same weights,
     over all the layers (as a step reads them, so no weight sits in L2), one CUDA graph each."""
-    from semiar.models import fused
+    from semiar.models.cuda import fused
 
     L = dec.layers
     h = torch.randn(1, 1, dec.config.hidden_size, device="cuda", dtype=dec.dtype)
@@ -480,5 +481,5 @@ for variant in a.variants.split(","):
         print(f"!! {variant} failed: {res[variant + '_error']}", flush=True)
         gemv.uninstall(dec)
         dec.static_fns = None
-        dec.fused_row_step = False
+        dec.row_layer = None
         save()

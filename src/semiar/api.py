@@ -125,7 +125,7 @@ def stream(prompt: Prompt, model: str | LoadedModel = "qwen2.5-coder-1.5b-instru
            drafter=None, cuda_graphs: Optional[bool] = None, compile: bool = False) -> Generation:
     """Start a generation and return the `Generation` to iterate (streaming chunks).
     prompt: text, or a list of {"role", "content"} messages (the chat template applies);
-    cuda_graphs: on CUDA, replay forwards as CUDA graphs (default on; models.graphs);
+    cuda_graphs: on CUDA, replay forwards as CUDA graphs (default on; models.cuda.graphs);
     compile: on CUDA, torch.compile the graphed forward first (about half the step time, ~25 s
     more start-up per model; worth it for long or many generations)."""
     Session.check_options(method, max_new_tokens, temperature, top_k, top_p, seed)  # before any model loads

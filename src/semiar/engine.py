@@ -25,7 +25,7 @@ import torch
 
 from .drafters.base import Drafter
 from .errors import InvalidArgumentError
-from .models.graphs import input_device
+from .models.decoder import input_device
 from .sampling import SamplingParams
 from .tree import DraftTree
 from .verify import Verdict, verify, verify_forced
@@ -218,7 +218,7 @@ class Generation:
     def _decode(self) -> Iterator[Chunk]:
         eng = self.engine
         target, drafter, stats = eng.target, eng.drafter, self.stats
-        dec = target.runner  # the decoder, or its CUDA-graph replay (models.graphs)
+        dec = target.runner  # the decoder, or its CUDA-graph replay (models.cuda.graphs)
         device = dec.device
         in_dev = input_device(dec)  # the host for graph replays: their inputs go over in one copy
         prompt = self.prompt_ids

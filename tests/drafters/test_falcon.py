@@ -113,7 +113,7 @@ def test_one_wide_trees_on_graphs_draft_their_chain_on_the_device(k, depth, min_
 
 @pytest.mark.parametrize("top_k", [3, 1])
 def test_compiled_static_path_drafts_the_same_trees_or_falls_back(monkeypatch, top_k):
-    import semiar.models.graphs as graphs
+    import semiar.models.cuda.graphs as graphs
 
     target, _ = tiny_target()
     net = make_net(target, k=2, std=0.3)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from semiar.errors import ModelFileError, SemiarError
-from semiar.models.gguf import convert_gguf, dense_dir_for_gguf, hf_name
+from semiar.models.gguf import convert_gguf, hf_name
+from semiar.models.registry import dense_dir_for_gguf
 from semiar.models.loading import load_model
 from tiny import GGUF_TEMPLATE, gguf_tokens, tiny_gguf
 

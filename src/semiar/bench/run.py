@@ -57,7 +57,7 @@ class BenchConfig:
     k: Optional[int] = None
     chat: bool = True
     allow_near_ties: bool = False
-    cuda_graphs: bool = True  # on CUDA: replay forwards as CUDA graphs (models.graphs)
+    cuda_graphs: bool = True  # on CUDA: replay forwards as CUDA graphs (models.cuda.graphs)
     compile: bool = True  # on CUDA: torch.compile the graphed forwards before capturing them
     #: greedy only: every lossless engine method emits `ar`'s text of the same prompt from this run
     #: (`Engine.generate(forced=...)`), its own choices checked at every position
@@ -318,13 +318,13 @@ def _run_loaded(cfg: BenchConfig, runner: Runner, prompts, out: Path, console, p
     if runner.peer_info:
         machine["peers"] = runner.peer_info
     gpu_rows = getattr(runner.target.decoder, "gpu_row_kernel", None)
-    if gpu_rows:  # per weight shape: one-row products through the Triton kernel or cuBLAS (models.gemv)
+    if gpu_rows:  # per weight shape: one-row products through the Triton kernel or cuBLAS (models.cuda.gemv)
         machine["gpu_row_kernel"] = gpu_rows
-    if getattr(runner.target.decoder, "fused_row_step", False):  # one-token steps as fused kernels (models.fused)
-        from ..models import fused
+    if getattr(runner.target.decoder, "row_layer", None) is not None:  # one-token steps as fused kernels (models.cuda.fused)
+        from ..models.cuda import fused
 
-        machine["gpu_fused_step"] = {"on": True, "pdl": bool(fused.PDL), "block_attention": bool(
-            getattr(runner.target.decoder.layers[0].self_attn, "block_kernel", False))}
+        machine["gpu_fused_step"] = {"on": True, "pdl": bool(fused.PDL), "block_attention": (
+            getattr(runner.target.decoder.layers[0].self_attn, "block_kernel", None) is not None)}
     results = {"settings": asdict(cfg), "machine": machine, "target": runner.target.name,
                "draft_model": runner.draft.name if runner.draft else None, "interrupted": False,
                "prompts": [{"task": p.task, "id": p.id, "prompt_tokens": len(ids)} for p, ids in zip(prompts, encoded)],

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ..errors import InvalidArgumentError, TokenizerMismatchError
-from ..models.graphs import input_device
+from ..models.decoder import input_device
 from ..sampling import SamplingParams, target_probs
 from ..tree import DraftTree, TreeSpec, dynamic_tree
 from .base import DraftLength, Drafter
@@ -104,7 +104,7 @@ class DraftModelDrafter(Drafter):
         return self.tree.max_depth
 
     def finish(self):
-        self.cache = None  # hand the draft model's static cache back (models/graphs.py: lease)
+        self.cache = None  # hand the draft model's static cache back (models/cuda/graphs.py: lease)
         self.seen = []
 
     def start(self, prompt_ids, sampling, generator=None, prompt_hidden=None):

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, ModelFileError
 from ..models.decoder import DecoderConfig, HostStage, KVCache, Layer, RMSNorm, rope_cos_sin, rope_inv_freq
-from ..models.graphs import _Captured, _Direct
+from ..models.cuda.capture import Captured, Direct
 from ..tree import DraftTree, TreeSpec, best_nodes
 from .base import Drafter
 from .checkpoint import check_identity, config_from_dict, read_drafter_dir, write_drafter_dir
@@ -248,7 +248,7 @@ class FalconGraphs:
 
     def __init__(self, net: FalconNet, embed, lm_head, capacity: int = 2048,
                  sizes=(2, 4, 8, 16, 32, 64), capture: Optional[bool] = None, compile: bool = False):
-        from ..models.graphs import build_with_compile_fallback, compiled
+        from ..models.cuda.graphs import build_with_compile_fallback, compiled
 
         dev = net.device
         capture = dev.type == "cuda" if capture is None else capture
@@ -285,7 +285,7 @@ class FalconGraphs:
             inputs = [torch.zeros(1, S, H, dtype=net.dtype, device=dev), torch.zeros(1, S, dtype=torch.long, device=dev),
                       torch.zeros(1, S, dtype=torch.long, device=dev), torch.arange(S, device=dev),
                       torch.eye(S, self.capacity, dtype=torch.bool, device=dev)]
-            self.graphs[S] = _Captured(run, inputs) if capture else _Direct(run, inputs, warm=warm)
+            self.graphs[S] = Captured(run, inputs) if capture else Direct(run, inputs, warm=warm)
 
     def fits(self, cache: KVCache, rows: int) -> bool:
         return cache.k is self.cache.k and rows <= self.sizes[-1] and cache.length + self.sizes[-1] <= self.capacity
@@ -356,7 +356,7 @@ class FalconGraphs:
         if passes not in self._chains:
             fn = functools.partial(self._chain_fn, passes)
             args = self._chain_inputs + [self.cache.k, self.cache.v]
-            self._chains[passes] = _Captured(fn, args) if self._capture_on else _Direct(fn, args)
+            self._chains[passes] = Captured(fn, args) if self._capture_on else Direct(fn, args)
         return self._chains[passes]
 
     def chain_fits(self, cache: KVCache, rows: int, passes: int) -> bool:

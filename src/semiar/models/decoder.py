@@ -15,6 +15,20 @@ Example:
     >>> out = model(torch.tensor([[1, 2, 3]]), cache)
     >>> out.logits.shape, cache.length
     (torch.Size([1, 3, 64]), 3)
+
+The static seam. The GPU execution path (`models.cuda`: CUDA graphs, fused Triton kernels, the
+one-row kernel) builds on this module through these public names only, and this module imports
+nothing of it:
+- `Decoder.forward_static`, the forward with every shape fixed, and the three pieces it runs
+  (`static_prologue`, `call_layer`, `static_epilogue`), which `Decoder.static_fns` may replace by
+  compiled versions of the same functions;
+- three hooks a kernel installs and this module calls where set (None: the plain PyTorch path):
+  `Decoder.row_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask) -> x`, a whole layer for
+  one-token fixed-shape forwards; `Attention.block_kernel(q, k_cache, v_cache, slots, mask)` and
+  `MLP.block_kernel(x, norm, gate_up_weight, slots, mask)` for fixed-shape blocks, each returning
+  its piece's output (attention `[1, T, heads * head_dim]`, the SwiGLU activation `[1, T, inter]`),
+  or None where it does not serve the block;
+- `HostStage`, `KVCache.over` and `input_device` for the runners that replay over a static cache.
 """
 
 from __future__ import annotations
@@ -26,8 +40,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from . import fused
 
 
 @dataclass
@@ -117,6 +129,14 @@ class HostStage:
         if self.event is not None:  # on the stream the copy went to (the device's current one)
             self.event.record(torch.cuda.current_stream(out.device))
         return out
+
+
+def input_device(runner) -> torch.device:
+    """Where a caller should build a forward's inputs (ids, positions, tree mask) for `runner` (a
+    `Decoder` or anything with its call signature): the host for a runner that says
+    `accepts_host_inputs` (a CUDA-graph runner copies them into its buffers in one or two
+    transfers), else the runner's device."""
+    return torch.device("cpu") if getattr(runner, "accepts_host_inputs", False) else runner.device
 
 
 class KVCache:
@@ -322,8 +342,9 @@ class Attention(nn.Module):
         # q, k, v in one matmul: one weight read per step instead of three launches
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
-        #: static blocks of 2-64 tokens attend through models.fused.block_attention (on with the fused step)
-        self.block_kernel = False
+        #: fn(q, k_cache, v_cache, slots, mask) -> [B, T, h * d] or None: the attention of fixed-shape
+        #: blocks, where a kernel is installed (models.cuda.fused.install_block_attention); see the module doc
+        self.block_kernel = None
 
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
         # x: [B, T, hidden]; cos/sin: [B, T, d]; k_cache/v_cache: [B, kvh, capacity, d]
@@ -349,9 +370,10 @@ class Attention(nn.Module):
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-        if self.block_kernel and fused.block_path(T, start, mask):
-            # one attention kernel over the filled slots only (start[-1] + 1 of them)
-            return self.o_proj(fused.block_attention_op(q, k_cache, v_cache, mask, start))
+        if self.block_kernel is not None and isinstance(start, torch.Tensor):
+            out = self.block_kernel(q, k_cache, v_cache, start, mask)  # e.g. over the filled slots only
+            if out is not None:
+                return self.o_proj(out)
         # GQA without copying K/V: fold the query group into the row dimension.
         g = self.h // self.kvh
         q = q.reshape(B, self.kvh, g * T, self.d)  # [B, kvh, g*T, d]
@@ -382,9 +404,9 @@ class MLP(nn.Module):
         self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        #: static blocks of 2-64 tokens: gate/up and SwiGLU in one kernel (models.fused.block_swiglu;
-        #: on where the fused one-token step is)
-        self.block_kernel = False
+        #: fn(x, norm, gate_up_weight, slots, mask) -> silu(gate) * up of norm(x), or None: the first half
+        #: of fixed-shape blocks, where a kernel is installed (models.cuda.fused.install_block_mlp)
+        self.block_kernel = None
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -411,21 +433,21 @@ class Layer(nn.Module):
             x = x + d
         a = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
         x = x + a
-        if self.mlp.block_kernel and fused.block_path(x.shape[1], start, mask):
-            norm = self.post_attention_layernorm
-            act = fused.block_swiglu_op(*fused.norm_fold(x, norm.weight, norm.eps), self.mlp.gate_up_proj.weight)
-            return x, self.mlp.down_proj(act)
+        if self.mlp.block_kernel is not None and isinstance(start, torch.Tensor):
+            act = self.mlp.block_kernel(x, self.post_attention_layernorm, self.mlp.gate_up_proj.weight, start, mask)
+            if act is not None:
+                return x, self.mlp.down_proj(act)
         return x, self.mlp(self.post_attention_layernorm(x))
 
 
-def _call_layer(layer, x, d, cos, sin, k_cache, v_cache, start, mask):
+def call_layer(layer, x, d, cos, sin, k_cache, v_cache, start, mask):
     """One decoder layer as a free function, its last residual add deferred (`Layer.forward_deferred`):
-    compiled once (`torch.compile(_call_layer)`), it serves every layer of the same shapes, since the
+    compiled once (`torch.compile(call_layer)`), it serves every layer of the same shapes, since the
     module's weights are inputs, not constants."""
     return layer.forward_deferred(x, d, cos, sin, k_cache, v_cache, start, mask)
 
 
-def _static_prologue(embed, inv_freq, input_ids, positions, start, block_mask, capacity: int):
+def static_prologue(embed, inv_freq, input_ids, positions, start, block_mask, capacity: int):
     """What a fixed-shape forward does before the layers: the [S, capacity] attention mask from
     the cache length (the cached prefix, then the block's own mask at its slots), the slots the
     block writes, the rotary tables and the embeddings. Free of the decoder so it compiles alone."""
@@ -440,7 +462,7 @@ def _static_prologue(embed, inv_freq, input_ids, positions, start, block_mask, c
     return x, cos, sin, slots, mask
 
 
-def _static_epilogue(norm, lm_head, x, d=None):
+def static_epilogue(norm, lm_head, x, d=None):
     """The last layer's residual add (d, when deferred), the final norm and the LM head of a
     fixed-shape forward: (logits fp32, normed features)."""
     x = norm(x if d is None else x + d)
@@ -468,14 +490,15 @@ class Decoder(nn.Module):
         # kept in fp32 and off the module's buffers so .to(bf16) cannot round the frequencies
         self.inv_freq = rope_inv_freq(cfg)
         #: (prologue, layer, epilogue) that `forward_static` runs: compiled versions of
-        #: `_static_prologue`, `_call_layer`, `_static_epilogue` (models.graphs), or None for those
+        #: `static_prologue`, `call_layer`, `static_epilogue` (models.cuda.graphs), or None for those
         self.static_fns = None
         #: how 1-2 row inputs multiply on the CPU after `pack_for_cpu` ("dense", "packed1", "packed8"), else None
         self.one_row_kernel = None
-        #: on CUDA: per weight shape, whether one-row products use the Triton kernel (models.gemv.install)
+        #: on CUDA: per weight shape, whether one-row products use the Triton kernel (models.cuda.gemv.install)
         self.gpu_row_kernel = {}
-        #: one-token fixed-shape forwards run each layer as five fused Triton kernels (models.fused.install)
-        self.fused_row_step = False
+        #: fn(layer, x, cos, sin, k_cache, v_cache, slots, mask) -> x: the layer of one-token fixed-shape
+        #: forwards, where a kernel is installed (five fused Triton kernels: models.cuda.fused.install)
+        self.row_layer = None
         #: fixed-shape forwards of the compiled layer defer each layer's last residual add into the
         #: next layer (`Layer.forward_deferred`); False: each layer adds its own (for measurements)
         self.defer_residual = True
@@ -568,7 +591,7 @@ class Decoder(nn.Module):
     def forward_static(self, input_ids: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
                        block_mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        window: Optional[int] = None):
-        """The forward with every shape fixed, for CUDA-graph capture (`models.graphs`).
+        """The forward with every shape fixed, for CUDA-graph capture (`models.cuda.graphs`).
 
         input_ids, positions: [1, S]; start: 0-d long tensor, the cache length before the block;
         block_mask: [S, S] bool among the block's tokens (every row must see at least itself);
@@ -576,15 +599,14 @@ class Decoder(nn.Module):
         window: attend over the first `window` cache slots only (default all), which must hold
         start + S: attention then reads window, not capacity, keys per layer.
         Returns (logits [1, S, vocab] fp32, final-norm hidden [1, S, hidden])."""
-        prologue, layer_fn, epilogue = self.static_fns or (_static_prologue, _call_layer, _static_epilogue)
-        if self.fused_row_step and input_ids.shape[1] == 1:
-            layer_fn = fused.row_layer
+        prologue, layer_fn, epilogue = self.static_fns or (static_prologue, call_layer, static_epilogue)
+        row_layer = self.row_layer if input_ids.shape[1] == 1 else None
         x, cos, sin, slots, mask = prologue(self.embed_tokens, self._inv_freq_on(input_ids.device), input_ids,
                                             positions, start, block_mask, window or k_cache.shape[3])
         d = None
         for i, layer in enumerate(self.layers):
-            if layer_fn is fused.row_layer:
-                x = layer_fn(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
+            if row_layer is not None:
+                x = row_layer(layer, x, cos, sin, k_cache[i], v_cache[i], slots, mask)
             else:
                 x, d = layer_fn(layer, x, d, cos, sin, k_cache[i], v_cache[i], slots, mask)
                 if not self.defer_residual:

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -53,7 +52,7 @@ def hf_name(gguf_name: str) -> Optional[str]:
     return None
 
 
-def _open(path: Path):
+def open_reader(path: Path):
     """A GGUFReader for path, or a ModelFileError saying what is wrong with the file."""
     import gguf
 
@@ -84,7 +83,7 @@ def _field(reader, key, default=None):
 
 def read_metadata(path) -> dict:
     """Architecture and hyper-parameters of a GGUF file (tokenizer arrays left out), as a dict."""
-    reader = _open(Path(path))
+    reader = open_reader(Path(path))
     return {k: _field(reader, k) for k in reader.fields if not k.startswith(("tokenizer.ggml.", "GGUF."))}
 
 
@@ -155,7 +154,7 @@ def end_token_ids(reader) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (its rope pairs adjacent dims, HF's pairs halves)."""
     half = w.shape[0] // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -192,7 +191,7 @@ def _write_dense(reader, cfg: dict, out_file: Path, label: str, progress: bool) 
                 w = dequantize(t)
                 proj = name.split(".")[-2]
                 if llama and proj in heads:
-                    w = _unpermute(w, heads[proj])
+                    w = unpermute(w, heads[proj])
                 tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))
             bar.advance(task)
     save_file(tensors, str(out_file), metadata={"format": "pt"})
@@ -206,7 +205,7 @@ def convert_gguf(gguf_path, out_dir, progress: bool = True, tokenizer: bool = Tr
     Written into `<out_dir>.tmp-<pid>` and renamed; `semiar_source.json` is written last, so a
     directory without it is incomplete. tokenizer=False skips the tokenizer (tests)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    reader = _open(gguf_path)
+    reader = open_reader(gguf_path)
     cfg = hf_config(reader)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -253,7 +252,7 @@ def ensure_dense_weights(out_dir, gguf_path, progress: bool = True) -> Path:
     (temporary name, then renamed); returns out_dir."""
     out_dir, gguf_path = Path(out_dir), Path(gguf_path)
     if not has_dense_weights(out_dir):
-        reader = _open(gguf_path)
+        reader = open_reader(gguf_path)
         tmp = out_dir / f"model.safetensors.tmp-{os.getpid()}"
         try:
             _write_dense(reader, hf_config(reader), tmp, gguf_path.name, progress)
@@ -276,25 +275,3 @@ def source_of(out_dir) -> Optional[Path]:
 def is_complete(out_dir) -> bool:
     """Whether a converted directory was finished (its stamp is written last)."""
     return (Path(out_dir) / STAMP).exists()
-
-
-def dense_dir_for_gguf(path, progress: bool = True, weights: bool = False) -> Path:
-    """HF-format directory for a user's local .gguf file, converted on first use and cached in
-    $SEMIAR_HOME/converted/<key> (key: sha256 of size + first and last MiB); dense fp32 weights
-    only with weights=True (`ensure_dense_weights`)."""
-    from .registry import semiar_home
-
-    path = Path(path).expanduser().resolve()
-    _open(path)  # validate before hashing
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    out = semiar_home() / "converted" / h.hexdigest()[:16]
-    if not is_complete(out):
-        convert_gguf(path, out, progress=progress, weights=weights)
-    elif weights:
-        ensure_dense_weights(out, path, progress=progress)
-    return out

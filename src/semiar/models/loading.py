@@ -131,7 +131,7 @@ def resolve_model_source(spec: str, progress: bool = True) -> tuple[str, Path, O
     """Map a user's model name/path/hub id to (display name, HF-format directory, the GGUF it
     comes from or None). The directory may lack dense weights (`resolve_model_dir` has them)."""
     from . import registry
-    from .gguf import dense_dir_for_gguf, source_of
+    from .gguf import source_of
 
     if spec in registry.KNOWN_MODELS:
         return spec, registry.ensure_model(spec, progress=progress), registry.gguf_path(spec)
@@ -139,7 +139,7 @@ def resolve_model_source(spec: str, progress: bool = True) -> tuple[str, Path, O
     if path.suffix == ".gguf" or path.is_file():
         if not path.exists():
             raise ModelFileError(f"GGUF file not found: {path}")
-        return path.stem, dense_dir_for_gguf(path, progress=progress), path.resolve()
+        return path.stem, registry.dense_dir_for_gguf(path, progress=progress), path.resolve()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelFileError(f"{path} is not a model directory: it has no config.json")
@@ -260,7 +260,7 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
     pack: on CPU, prepack linear weights for oneDNN (see `Decoder.pack_for_cpu`); inference only.
     cuda_graphs: on CUDA (native backend), replay forwards of up to 64 tokens as CUDA graphs over a
         static cache of `graph_capacity` positions (default on; False turns it off); compile=True
-        compiles the forward with torch.compile first (see `models.graphs`).
+        compiles the forward with torch.compile first (see `models.cuda.graphs`).
     """
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise SemiarError("--device cuda was asked for but CUDA is not available on this machine")
@@ -330,7 +330,7 @@ def load_model(spec: str, device: str = "cpu", dtype: Optional[str | torch.dtype
         raise SemiarError(f"unknown backend {backend!r}; use native or hf")
     runner = decoder
     if backend == "native" and str(device).startswith("cuda") and cuda_graphs is not False:
-        from .graphs import GraphedDecoder
+        from .cuda.graphs import GraphedDecoder
 
         runner = GraphedDecoder(decoder, capacity=min(graph_capacity, cfg.max_position_embeddings + 128),
                                 compile=compile)

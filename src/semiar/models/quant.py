@@ -282,14 +282,14 @@ def write_quant_cache(gguf_path, out_file, progress: bool = True) -> QuantReport
     from rich.progress import Progress
     from safetensors.torch import save_file
 
-    from .gguf import _open, _unpermute, hf_config, hf_name
+    from .gguf import hf_config, hf_name, open_reader, unpermute
 
     import gguf
 
     if not quant_available():
         raise SemiarError("this torch build has no int4 CPU kernel (_weight_int4pack_mm_for_cpu); use --dtype fp32")
     gguf_path, out_file = Path(gguf_path), Path(out_file)
-    reader = _open(gguf_path)
+    reader = open_reader(gguf_path)
     cfg = hf_config(reader)
     llama = cfg["model_type"] == "llama"
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
@@ -312,7 +312,7 @@ def write_quant_cache(gguf_path, out_file, progress: bool = True) -> QuantReport
             data = data.reshape(shape[0], -1)
             proj = name.split(".")[-2]
             if llama and proj in heads:
-                data = _unpermute(data, heads[proj])
+                data = unpermute(data, heads[proj])
             base = name[:-len(".weight")]
             if name == "model.embed_tokens.weight":
                 raw = np.ascontiguousarray(data).view(np.uint8).reshape(shape[0], -1)  # the blocks' bytes

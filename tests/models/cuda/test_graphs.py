@@ -1,11 +1,11 @@
-"""The fixed-shape forward behind CUDA graphs (models.graphs), checked on the CPU without capture:
+"""The fixed-shape forward behind CUDA graphs (models.cuda.graphs), checked on the CPU without capture:
 padding, the mask built from the cache length, trees, fallbacks, and the one-lease cache rule.
-The capture itself needs CUDA (scripts/gpu/smoke.py runs it)."""
+The capture itself needs CUDA: the last test records graphs where a GPU is (`kernel_device`, conftest)."""
 import pytest
 import torch
 
 from semiar.engine import Engine
-from semiar.models.graphs import GraphedDecoder
+from semiar.models.cuda.graphs import GraphedDecoder
 from semiar.sampling import SamplingParams
 from semiar.tree import DraftTree
 
@@ -92,7 +92,7 @@ def test_a_long_prompt_is_prefilled_in_graph_sized_chunks():
 
 
 def test_default_sizes_prefill_a_prompt_in_one_replay_and_keep_the_padding_slack():
-    from semiar.models.graphs import DEFAULT_SIZES
+    from semiar.models.cuda.graphs import DEFAULT_SIZES
 
     m, _ = tiny_target("qwen2")
     g = GraphedDecoder(m.decoder, capacity=600, capture=False)
@@ -170,7 +170,7 @@ def test_compiled_layer_path_matches_and_compiles_once_per_size():
 def test_a_failing_compiler_falls_back_to_the_uncompiled_forward(monkeypatch):
     import pytest
 
-    import semiar.models.graphs as graphs
+    import semiar.models.cuda.graphs as graphs
 
     def broken(gm, example_inputs):
         raise RuntimeError("no compiler here")
@@ -210,7 +210,7 @@ def test_a_finished_request_hands_the_draft_models_static_cache_back():
 
 
 def test_host_inputs_fill_the_graph_buffers_as_device_inputs_do():
-    from semiar.models.graphs import input_device
+    from semiar.models.decoder import input_device
 
     m, _ = tiny_target("qwen2")
     g = GraphedDecoder(m.decoder, capacity=64, sizes=(1, 4, 8), capture=False)
@@ -293,3 +293,20 @@ def test_the_draft_model_drafts_its_chain_in_one_replay_and_stays_lossless():
     ga = Engine(target, a).generate(prompt, max_new_tokens=40).run()
     gb = Engine(target, b).generate(prompt, max_new_tokens=40).run()
     assert ga.token_ids == gb.token_ids == ref and gb.stats.target_forwards == ga.stats.target_forwards
+
+
+def test_graphs_with_the_default_kernels_keep_greedy_output(kernel_device):
+    """With the defaults: on a GPU the forwards are recorded as CUDA graphs and replayed, through the
+    kernels that are on there (fused one-token step, block attention and MLP, the row kernel where it
+    wins); on the CPU the same fixed-shape forwards run uncaptured on the plain layers."""
+    from semiar.methods import make_drafter
+    from semiar.models.cuda.capture import Captured, Direct
+
+    m, _ = tiny_target("qwen2", device=kernel_device)
+    prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
+    ref = Engine(m).generate(prompt, max_new_tokens=16).run().token_ids
+    m.runner = GraphedDecoder(m.decoder, capacity=128, sizes=(1, 4, 8, 16, 32))
+    kind = Captured if kernel_device.type == "cuda" else Direct
+    assert all(isinstance(g, kind) for g in m.runner.graphs.values())
+    assert Engine(m).generate(prompt, max_new_tokens=16).run().token_ids == ref
+    assert Engine(m, make_drafter("pld", m)).generate(prompt, max_new_tokens=16).run().token_ids == ref

@@ -1,14 +1,14 @@
-"""The fused one-token layer (models.fused). Without CUDA the kernels run under Triton's interpreter
-(conftest sets TRITON_INTERPRET); without Triton (CI) only the fallbacks are checked."""
+"""The fused one-token layer and block kernels (models.cuda.fused). The kernel tests take `kernel_device`
+(conftest): CUDA tensors on a GPU, else CPU tensors under Triton's interpreter; without Triton (CI) only the
+fallbacks are checked."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from semiar.engine import Engine
-from semiar.models import fused, gemv
+from semiar.models.cuda import fused, gemv, graphs
+from semiar.models.cuda.graphs import GraphedDecoder
 from semiar.models.decoder import Attention, DecoderConfig, RMSNorm, rope_cos_sin, rope_inv_freq
-from semiar.models import graphs
-from semiar.models.graphs import GraphedDecoder
 
 from tiny import tiny_target
 
@@ -26,14 +26,14 @@ def _close(y, ref, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm,swiglu,residual,bias", [(True, False, False, True), (False, False, True, False),
                                                        (True, True, False, False), (False, False, False, False)])
-def test_row_product_equals_the_unfused_layer_work(dtype, norm, swiglu, residual, bias):
+def test_row_product_equals_the_unfused_layer_work(dtype, norm, swiglu, residual, bias, kernel_device):
     torch.manual_seed(0)
     N, K = 37, 70
-    w = (torch.randn(2 * N if swiglu else N, K) / 8).to(dtype)
-    b = torch.randn(w.shape[0]).to(dtype) if bias else None
-    x = torch.randn(1, 1, K).to(dtype)
-    r = torch.randn(1, 1, N).to(dtype) if residual else None
-    nrm = RMSNorm(K, 1e-6).to(dtype)
+    w = (torch.randn(2 * N if swiglu else N, K) / 8).to(kernel_device, dtype)
+    b = torch.randn(w.shape[0]).to(kernel_device, dtype) if bias else None
+    x = torch.randn(1, 1, K).to(kernel_device, dtype)
+    r = torch.randn(1, 1, N).to(kernel_device, dtype) if residual else None
+    nrm = RMSNorm(K, 1e-6).to(kernel_device, dtype)
     with torch.no_grad():
         nrm.weight.copy_(torch.rand(K) + 0.5)
         h = nrm(x) if norm else x
@@ -49,10 +49,11 @@ def test_row_product_equals_the_unfused_layer_work(dtype, norm, swiglu, residual
 
 
 @needs_triton
-def test_row_products_weights_loaded_ahead_give_the_same_bits(monkeypatch):
+def test_row_products_weights_loaded_ahead_give_the_same_bits(monkeypatch, kernel_device):
     torch.manual_seed(1)
-    w, x = torch.randn(74, 70).to(torch.bfloat16), torch.randn(1, 1, 70).to(torch.bfloat16)
-    nw = torch.rand(70).to(torch.bfloat16) + 0.5
+    bf16 = dict(device=kernel_device, dtype=torch.bfloat16)
+    w, x = torch.randn(74, 70).to(**bf16), torch.randn(1, 1, 70).to(**bf16)
+    nw = torch.rand(70).to(**bf16) + 0.5
     outs = []
     for ahead in (True, False):
         monkeypatch.setattr(fused, "PREFETCH", ahead)
@@ -64,17 +65,17 @@ def test_row_products_weights_loaded_ahead_give_the_same_bits(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("start", [0, 5, 16, 37])
 @pytest.mark.parametrize("split", [16, 64])
-def test_decode_attention_equals_the_attention_layer(dtype, start, split, monkeypatch):
+def test_decode_attention_equals_the_attention_layer(dtype, start, split, monkeypatch, kernel_device):
     monkeypatch.setattr(fused, "ATTENTION_SPLIT", split)  # 16: three splits merged
     torch.manual_seed(1)
     cfg = DecoderConfig(vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1, num_heads=4,
                         num_kv_heads=2, head_dim=16, attention_bias=True, rope_theta=10000.0)
-    att = Attention(cfg).to(dtype).eval()
+    att = Attention(cfg).to(kernel_device, dtype).eval()
     cap = 48
-    kc = torch.randn(1, 2, cap, 16).to(dtype)
-    vc = torch.randn(1, 2, cap, 16).to(dtype)
-    x = torch.randn(1, 1, 64).to(dtype)
-    cos, sin = rope_cos_sin(rope_inv_freq(cfg), torch.tensor([[start]]), dtype)
+    kc = torch.randn(1, 2, cap, 16).to(kernel_device, dtype)
+    vc = torch.randn(1, 2, cap, 16).to(kernel_device, dtype)
+    x = torch.randn(1, 1, 64).to(kernel_device, dtype)
+    cos, sin = (t.to(kernel_device) for t in rope_cos_sin(rope_inv_freq(cfg), torch.tensor([[start]]), dtype))
     k_ref, v_ref = kc.clone(), vc.clone()
     with torch.no_grad():
         qkv = att.qkv_proj(x)
@@ -82,7 +83,7 @@ def test_decode_attention_equals_the_attention_layer(dtype, start, split, monkey
         o_proj, att.o_proj = att.o_proj, torch.nn.Identity()
         ref = att(x, cos, sin, k_ref, v_ref, start, None)
         att.o_proj = o_proj
-    out = fused.decode_attention(qkv, cos, sin, kc, vc, torch.tensor([start]), 4, 2, window=48)
+    out = fused.decode_attention(qkv, cos, sin, kc, vc, torch.tensor([start], device=kernel_device), 4, 2, window=48)
     assert out.shape == ref.shape and _close(out, ref, dtype)
     # the new key and value are written at slot `start`, nothing else moves
     assert _close(kc[:, :, start], k_ref[:, :, start], dtype) and torch.equal(vc[:, :, start], v_ref[:, :, start])
@@ -91,8 +92,8 @@ def test_decode_attention_equals_the_attention_layer(dtype, start, split, monkey
 
 @needs_triton
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_fused_step_keeps_logits_and_greedy_output(family):
-    m, _ = tiny_target(family)
+def test_fused_step_keeps_logits_and_greedy_output(family, kernel_device):
+    m, _ = tiny_target(family, device=kernel_device)
     prompt = [3, 9, 4, 1, 7, 2, 3, 9]
     ref = Engine(m).generate(prompt, max_new_tokens=12).run().token_ids
     dec = m.decoder
@@ -103,7 +104,7 @@ def test_fused_step_keeps_logits_and_greedy_output(family):
     plain = g(torch.tensor([[5]]), cache).logits
     k_plain = cache.k[:, :, :, :cache.length].clone()
     g = GraphedDecoder(dec, capacity=64, sizes=(1, 4, 8), capture=False, fused_step=True)
-    assert dec.fused_row_step
+    assert dec.row_layer is fused.row_layer
     cache = g.new_cache(40)
     g(torch.tensor([prompt]), cache)
     out = g(torch.tensor([[5]]), cache).logits
@@ -115,7 +116,7 @@ def test_fused_step_keeps_logits_and_greedy_output(family):
 
 def test_off_the_gpu_it_is_off_unless_forced(monkeypatch):
     m, _ = tiny_target("qwen2")
-    assert fused.install(m.decoder) is False and m.decoder.fused_row_step is False
+    assert fused.install(m.decoder) is False and m.decoder.row_layer is None
     monkeypatch.setenv("SEMIAR_FUSED", "0")
     assert fused.install(m.decoder, force=None) is False
     monkeypatch.setenv("SEMIAR_FUSED", "yes")
@@ -130,7 +131,7 @@ def test_off_the_gpu_it_is_off_unless_forced(monkeypatch):
         assert fused.install_block_attention(m.decoder) is False
     monkeypatch.setenv("SEMIAR_BLOCK_ATTENTION", "1")
     assert fused.install_block_attention(m.decoder) is True
-    assert all(layer.self_attn.block_kernel for layer in m.decoder.layers)
+    assert all(layer.self_attn.block_kernel is not None for layer in m.decoder.layers)
     monkeypatch.setenv("SEMIAR_BLOCK_ATTENTION", "0")
     assert fused.install_block_attention(m.decoder, on=None) is False
 
@@ -151,19 +152,19 @@ def test_unsupported_shapes_are_refused_with_a_reason(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("start", [0, 21])
-def test_block_attention_equals_masked_attention(dtype, start, monkeypatch):
+def test_block_attention_equals_masked_attention(dtype, start, monkeypatch, kernel_device):
     monkeypatch.setattr(fused, "ATTENTION_SPLIT", 16)  # several splits, one of them partly the block
     torch.manual_seed(2)
     H, KVH, D, S, W = 4, 2, 16, 5, 48
-    q = torch.randn(1, H, S, D).to(dtype)
-    kc = torch.randn(1, KVH, W, D).to(dtype)
-    vc = torch.randn(1, KVH, W, D).to(dtype)
+    q = torch.randn(1, H, S, D).to(kernel_device, dtype)
+    kc = torch.randn(1, KVH, W, D).to(kernel_device, dtype)
+    vc = torch.randn(1, KVH, W, D).to(kernel_device, dtype)
     tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
                         dtype=torch.bool)
     mask = torch.zeros(S, W, dtype=torch.bool)
     mask[:, :start] = True
     mask[:, start:start + S] = tree
-    slots = torch.arange(start, start + S)
+    mask, slots = mask.to(kernel_device), torch.arange(start, start + S, device=kernel_device)
     out = fused.block_attention(q, kc, vc, mask, slots)
     g = H // KVH
     keys, values = kc.repeat_interleave(g, 1).float(), vc.repeat_interleave(g, 1).float()
@@ -186,17 +187,17 @@ def _tree_logits(dec, prompt, **graphed):
 
 
 @needs_triton
-def test_block_attention_keeps_verification_and_greedy_output(monkeypatch):
+def test_block_attention_keeps_verification_and_greedy_output(monkeypatch, kernel_device):
     from semiar.methods import make_drafter
 
-    m, _ = tiny_target("qwen2")
+    m, _ = tiny_target("qwen2", device=kernel_device)
     prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
     ref = Engine(m).generate(prompt, max_new_tokens=16).run().token_ids
     dec = m.decoder
     outs = []
     for on in (False, True):
         logits, g = _tree_logits(dec, prompt, capacity=64, sizes=(1, 4, 8), block_attention=on)
-        assert all(layer.self_attn.block_kernel == on for layer in dec.layers)
+        assert all((layer.self_attn.block_kernel is not None) == on for layer in dec.layers)
         outs.append(logits)
     assert (outs[0] - outs[1]).abs().max() < 1e-4
     m.runner = g
@@ -207,7 +208,7 @@ def test_block_attention_keeps_verification_and_greedy_output(monkeypatch):
     assert m.runner.compiled
     assert Engine(m, make_drafter("pld", m)).generate(prompt, max_new_tokens=16).run().token_ids == ref
     fused.install_block_attention(dec, on=False)
-    assert not any(layer.self_attn.block_kernel for layer in dec.layers)
+    assert all(layer.self_attn.block_kernel is None for layer in dec.layers)
 
 
 def test_kernels_that_fail_with_pdl_run_without_then_leave_the_plain_layers(monkeypatch):
@@ -237,11 +238,11 @@ def test_kernels_that_fail_with_pdl_run_without_then_leave_the_plain_layers(monk
 
 @needs_triton
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_block_attention_serves_the_engines_trees(family, monkeypatch):
+def test_block_attention_serves_the_engines_trees(family, monkeypatch, kernel_device):
     from semiar.methods import make_drafter
 
     monkeypatch.setattr(fused, "ATTENTION_SPLIT", 16)  # the prefix and the tree over several splits
-    m, _ = tiny_target(family)
+    m, _ = tiny_target(family, device=kernel_device)
     prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
     ref = Engine(m).generate(prompt, max_new_tokens=16).run().token_ids
     # the engine's own trees (up to 64 tokens) under the fused step, counted to be sure they ran
@@ -258,12 +259,12 @@ def test_block_attention_serves_the_engines_trees(family, monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 5, 16, 23])
-def test_block_swiglu_equals_the_norm_and_swiglu(dtype, T):
+def test_block_swiglu_equals_the_norm_and_swiglu(dtype, T, kernel_device):
     torch.manual_seed(2)
     N, K = 40, 70  # neither a multiple of the kernel's tiles
-    w = (torch.randn(2 * N, K) / 8).to(dtype)
-    h = torch.randn(1, T, K).to(dtype)
-    nrm = RMSNorm(K, 1e-6).to(dtype)
+    w = (torch.randn(2 * N, K) / 8).to(kernel_device, dtype)
+    h = torch.randn(1, T, K).to(kernel_device, dtype)
+    nrm = RMSNorm(K, 1e-6).to(kernel_device, dtype)
     with torch.no_grad():
         nrm.weight.copy_(torch.rand(K) + 0.5)
         g, u = F.linear(nrm(h), w).split(N, dim=-1)
@@ -288,10 +289,10 @@ def test_block_swiglu_refuses_shapes_it_cannot_take():
 
 @needs_triton
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_block_mlp_keeps_logits_and_serves_the_engines_trees(family, monkeypatch):
+def test_block_mlp_keeps_logits_and_serves_the_engines_trees(family, monkeypatch, kernel_device):
     from semiar.methods import make_drafter
 
-    m, _ = tiny_target(family)
+    m, _ = tiny_target(family, device=kernel_device)
     prompt = [3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3, 9, 4, 1, 7, 2, 3]
     ref = Engine(m).generate(prompt, max_new_tokens=16).run().token_ids
     dec = m.decoder
@@ -299,7 +300,7 @@ def test_block_mlp_keeps_logits_and_serves_the_engines_trees(family, monkeypatch
     for on in (False, True):
         logits, g = _tree_logits(dec, prompt, capacity=192, sizes=(1, 4, 8, 16, 32, 64), block_attention=on,
                                  block_mlp=on)
-        assert all(layer.mlp.block_kernel == on for layer in dec.layers)
+        assert all((layer.mlp.block_kernel is not None) == on for layer in dec.layers)
         outs.append(logits)
     assert (outs[0] - outs[1]).abs().max() < 1e-4
     m.runner = g
@@ -316,7 +317,7 @@ def test_block_mlp_keeps_logits_and_serves_the_engines_trees(family, monkeypatch
     assert m.runner.compiled
     assert Engine(m, make_drafter("pld", m)).generate(prompt, max_new_tokens=16).run().token_ids == ref
     fused.install_block_mlp(dec, on=False)
-    assert not any(layer.mlp.block_kernel for layer in dec.layers)
+    assert all(layer.mlp.block_kernel is None for layer in dec.layers)
 
 
 def test_block_mlp_is_off_on_the_cpu_unless_asked(monkeypatch):

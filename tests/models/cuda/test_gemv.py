@@ -1,12 +1,13 @@
-"""The one-row Triton kernel (models.gemv). Without CUDA the kernel runs under Triton's
-interpreter (conftest sets TRITON_INTERPRET); without Triton (CI) only the fallbacks are checked."""
+"""The one-row Triton kernel (models.cuda.gemv). The kernel tests take `kernel_device` (conftest): CUDA
+tensors on a GPU, else CPU tensors under Triton's interpreter; without Triton (CI) only the fallbacks are
+checked."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from semiar.engine import Engine
-from semiar.models import gemv
-from semiar.models.graphs import GraphedDecoder
+from semiar.models.cuda import gemv
+from semiar.models.cuda.graphs import GraphedDecoder
 
 from tiny import tiny_target
 
@@ -16,11 +17,11 @@ needs_triton = pytest.mark.skipif(not gemv.triton_available(), reason="Triton is
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K,bias", [(37, 100, True), (64, 1030, False)])
-def test_gemv_equals_linear(dtype, N, K, bias):
+def test_gemv_equals_linear(dtype, N, K, bias, kernel_device):
     torch.manual_seed(0)
-    w = torch.randn(N, K).to(dtype)
-    b = torch.randn(N).to(dtype) if bias else None
-    x = torch.randn(1, 1, K).to(dtype)
+    w = torch.randn(N, K).to(kernel_device, dtype)
+    b = torch.randn(N).to(kernel_device, dtype) if bias else None
+    x = torch.randn(1, 1, K).to(kernel_device, dtype)
     y = gemv.gemv(x, w, b)
     ref = F.linear(x.float(), w.float(), None if b is None else b.float())
     assert y.shape == (1, 1, N) and y.dtype == dtype
@@ -28,17 +29,17 @@ def test_gemv_equals_linear(dtype, N, K, bias):
     tol = 1e-4 if dtype == torch.float32 else ref.abs().max().item() / 64
     assert (y.float() - ref).abs().max() < tol
     with pytest.raises(ValueError, match="one row"):
-        gemv.gemv(torch.randn(2, K).to(dtype), w, b)
+        gemv.gemv(torch.randn(2, K).to(kernel_device, dtype), w, b)
 
 
 @needs_triton
-def test_row_linear_sends_only_one_row_to_the_kernel(monkeypatch):
-    lin = torch.nn.Linear(50, 20)
+def test_row_linear_sends_only_one_row_to_the_kernel(monkeypatch, kernel_device):
+    lin = torch.nn.Linear(50, 20).to(kernel_device)
     r = gemv.RowLinear(lin)
     calls = []
     real = gemv.gemv
     monkeypatch.setattr(gemv, "gemv", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(1, 3, 50)
+    x = torch.randn(1, 3, 50, device=kernel_device)
     with torch.no_grad():
         assert torch.equal(r(x), lin(x)) and not calls
         assert (r(x[:, :1]) - lin(x[:, :1])).abs().max() < 1e-5 and calls
@@ -46,8 +47,8 @@ def test_row_linear_sends_only_one_row_to_the_kernel(monkeypatch):
 
 
 @needs_triton
-def test_installed_kernel_keeps_weights_and_greedy_output():
-    m, _ = tiny_target("qwen2")
+def test_installed_kernel_keeps_weights_and_greedy_output(kernel_device):
+    m, _ = tiny_target("qwen2", device=kernel_device)
     prompt = [3, 9, 4, 1, 7, 2, 3, 9]
     ref = Engine(m).generate(prompt, max_new_tokens=12).run().token_ids
     keys = set(m.decoder.state_dict())

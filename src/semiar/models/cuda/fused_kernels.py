@@ -1,4 +1,4 @@
-"""The Triton kernels of `models.fused` (imported only where Triton is installed; see that module)."""
+"""The Triton kernels of `models.cuda.fused` (imported only where Triton is installed; see that module)."""
 
 import os
 
@@ -13,7 +13,7 @@ except ImportError:  # an older Triton: PDL stays off (`_pdl_on`)
 configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
            for n, k, w in [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
                            (8, 512, 8), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (16, 1024, 8), (32, 128, 4),
-                           (32, 256, 8), (32, 512, 8), (64, 256, 8)]]  # the last two: wide LM heads (models.gemv)
+                           (32, 256, 8), (32, 512, 8), (64, 256, 8)]]  # the last two: wide LM heads (models.cuda.gemv)
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU tests: one small config, no timing
     configs = [triton.Config({"BLOCK_N": 4, "BLOCK_K": 32}, num_warps=1)]
 

@@ -11,7 +11,7 @@ copies and one graph replay; a prompt longer than the largest size is several re
 Optionally the forward is compiled first (`compile=True`, torch.compile/Inductor, `compile_static`),
 which fuses the elementwise work (norms, rotary, mask and softmax, SiLU, residuals): on the H200
 3.65 -> 1.91 ms per step. One-row products go through a Triton kernel where it beats cuBLAS for
-the weight's shape (`models.gemv`): 1.87 -> 1.64 ms.
+the weight's shape (`models.cuda.gemv`): 1.87 -> 1.64 ms.
 
 A draft model's greedy chain is one more kind of graph (`greedy_chain`): k - 1 one-token forwards,
 each fed the argmax of the one before on the device, and one host copy of the tokens at the end.
@@ -24,7 +24,7 @@ capacity) runs the eager decoder on the same cache.
 flight on the same model, or a draft model that is the target itself, gets an ordinary cache).
 
 Example (needs a CUDA device):
-    >>> from semiar.models.graphs import GraphedDecoder                     # doctest: +SKIP
+    >>> from semiar.models.cuda import GraphedDecoder                       # doctest: +SKIP
     >>> g = GraphedDecoder(model.decoder, capacity=2048, sizes=(1, 16, 64))  # doctest: +SKIP
     >>> cache = g.new_cache(512); out = g(ids, cache)                       # doctest: +SKIP
 """
@@ -39,47 +39,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..decoder import Decoder, DecoderOutput, HostStage, KVCache, call_layer, static_epilogue, static_prologue
 from . import fused, gemv
-from .decoder import Decoder, DecoderOutput, HostStage, KVCache
+from .capture import Captured, Direct
 
 #: block sizes captured by default: trees (up to 64 tokens) and prompt chunks; 128 and 256 serve
 #: prefill only (H200, 1.5B: a 64-token replay 2.13 ms, 128 2.36 ms, 256 3.16 ms, so a 157-token
 #: prompt is one 3.2 ms replay where three 64-token chunks took 6.4 ms)
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class _Direct:
-    """The same static-shape call without a graph (CPU: tests and the fallback's logic); `warm`
-    runs it once at once, as a capture's warm-up does (compilation then happens here too)."""
-
-    def __init__(self, fn, inputs: list[torch.Tensor], warm: bool = False):
-        self.fn, self.inputs = fn, inputs
-        if warm:
-            fn(*inputs)
-
-    def replay(self):
-        return self.fn(*self.inputs)
-
-
-class _Captured:
-    """One CUDA graph of `fn` over static input buffers; outputs live in the graph's memory (a pool
-    shared with other graphs when `pool` is given: they must not run at the same time)."""
-
-    def __init__(self, fn, inputs: list[torch.Tensor], warmup: int = 2, pool=None):
-        self.inputs = inputs
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up (and compilation) outside the capture
-            for _ in range(warmup):
-                fn(*inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = fn(*inputs)
-
-    def replay(self):
-        self.graph.replay()
-        return self.outputs
 
 
 #: torch.compile backend for `compile=True` (tests use "eager": Dynamo's tracing without codegen)
@@ -96,9 +63,7 @@ def compile_static(decoder: Decoder) -> None:
     whole model took ~40 s per block size). Shapes are left to Dynamo's automatic dynamic shapes:
     the 1-token step is compiled for its exact shape, the first larger block recompiles with the
     block length symbolic, and that code then serves every other block size."""
-    from .decoder import _call_layer, _static_epilogue, _static_prologue
-
-    decoder.static_fns = tuple(compiled(f) for f in (_static_prologue, _call_layer, _static_epilogue))
+    decoder.static_fns = tuple(compiled(f) for f in (static_prologue, call_layer, static_epilogue))
 
 
 def compiled(fn):
@@ -127,16 +92,9 @@ def build_with_compile_fallback(build, compile: bool, what: str) -> bool:
     return False
 
 
-def input_device(runner) -> torch.device:
-    """Where a caller should build a forward's inputs (ids, positions, tree mask) for `runner`: the
-    host for a `GraphedDecoder` (it copies them into its graph's buffers in one or two transfers),
-    else the runner's device."""
-    return torch.device("cpu") if getattr(runner, "accepts_host_inputs", False) else runner.device
-
-
 class GraphedDecoder:
     """A `Decoder` whose fixed-size forwards replay CUDA graphs (see the module doc). Its inputs may
-    be on the host or the device; host inputs are staged in fewer transfers (`input_device`)."""
+    be on the host or the device; host inputs are staged in fewer transfers (`models.decoder.input_device`)."""
 
     accepts_host_inputs = True
 
@@ -151,10 +109,10 @@ class GraphedDecoder:
         capacity), so a step attends over the smallest window that holds the cache, not over the
         whole capacity; capture: record CUDA graphs (default: when the decoder is on CUDA);
         without, the same fixed-shape forwards run directly, which is how the CPU tests check
-        the logic; row_kernel: one-row products through the Triton kernel (`models.gemv`; default:
+        the logic; row_kernel: one-row products through the Triton kernel (`models.cuda.gemv`; default:
         on CUDA where the fused step is off, for the weight shapes where it beats cuBLAS; False: cuBLAS
         only; True: every shape, with or without the fused step); fused_step: one-token
-        steps as five fused Triton kernels per layer (`models.fused`; default: on CUDA); block_attention:
+        steps as five fused Triton kernels per layer (`models.cuda.fused`; default: on CUDA); block_attention:
         the compiled layer's blocks of 2-64 tokens attend through one Triton kernel over the filled slots
         (`fused.block_attention`; default: where the fused one-token step is on); block_mlp: those blocks'
         MLP gate/up product and SwiGLU as one Triton kernel (`fused.block_swiglu`; default: where the
@@ -204,7 +162,7 @@ class GraphedDecoder:
         self.capture_seconds = time.perf_counter() - t0
         self.cache.length = 0
         self._capturing = capture
-        self._chains: dict[tuple[int, int], _Captured | _Direct] = {}  # (steps, window) -> greedy chain
+        self._chains: dict[tuple[int, int], Captured | Direct] = {}  # (steps, window) -> greedy chain
         self._chain_inputs: Optional[list[torch.Tensor]] = None
         self._chain_pool = None
 
@@ -218,7 +176,7 @@ class GraphedDecoder:
         self._packed: dict[int, torch.Tensor] = {}
         # per size: reusable host buffers for ids/positions/start and the block mask (pinned on CUDA)
         self._host: dict[int, tuple[HostStage, HostStage]] = {}
-        self.graphs: dict[tuple[int, int], _Captured | _Direct] = {}
+        self.graphs: dict[tuple[int, int], Captured | Direct] = {}
         for S in self.sizes:
             packed = self._packed[S] = torch.zeros(2 * S + 1, dtype=torch.long, device=dev)
             self._host[S] = (HostStage(2 * S + 1, torch.long, dev), HostStage(S * S, torch.bool, dev))
@@ -231,7 +189,7 @@ class GraphedDecoder:
                     continue
                 fn = functools.partial(self.decoder.forward_static, window=W)
                 args = self.inputs[S] + [self.cache.k, self.cache.v]
-                self.graphs[S, W] = _Captured(fn, args) if capture else _Direct(fn, args, warm=warm)
+                self.graphs[S, W] = Captured(fn, args) if capture else Direct(fn, args, warm=warm)
 
     def _chain_fn(self, n: int, window: int, logits, start, mask, k_cache, v_cache):
         """The greedy chain as one fixed-shape function: the argmax of `logits` (and its probability),
@@ -256,8 +214,8 @@ class GraphedDecoder:
         if key not in self._chains:
             fn = functools.partial(self._chain_fn, n, window)
             args = self._chain_buffers() + [self.cache.k, self.cache.v]
-            self._chains[key] = (_Captured(fn, args, pool=self._chain_pool) if self._capturing
-                                 else _Direct(fn, args))
+            self._chains[key] = (Captured(fn, args, pool=self._chain_pool) if self._capturing
+                                 else Direct(fn, args))
         return self._chains[key]
 
     def _chain_buffers(self) -> list[torch.Tensor]:

@@ -30,7 +30,8 @@ start-up overlaps the last one's tail. SEMIAR_PDL=0 turns that off.
 
 `install(decoder)` turns it on for `Decoder.forward_static`'s one-token blocks (CUDA and Triton,
 a power-of-two head size of at least 16); `SEMIAR_FUSED=0/1` turns it off / forces it (the CPU
-tests run it under Triton's interpreter). The choice is kept as `decoder.fused_row_step`.
+tests run it under Triton's interpreter): it installs `row_layer` as the decoder's `row_layer` hook
+(`models.decoder`, the static seam), None where it is off.
 The 2-64-token forwards that verify trees (and prefill chunks) keep the compiled layer, with
 cuBLAS for the qkv, o and down products: three whole Triton layers for them lost to it (the second,
 with the fused norm/SwiGLU/residual, split-K and a deterministic fix-up, took 2.36 against 2.00 ms
@@ -53,7 +54,24 @@ from typing import Optional
 
 import torch
 
-from .gemv import env_switch, triton_available
+
+def env_switch(name: str, otherwise: str) -> Optional[bool]:
+    """An on/off environment switch: True for 1, False for 0, None when unset; any other value
+    warns (saying what happens `otherwise`) and counts as unset."""
+    env = os.environ.get(name, "")
+    if env not in ("", "0", "1"):
+        warnings.warn(f"{name}={env!r} is not 0 or 1; {otherwise}", stacklevel=3)
+    return {"0": False, "1": True}.get(env)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means no kernel
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,7 +284,7 @@ def _(xn, rstd, weight):
 
 
 def row_layer(layer, x, cos, sin, k_cache, v_cache, slots, mask):
-    """`decoder._call_layer` for a one-token block, in five kernels (see the module doc); `mask` is
+    """`decoder.call_layer` for a one-token block, in five kernels (see the module doc); `mask` is
     not needed: the token sees the cache's first `slots[0]` slots and itself."""
     attn, mlp = layer.self_attn, layer.mlp
     n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -297,7 +315,7 @@ def install(decoder, force: Optional[bool] = None) -> bool:
     """Serve the decoder's one-token fixed-shape forwards (`forward_static` with one token) with
     `row_layer`. Default: on for a CUDA decoder it supports; force=True on any device (the CPU
     tests, under Triton's interpreter), False off; SEMIAR_FUSED=1/0 decides when force is None.
-    Returns whether it is on, also kept as `decoder.fused_row_step`."""
+    Returns whether it is on; on, `decoder.row_layer` is `row_layer`, else None."""
     if force is None:
         force = env_switch("SEMIAR_FUSED", "using the default")
     why = supported(decoder)
@@ -306,7 +324,7 @@ def install(decoder, force: Optional[bool] = None) -> bool:
         warnings.warn(f"the fused one-token step cannot serve this model ({why}); using the plain layers", stacklevel=2)
     if on and decoder.device.type == "cuda":
         on = _works_on(decoder.device)
-    decoder.fused_row_step = on
+    decoder.row_layer = row_layer if on else None
     return on
 
 
@@ -317,7 +335,7 @@ def _block_switch(decoder, on: Optional[bool], env: str) -> bool:
     if on is None:
         on = env_switch(env, "using the default")
         if on is None:
-            on = bool(getattr(decoder, "fused_row_step", False)) and decoder.device.type == "cuda"
+            on = getattr(decoder, "row_layer", None) is row_layer and decoder.device.type == "cuda"
     return bool(on) and supported(decoder) is None
 
 
@@ -325,6 +343,22 @@ def block_path(T: int, start, mask) -> bool:
     """Whether a layer's forward of T tokens is a fixed-shape block that the block kernels serve
     (2 to MAX_BLOCK tokens, the slots as a tensor, one [T, W] mask), where they are installed."""
     return 1 < T <= MAX_BLOCK and isinstance(start, torch.Tensor) and mask.dim() == 2
+
+
+def block_attention_hook(q, k_cache, v_cache, slots, mask) -> Optional[torch.Tensor]:
+    """`Attention.block_kernel` (the decoder's hook): `block_attention_op` for the blocks `block_path`
+    takes, None (the plain attention) for the others."""
+    if not block_path(q.shape[2], slots, mask):
+        return None
+    return block_attention_op(q, k_cache, v_cache, mask, slots)
+
+
+def block_mlp_hook(x, norm, gate_up_weight, slots, mask) -> Optional[torch.Tensor]:
+    """`MLP.block_kernel` (the decoder's hook): the SwiGLU activation of norm(x) through `block_swiglu_op`
+    for the blocks `block_path` takes, None (the plain MLP) for the others."""
+    if not block_path(x.shape[1], slots, mask):
+        return None
+    return block_swiglu_op(*norm_fold(x, norm.weight, norm.eps), gate_up_weight)
 
 
 def install_block_attention(decoder, on: Optional[bool] = None) -> bool:
@@ -336,7 +370,7 @@ def install_block_attention(decoder, on: Optional[bool] = None) -> bool:
     Returns whether it is on."""
     on = _block_switch(decoder, on, "SEMIAR_BLOCK_ATTENTION")
     for layer in decoder.layers:
-        layer.self_attn.block_kernel = on
+        layer.self_attn.block_kernel = block_attention_hook if on else None
     return on
 
 
@@ -347,7 +381,7 @@ def install_block_mlp(decoder, on: Optional[bool] = None) -> bool:
     CPU tests under Triton's interpreter. Returns whether it is on."""
     on = _block_switch(decoder, on, "SEMIAR_BLOCK_MLP")
     for layer in decoder.layers:
-        layer.mlp.block_kernel = on
+        layer.mlp.block_kernel = block_mlp_hook if on else None
     return on
 
 
