@@ -34,3 +34,17 @@ def real_home(monkeypatch) -> Path:
     """$SEMIAR_HOME for this test is the suite's model cache (REAL_HOME), where real models are."""
     monkeypatch.setenv("SEMIAR_HOME", str(REAL_HOME))
     return REAL_HOME
+
+
+#: where the GPU room's kernel tests (tests/models/cuda) run their tensors: on CUDA when a GPU is here
+#: (the compiled Triton kernels), else on the CPU under Triton's interpreter (set above when there is no
+#: GPU; tests that need Triton skip where it is missing). One device per run: the interpreter is a
+#: process-wide switch, read when the kernels are built. It lives here, not in a conftest of its own:
+#: a second conftest.py would shadow this one for `import conftest` (tests/test_home.py).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+@pytest.fixture(params=[KERNEL_DEVICE])
+def kernel_device(request) -> torch.device:
+    """The device the kernel tests build their tensors and tiny models on (the test id names it)."""
+    return torch.device(request.param)
