@@ -440,7 +440,6 @@ def _bench_image(target, methods, tasks, n_prompts, temperature, top_k, top_p, k
     res = run_image_bench(ImageBenchConfig(target=target, methods=split_variants(methods), n_per_class=n_prompts, cfg=cfg,
                                            temperature=temperature, top_k=top_k, top_p=top_p, k=k, seed=seed, out=out,
                                            threads=threads))
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{res['target']} image task ({out})")
@@ -450,7 +449,7 @@ def _bench_image(target, methods, tasks, n_prompts, temperature, top_k, top_p, k
         table.add_row(spec + (" (lossy)" if r["lossy"] else ""), "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
                       f"{r['steps_per_image']:.1f}", f"{r['tau']:.2f}",
                       "-" if r["acceptance"] is None else f"{r['acceptance']:.3f}", f"{r['accuracy']:.3f}", f"{r['fd']:.2f}")
-    Console().print(table)
+    _console().print(table)
 
 
 @app.command()

@@ -128,7 +128,22 @@ def _sample_walk(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, 
         node = accepted
 
 
-class LanternAcceptance:
+class RelaxedAcceptance:
+    """A lossy acceptance rule over the exact sampling walk: subclasses say how likely a draft token
+    is to be kept (`accept_probability(p, q, x)`); rejections resample from the exact residual, and
+    greedy decoding stays exact (verify_greedy)."""
+
+    def accept_probability(self, p: torch.Tensor, q: Optional[torch.Tensor], x: int) -> float:
+        raise NotImplementedError
+
+    def __call__(self, tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator) -> Verdict:
+        if params.greedy:
+            return verify_greedy(tree, logits)
+        return _sample_walk(tree, logits, params, generator, self.accept_probability)
+
+
+class LanternAcceptance(RelaxedAcceptance):
     """LANTERN's relaxed acceptance (Jang et al. 2024): **lossy** (method `lantern`). Image codes
     that lie close in the VQ latent space decode to near-identical patches, so a draft code x is
     credited with the target mass of its latent neighbours: A = {x} plus x's nearest codes, nearest
@@ -158,14 +173,9 @@ class LanternAcceptance:
         qa = 1.0 if q is None else float(q.to(p.device)[group].sum())
         return min(1.0, pa / qa) if qa > 0 else 0.0
 
-    def __call__(self, tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
-                 generator: torch.Generator) -> Verdict:
-        if params.greedy:
-            return verify_greedy(tree, logits)
-        return _sample_walk(tree, logits, params, generator, self.accept_probability)
 
 
-class GroupedAcceptance:
+class GroupedAcceptance(RelaxedAcceptance):
     """Grouped speculative decoding's acceptance (GSD; So et al. 2025), as we read it: **lossy**
     (method `gsd`). Many image codes are equally valid next tokens, so a draft is judged with its
     group instead of alone: the group is the target's `group` most probable codes at that position
@@ -188,11 +198,6 @@ class GroupedAcceptance:
         qg = 1.0 if q is None else float(q.to(p.device)[top].sum())
         return min(1.0, pg / qg) if qg > 0 else 0.0
 
-    def __call__(self, tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
-                 generator: torch.Generator) -> Verdict:
-        if params.greedy:
-            return verify_greedy(tree, logits)
-        return _sample_walk(tree, logits, params, generator, self.accept_probability)
 
 
 def verify_typical(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
