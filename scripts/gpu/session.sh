@@ -45,6 +45,8 @@ T15=$STASH/qwen2.5-coder-1.5b-instruct.gguf
 T05=$STASH/qwen2.5-coder-0.5b-instruct.gguf
 S135=$STASH/smollm2-135m-instruct.gguf
 RUNS=$STASH/runs
+# the draft model where it was staged (methods that need it are left out otherwise)
+DRAFT_MODEL=$([ -f "$T05" ] && echo "$T05")
 EPOCHS=${EPOCHS:-6}
 TRAIN=(--device "${DEVICE:-cuda}" ${N_PROMPTS:+--n-prompts "$N_PROMPTS"} --gen-batch "${GEN_BATCH:-820}" --samples "${SAMPLES:-3}" -n "${GEN_TOKENS:-384}"
        --epochs "$EPOCHS" --batch-tokens "${BATCH_TOKENS:-16384}" --lr "${LR:-3e-4}")
@@ -53,8 +55,11 @@ DRAFTERS="" SKIP=""
 for m in medusa hydra eagle falcon; do
   if [ -f "$STASH/$m-q15/model.safetensors" ]; then DRAFTERS="$DRAFTERS${DRAFTERS:+,}$m=$STASH/$m-q15"; else SKIP="$SKIP $m"; fi
 done
-methods() {  # methods LIST: LIST without the learned methods that have no drafter
+# more entries for method variants (bench's METHOD@LABEL), e.g. EXTRA_DRAFTERS='falcon@shipped=DIR'
+DRAFTERS="$DRAFTERS${EXTRA_DRAFTERS:+${DRAFTERS:+,}$EXTRA_DRAFTERS}"
+methods() {  # methods LIST: LIST without the learned methods that have no drafter (and draft without its model)
   local out="" m
+  [ -n "$DRAFT_MODEL" ] || SKIP="$SKIP draft hf-assisted"
   for m in ${1//,/ }; do
     case " $SKIP " in *" ${m%-typical} "*) echo "!! no $m drafter: left out" >&2 ;; *) out="$out${out:+,}$m" ;; esac
   done
@@ -88,7 +93,7 @@ learned_train() {  # learned_train OUTDIR [args]: the learned-drafter recipe (do
     --gen-batch "${GEN_BATCH:-1024}" -n "${GEN_TOKENS:-256}" --text sharegpt ${N_TEXT:+--n-text "$N_TEXT"} \
     --draft-vocab "${VOCAB:-32768}" --num-layers "${LAYERS:-1}" -k "${K:-2}" --intermediate-size "${WIDTH:-2816}" --store int8 \
     --epochs "${EPOCHS:-2}" --batch-tokens "${BATCH_TOKENS:-32768}" --max-len "${MAX_LEN:-2048}" \
-    --time-budget "${TRAIN_SECS:-300}" --lr "${LR:-5e-4}" --save-every 100000 "$@" \
+    --time-budget "${TRAIN_SECS:-300}" --lr "${LR:-5e-4}" --save-every 100000 ${INIT:+--init "$INIT"} "$@" \
     2>&1 | tr '\r' '\n' | grep -v '^\s*$' | grep -v 'Loading weights'
 }
 
@@ -167,14 +172,14 @@ EOF2
     pack heads
     ;;
   greedy)
-    bench greedy "${SECS:-540}" --target "$T15" --draft-model "$T05" ${DRAFTERS:+--drafter "$DRAFTERS"} ${TREES:+--tree "$TREES"} ${COMPILE:+--compile} \
+    bench "${NAME:-greedy}" "${SECS:-540}" --target "$T15" ${DRAFT_MODEL:+--draft-model "$DRAFT_MODEL"} ${DRAFTERS:+--drafter "$DRAFTERS"} ${TREES:+--tree "$TREES"} ${COMPILE:+--compile} \
       ${SAME_TEXT:+--same-text} ${REPEATS:+--repeats "$REPEATS"} \
       --methods "$(methods "${METHODS:-ar,draft,pld,ngram,lookahead,copy,auto,medusa,hydra,eagle,falcon,hf-ar,hf-assisted,hf-pld}")" \
       --tasks "${TASKS:-code,edit,chat}" --n-prompts "${N:-2}" --max-new-tokens "${TOKENS:-128}" --allow-near-ties
-    pack greedy
+    pack "${NAME:-greedy}"
     ;;
   t1)
-    bench t1 "${SECS:-400}" --target "$T15" --draft-model "$T05" ${DRAFTERS:+--drafter "$DRAFTERS"} ${TREES:+--tree "$TREES"} ${COMPILE:+--compile} \
+    bench t1 "${SECS:-400}" --target "$T15" ${DRAFT_MODEL:+--draft-model "$DRAFT_MODEL"} ${DRAFTERS:+--drafter "$DRAFTERS"} ${TREES:+--tree "$TREES"} ${COMPILE:+--compile} \
       --methods "$(methods "${METHODS:-ar,draft,pld,lookahead,medusa,hydra,eagle,falcon,medusa-typical}")" \
       --tasks "${TASKS:-code,chat}" --n-prompts "${N:-2}" --max-new-tokens "${TOKENS:-96}" --temperature 1
     pack t1

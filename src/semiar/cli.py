@@ -517,6 +517,7 @@ def train_drafter(
     reg_weight: float = typer.Option(1.0, "--reg-weight", help="falcon/eagle: weight of the feature regression loss."),
     token_weight: float = typer.Option(0.1, "--token-weight", help="falcon/eagle: weight of the token-distribution loss (KL + CE)."),
     ttt: float = typer.Option(0.0, "--ttt", help="falcon/eagle: share of blocks fed the drafter's own predicted features (training-time test)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from this drafter directory (same method, target and shape) and train on."),
 ):
     """Train a drafter for TARGET on the target's own answers (self-distillation); resumable.
     Several GPUs: torchrun --standalone --nproc-per-node N -m semiar.cli train-drafter ... --device cuda"""
@@ -529,7 +530,7 @@ def train_drafter(
                       max_len=max_len, glance=not no_glance, max_steps=max_steps, save_every=save_every, seed=seed,
                       device=device, dtype=dtype, data=data, text=text, n_text=n_text, online=online,
                       draft_vocab=draft_vocab, intermediate_size=intermediate_size, time_budget=time_budget, store=store,
-                      max_prompt_len=max_prompt_len, norms=norms, reg_weight=reg_weight, token_weight=token_weight, ttt=ttt)
+                      max_prompt_len=max_prompt_len, norms=norms, reg_weight=reg_weight, token_weight=token_weight, ttt=ttt, init=init)
     summary = run(cfg)
     typer.echo(json.dumps({k_: summary[k_] for k_ in ("steps", "sequences", "tokens", "data_seconds", "train_seconds",
                                                       "train_tokens_per_s", "data", "draft_vocab", "val")}))

@@ -214,6 +214,24 @@ def test_tree_per_method():
         tree_per_method("nope=chain:4", ["ar"])
 
 
+def test_method_variants_run_one_method_twice_with_their_own_trees(tmp_path, model_dirs):
+    """`pld@short` is pld under its own label and tree, checked against ar like pld."""
+    res = run_bench(config(tmp_path, model_dirs, methods=["ar", "pld", "pld@short"], tree="pld@short=chain:1",
+                           repeats=1, same_text=True), progress=False)
+    assert res["identity"]["mismatches"] == []
+    short, full = res["runs"]["pld@short"], res["runs"]["pld"]
+    assert max(max(len(r["accept_by_depth"]) for r in short), 1) == 1 and "pld@short" in res["summary"]["all"]
+    assert [r["token_ids"] for r in short] == [r["token_ids"] for r in res["runs"]["ar"]]
+    assert full  # the plain method keeps its own default tree
+    from semiar.bench.run import tree_per_method, drafter_per_method
+
+    assert tree_per_method("pld=chain:4", ["pld", "pld@a"]) == {"pld": "chain:4", "pld@a": "chain:4"}
+    assert drafter_per_method("falcon=A,falcon@old=B", ["falcon", "falcon@old"]) == {"falcon": "A", "falcon@old": "B"}
+    for bad in (["ar", "ar@x"], ["ar", "hf-ar@x"], ["ar", "pld@"], ["ar", "pld@a b"]):
+        with pytest.raises(InvalidArgumentError, match="variant|unknown"):
+            BenchConfig(methods=bad).validate()
+
+
 def test_hf_peer_shares_our_dense_weights_and_matches_its_own_load(tmp_path, monkeypatch):
     # the dense weights kept beside the packed ones: left to timing, a loaded machine can pick a packed
     # one-row kernel and keep no dense weight to share (fastest_one_row_kernel)

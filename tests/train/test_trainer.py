@@ -162,3 +162,23 @@ def test_eagle_and_heads_settings():
     assert (c.k, c.num_layers) == (4, 1)
     with pytest.raises(InvalidArgumentError, match="falcon"):
         TrainConfig(target="x", out="y", method="hydra", glance=False).validate()
+
+
+def test_init_trains_on_from_an_existing_drafter(model_dir, tmp_path):
+    """--init starts from a drafter's weights (not from scratch) and refuses one of another shape."""
+    import torch
+    from safetensors.torch import load_file
+
+    first = tmp_path / "a"
+    train_drafter(cfg(model_dir, first, max_steps=3), progress=False)
+    # zero steps of training from it: the weights written are the ones it started from
+    again = tmp_path / "b"
+    train_drafter(cfg(model_dir, again, max_steps=1, lr=1e-12, init=str(first)), progress=False)
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    fresh = tmp_path / "c"
+    train_drafter(cfg(model_dir, fresh, max_steps=1, lr=1e-12), progress=False)
+    c = load_file(str(fresh / "model.safetensors"))
+    name = next(k for k in a if a[k].is_floating_point() and a[k].dim() == 2)
+    assert (a[name] - b[name]).abs().max() < 1e-6 < 1e-4 < (a[name] - c[name]).abs().max()
+    with pytest.raises(InvalidArgumentError, match="another shape"):
+        train_drafter(cfg(model_dir, tmp_path / "d", max_steps=1, k=3, init=str(first)), progress=False)

@@ -31,6 +31,13 @@ from .tasks import load_tasks
 BASELINE_OF = {"hf-assisted": "hf-ar", "hf-pld": "hf-ar", "llamacpp-pld": "llamacpp"}
 
 
+def method_of(entry: str) -> str:
+    """The method a `--methods` entry runs: 'falcon@chain2' -> 'falcon'. An engine method can be listed
+    several times under labels (`METHOD@LABEL`), each with its own `--tree`/`--drafter` entry (e.g.
+    two trees or two drafters of one method compared in one run)."""
+    return entry.partition("@")[0]
+
+
 @dataclass
 class BenchConfig:
     target: str = "qwen2.5-coder-1.5b-instruct"
@@ -65,9 +72,14 @@ class BenchConfig:
 
     def validate(self) -> None:
         known = list(METHODS) + list(PEERS)
-        bad = [m for m in self.methods if m not in known]
+        bad = [m for m in self.methods if method_of(m) not in known]
         if bad:
             raise InvalidArgumentError(f"unknown method/peer {', '.join(bad)}; choose from {', '.join(known)}")
+        odd = [m for m in self.methods if "@" in m and (method_of(m) not in METHODS or method_of(m) in ("ar", "auto")
+                                                        or not m.partition("@")[2].replace("-", "").replace("_", "").isalnum())]
+        if odd:
+            raise InvalidArgumentError(f"bad method variant {', '.join(odd)}: use METHOD@LABEL (letters, digits, - and _) "
+                                       "for an engine method other than ar and auto")
         if not self.methods:
             raise InvalidArgumentError("no methods given")
         if len(set(self.methods)) != len(self.methods):
@@ -122,8 +134,12 @@ def tree_per_method(tree: Optional[str], methods: list) -> dict:
     if not tree:
         return {}
     if "=" not in tree.split(":", 1)[0]:
-        return {m: tree for m in methods if m in METHODS and m not in ("ar", "auto")}
-    return _per_method(tree, ";", METHODS, "--tree", "SPEC")
+        return {m: tree for m in methods if method_of(m) in METHODS and m not in ("ar", "auto")}
+    out = _per_method(tree, ";", list(METHODS) + [m for m in methods if "@" in m], "--tree", "SPEC")
+    for m in methods:  # a variant without its own entry takes its method's
+        if m not in out and method_of(m) in out:
+            out[m] = out[method_of(m)]
+    return out
 
 
 def drafter_per_method(drafter: Optional[str], methods: list) -> dict:
@@ -132,11 +148,14 @@ def drafter_per_method(drafter: Optional[str], methods: list) -> dict:
     if not drafter:
         return {}
     if "=" not in drafter:
-        return {m: drafter for m in methods if m in LEARNED}
-    out = _per_method(drafter, ",", LEARNED, "--drafter", "DIR")
+        return {m: drafter for m in methods if method_of(m) in LEARNED}
+    out = _per_method(drafter, ",", list(LEARNED) + [m for m in methods if "@" in m], "--drafter", "DIR")
     for m in methods:
-        if m in LEARNED and m not in out and LEARNED[m] in out:
-            out[m] = out[LEARNED[m]]
+        base = method_of(m)
+        if base in LEARNED and m not in out:
+            mine = out.get(base) or out.get(LEARNED[base])
+            if mine:
+                out[m] = mine
     return out
 
 
@@ -193,10 +212,10 @@ class Runner:
         trees = tree_per_method(cfg.tree, cfg.methods)
         drafters = drafter_per_method(cfg.drafter, cfg.methods)
         for m in cfg.methods:
-            if m in METHODS:
+            if method_of(m) in METHODS:
                 # auto chooses among the training-free methods, the draft model and a Falcon drafter
                 mine = drafters.get("falcon") if m == "auto" else drafters.get(m)
-                drafter = make_drafter(m, self.target, draft_model=self.draft, tree=trees.get(m), k=cfg.k,
+                drafter = make_drafter(method_of(m), self.target, draft_model=self.draft, tree=trees.get(m), k=cfg.k,
                                        device=cfg.device, drafter=mine, compile=cfg.compile)
                 self.engines[m] = Engine(self.target, drafter)
             elif m.startswith("hf-"):
@@ -401,7 +420,8 @@ def _run_loaded(cfg: BenchConfig, runner: Runner, prompts, out: Path, console, p
 def _forced_text(cfg: BenchConfig, method: str, per_method: dict) -> Optional[list]:
     """With --same-text: the text a lossless engine method must follow (ar's first run of this
     prompt), else None."""
-    if not cfg.same_text or method == "ar" or method not in METHODS or method in LOSSY or not per_method["ar"]:
+    base = method_of(method)
+    if not cfg.same_text or method == "ar" or base not in METHODS or base in LOSSY or not per_method["ar"]:
         return None
     first = per_method["ar"][0]  # None when ar failed (the run then stops with that error)
     return (first or {}).get("token_ids") or None
@@ -424,7 +444,7 @@ def identity_check(results: dict, cfg: BenchConfig) -> dict:
     n = min(len(v) for v in results["runs"].values())
     mismatches = []
     for m, runs in results["runs"].items():
-        base = BASELINE_OF.get(m, "ar" if m in METHODS and m not in LOSSY else None)
+        base = BASELINE_OF.get(m, "ar" if method_of(m) in METHODS and method_of(m) not in LOSSY else None)
         if base is None or base == m or base not in results["runs"]:
             continue
         for i in range(n):
@@ -495,7 +515,7 @@ def summarize(results: dict) -> dict:
             tps = _tps(sel)
             row = {"tokens_per_s": round(tps, 3), "speedup": round(tps / ar_tps, 3) if ar_tps else None,
                    "new_tokens": sum(r["new_tokens"] for r in sel), "seconds": round(sum(r["seconds"] for r in sel), 3)}
-            if m in LOSSY:
+            if method_of(m) in LOSSY:
                 row["lossy"] = True
             fw = [r["target_forwards"] for r in sel if r.get("target_forwards")]
             if fw:
@@ -576,7 +596,7 @@ def render_report(results: dict) -> str:
                 continue
             lines.append(f"- {mm['method']} vs {mm['baseline']} on {mm['task']}/{mm['prompt_id']}: first difference "
                          f"at token {mm['first_difference_at']}, logit gap {mm.get('logit_gap')} ({kind})")
-    lossy = [m for m in results["runs"] if m in LOSSY]
+    lossy = [m for m in results["runs"] if method_of(m) in LOSSY]
     if lossy:
         lines.append(f"**Lossy** (opt-in relaxed acceptance, not counted as lossless, not identity-checked): "
                      f"{', '.join(lossy)}. Greedy output still equals `ar`'s; sampled output does not follow the "
@@ -589,7 +609,7 @@ def render_report(results: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for meth, r in rows.items():
             split = r.get("time_split_pct") or {}
-            label = f"{meth} (lossy)" if meth in LOSSY else meth
+            label = f"{meth} (lossy)" if method_of(meth) in LOSSY else meth
             lines.append(f"| {label} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
                          f"{r.get('tau', '-') if r.get('tau') is not None else '-'} | "
                          f"{split.get('draft', '-')} | {split.get('verify', '-')} | {r['new_tokens']} |")

@@ -80,6 +80,7 @@ class TrainConfig:
     reg_weight: float = 1.0  # falcon/eagle: weight of the feature regression in the loss
     token_weight: float = 0.1  # falcon/eagle: weight of the token-distribution terms (KL + CE)
     ttt: float = 0.0  # falcon/eagle: share of blocks fed the drafter's own predictions (training-time test)
+    init: Optional[str] = None  # a drafter directory to start from (same method, target and shape): train on
 
     def validate(self) -> None:
         if self.method not in TRAINABLE:
@@ -252,6 +253,9 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
         vocab_ids, vocab_info = choose_draft_vocab(data, target.config.vocab_size, cfg.draft_vocab, world)
         net.vocab_ids.copy_(vocab_ids)
         console.print(f"draft vocabulary: {cfg.draft_vocab} tokens cover {vocab_info['coverage']:.4f} of the answer tokens")
+    if cfg.init:
+        warm_start(net, cfg.init, cfg.method, target)
+        console.print(f"starting from the drafter in {cfg.init}" + (" (its draft vocabulary)" if cfg.draft_vocab else ""))
     net = net.to(device=device, dtype=torch.float32)
     model = net
     if world > 1:
@@ -444,6 +448,24 @@ def _method(cfg: TrainConfig, target):
         return save_heads(out, net, target, training=training)
 
     return net, step, evaluate_h, save_h
+
+
+def warm_start(net, path: str, method: str, target) -> None:
+    """Load the weights of the drafter directory `path` into `net`: a drafter for the same target,
+    of the same method and shape (its draft vocabulary too), so that training goes on from it."""
+    from ..drafters.checkpoint import check_identity, read_drafter_dir
+
+    meta, sd = read_drafter_dir(path, method)
+    check_identity(meta, target, path)
+    ours = asdict(net.config)
+    differ = sorted(k for k in set(ours) | set(meta["config"]) if ours.get(k) != meta["config"].get(k))
+    if differ:
+        shown = ", ".join(f"{k} {meta['config'].get(k)!r} there, {ours.get(k)!r} here" for k in differ[:4])
+        raise InvalidArgumentError(f"--init {path} has another shape ({shown}); train with its settings or start fresh")
+    try:
+        net.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise SemiarError(f"--init {path}: its weights do not match its config ({str(e).splitlines()[0]})") from None
 
 
 def choose_draft_vocab(data, vocab_size: int, n: int, world: int = 1) -> tuple[torch.Tensor, dict]:
