@@ -201,7 +201,9 @@ class BatchGenerator:
         s = self._state
         if s is not None and s.key == (rows, slots, max_new, self.features) and (s.sampling or not sampling):
             return s
-        self._state = s = None  # free the old buffers (and graphs) first
+        if s is not None:  # free the old buffers and graphs first (a direct step refers to its state)
+            s.steps = {}
+        self._state = s = None
         s = _State(self.decoder, rows, slots, max_new, self.features, sampling, self.eos)
         self.graphed = False
         if self.cuda_graphs and s.windows:
