@@ -162,7 +162,7 @@ def main():
                     gen = BatchGenerator(target, features=False)
                     if cuda:
                         torch.cuda.reset_peak_memory_stats()
-                    probe_new = 17
+                    probe_new = min(17, a.new_tokens)
                     dt, n, _ = timed(gen, prompts(B, 2), probe_new, temp, min(a.run_limit, left))
                     step = dt / probe_new  # an upper bound: it holds the probe's prefill and capture
                     left = a.budget - elapsed() - 5

@@ -2,8 +2,9 @@
 
 A drafter should predict what its target will say, so the data is the target's own answers to a
 prompt set (no external answers needed), together with the target's final-layer features at
-every position. Both come out of one batched generation with the native decoder: the prefill gives
-the prompt's features, each decode step the feature of the token it consumed.
+every position. Both come out of one batched generation with the native decoder (`BatchGenerator`:
+fixed-shape steps over a static batched KV cache, CUDA graphs on CUDA): the prefill gives the
+prompt's features, each decode step the feature of the token it consumed.
 
 Layout (`DistillData`): all sequences concatenated. For sequence s, positions
 ``offsets[s]:offsets[s+1]`` hold token ids ``ids`` and features ``hidden`` (the target's hidden
