@@ -19,6 +19,8 @@ Example:
 The static seam. The GPU execution path (`models.cuda`: CUDA graphs, fused Triton kernels, the
 one-row kernel) builds on this module through these public names only, and this module imports
 nothing of it:
+- `Decoder.forward_rows`, the fixed-shape forward of a batch with a mask per row (batched decoding
+  for training data, `train.data`);
 - `Decoder.forward_static`, the forward with every shape fixed, and the three pieces it runs
   (`static_prologue`, `call_layer`, `static_epilogue`), which `Decoder.static_fns` may replace by
   compiled versions of the same functions;
@@ -377,8 +379,9 @@ class Attention(nn.Module):
         # GQA without copying K/V: fold the query group into the row dimension.
         g = self.h // self.kvh
         q = q.reshape(B, self.kvh, g * T, self.d)  # [B, kvh, g*T, d]
-        if mask is not None and g > 1:
-            # [T, end] -> [g*T, end]; per-row masks [B, 1, T, end] -> [B, 1, g*T, end]
+        if mask is not None and g > 1 and T > 1:
+            # [T, end] -> [g*T, end]; per-row masks [B, 1, T, end] -> [B, 1, g*T, end] (one query row
+            # per token: the mask's [.., 1, end] broadcasts over the group as it is)
             mask = mask.repeat(g, 1) if mask.dim() == 2 else mask.repeat(1, 1, g, 1)
         if self.row_exact:
             scores = torch.matmul(q.double(), keys.double().transpose(-1, -2)) * (1.0 / math.sqrt(self.d))
@@ -612,6 +615,26 @@ class Decoder(nn.Module):
                 if not self.defer_residual:
                     x, d = x + d, None
         return epilogue(self.norm, self.lm_head, x, d)
+
+    @torch.no_grad()
+    def forward_rows(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                     mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     return_hidden: bool = False):
+        """The fixed-shape forward of a batch whose rows each see their own cache slots, for batched
+        decoding captured as one CUDA graph (`train.data.BatchGenerator`).
+
+        input_ids, positions: [B, T]; slots: [T] long, the cache slots the block writes (the same
+        for every row); mask: [B, T, W] bool, which of the cache's first W slots each token sees
+        (its own slot included); k_cache, v_cache: [layers, B, kv_heads, capacity, head_dim].
+        The batch-1 hooks (`row_layer`, the block kernels) and `static_fns` are not used.
+        Returns (logits [B, T, vocab] in the model's dtype, final-norm hidden [B, T, hidden] or None)."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self._rope(positions)
+        m = mask.unsqueeze(1)  # [B, 1, T, W]: one mask for every head
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, m)
+        x = self.norm(x)
+        return self.lm_head(x), (x if return_hidden else None)
 
     def pack_for_cpu(self, dense_rows: int = 2, small: Optional[str] = None) -> bool:
         """Replace every linear layer (lm_head included) by its oneDNN-packed form when on a CPU

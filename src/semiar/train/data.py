@@ -2,8 +2,9 @@
 
 A drafter should predict what its target will say, so the data is the target's own answers to a
 prompt set (no external answers needed), together with the target's final-layer features at
-every position. Both come out of one batched generation with the native decoder: the prefill gives
-the prompt's features, each decode step the feature of the token it consumed.
+every position. Both come out of one batched generation with the native decoder (`BatchGenerator`:
+fixed-shape steps over a static batched KV cache, CUDA graphs on CUDA): the prefill gives the
+prompt's features, each decode step the feature of the token it consumed.
 
 Layout (`DistillData`): all sequences concatenated. For sequence s, positions
 ``offsets[s]:offsets[s+1]`` hold token ids ``ids`` and features ``hidden`` (the target's hidden
@@ -18,13 +19,17 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..errors import ModelFileError
+from ..errors import InvalidArgumentError, ModelFileError, SemiarError
+from ..models.cuda.capture import Captured, Direct
+from ..models.decoder import KVCache
 
 
 @dataclass
@@ -86,79 +91,251 @@ class DistillData:
             raise ModelFileError(f"training data cache {path} is unreadable ({e}); delete it to regenerate") from None
 
 
-@torch.no_grad()
+#: tokens one prefill forward takes at most (rows x prompt slots): bounds its activations at large batches
+PREFILL_TOKENS = 16384
+#: prompt slots are rounded up to a multiple of this (more left padding), so that batches of similar
+#: prompt lengths (the prompts come sorted by length) reuse one set of captured graphs
+PROMPT_BUCKET = 32
+#: attention windows (one graph each) per shape: step t attends over the smallest window that holds
+#: its slot, so early steps do not read the whole cache's empty tail
+MAX_WINDOWS = 4
+#: slack slots past the last step: a capture's two warm-up steps write there
+WARMUP = 2
+
+
+def choose_tokens(logits: torch.Tensor, greedy: torch.Tensor, temps: torch.Tensor,
+                  noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, vocab] logits -> [B] next tokens, on the device: the argmax for rows where `greedy`, else a
+    sample of softmax(logits / temps) by the Gumbel-max trick, argmax(logits / T - log E) with
+    E ~ Exp(1) in `noise` [B, vocab] fp32 (None: every row greedy). Fixed shapes, no host sync."""
+    if noise is None:
+        return logits.argmax(-1)
+    z = logits.float()
+    sampled = z / temps.unsqueeze(1) - noise.clamp_min(1e-30).log()
+    return torch.where(greedy.unsqueeze(1), z, sampled).argmax(-1)
+
+
+class _State:
+    """The static buffers of one batch shape (rows, prompt slots, answer length) and the step over them."""
+
+    def __init__(self, dec, rows: int, slots: int, max_new: int, features: bool, sampling: bool, eos: list[int]):
+        dev = dec.device
+        self.key = (rows, slots, max_new, features)
+        self.sampling = sampling
+        self.P = slots
+        n_fed = max_new - 1  # answer tokens fed back (the last one is not)
+        cap = slots + n_fed + WARMUP
+        self.cache = dec.new_cache(cap, batch=rows)
+        self.valid = torch.zeros(rows, cap, dtype=torch.bool, device=dev)  # which slots hold real tokens
+        self.cur = torch.zeros(rows, 1, dtype=torch.long, device=dev)  # the token fed next
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=dev)  # its position
+        self.slot = torch.full((1,), slots, dtype=torch.long, device=dev)  # its cache slot
+        self.tokens = torch.zeros(rows, max_new + WARMUP, dtype=torch.long, device=dev)  # the answers
+        self.done = torch.zeros(rows, dtype=torch.bool, device=dev)  # an EOS was chosen
+        self.feats = (torch.zeros(rows, n_fed + WARMUP, dec.config.hidden_size, dtype=dec.dtype, device=dev)
+                      if features else None)  # features of the fed tokens
+        self.greedy = torch.ones(rows, dtype=torch.bool, device=dev)
+        self.temps = torch.ones(rows, dtype=torch.float32, device=dev)
+        self.noise = (torch.empty(rows, dec.config.vocab_size, dtype=torch.float32, device=dev)
+                      if sampling else None)
+        self.eos = torch.tensor(eos or [-1], dtype=torch.long, device=dev)
+        chunk = -(-n_fed // MAX_WINDOWS) if n_fed > 0 else 1
+        self.windows = sorted({min(slots + k * chunk, slots + n_fed) for k in range(1, MAX_WINDOWS + 1)}) if n_fed else []
+        self.steps = {}  # window -> Captured | Direct
+
+    def step(self, dec, window: int) -> None:
+        """One decode step of every row, all of it on the device (captured as a graph on CUDA): feed
+        `cur` at `slot`, choose the next tokens, write them, advance."""
+        self.valid.index_fill_(1, self.slot, True)
+        logits, h = dec.forward_rows(self.cur, self.pos, self.slot, self.valid[:, :window].unsqueeze(1),
+                                     self.cache.k, self.cache.v, return_hidden=self.feats is not None)
+        col = self.slot - self.P  # the fed token's index in the answer
+        if self.feats is not None:
+            self.feats.index_copy_(1, col, h)
+        nxt = choose_tokens(logits[:, 0], self.greedy, self.temps, self.noise)
+        self.tokens.index_copy_(1, col + 1, nxt.unsqueeze(1))
+        self.done |= (nxt.unsqueeze(1) == self.eos).any(1)
+        self.cur.copy_(nxt.unsqueeze(1))
+        self.pos += 1
+        self.slot += 1
+
+    def rewind(self) -> None:
+        """Back to the first step's slot (a capture's warm-ups advance the state)."""
+        self.slot.fill_(self.P)
+        self.cur.zero_()
+        self.pos.fill_(self.P)
+
+
+class BatchGenerator:
+    """Answers batches of prompts with the target at once, every decode step one fixed-shape forward of
+    the whole batch (`Decoder.forward_rows`) over one static batched KV cache: the step chooses the
+    next tokens on the device (argmax, or a sample at a per-row temperature), writes them into a
+    device buffer and tracks EOS there, so the host only queues steps and looks at `done` every
+    `check_every` steps to stop early. On CUDA each step is a captured CUDA graph (one per attention
+    window), replayed with no host input at all; elsewhere, or where capture fails (a warning), the
+    same step runs directly. The static state of the last batch shape is kept, so batches of the same
+    size and prompt bucket (`PROMPT_BUCKET`) reuse the graphs.
+
+    features=False: token-only answers (the online recipe recomputes features in training); no
+    features are computed or stored.
+
+    Example:
+        >>> gen = BatchGenerator(target, features=False)              # doctest: +SKIP
+        >>> [toks for toks, _ in gen.generate(prompts, max_new_tokens=256)]  # doctest: +SKIP
+    """
+
+    check_every = 16
+
+    def __init__(self, target, features: bool = True, cuda_graphs: Optional[bool] = None):
+        self.decoder = dec = target.decoder
+        if not hasattr(dec, "forward_rows"):
+            raise SemiarError(f"batched generation needs the native decoder (not {type(dec).__name__}); "
+                              "load the target with backend='native'")
+        self.features = features
+        self.eos = sorted(target.eos_ids)
+        self.cuda_graphs = dec.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        #: whether the last batch replayed CUDA graphs
+        self.graphed = False
+        self._state: Optional[_State] = None
+
+    def _prepare(self, rows: int, slots: int, max_new: int, sampling: bool) -> _State:
+        s = self._state
+        if s is not None and s.key == (rows, slots, max_new, self.features) and (s.sampling or not sampling):
+            return s
+        if s is not None:  # free the old buffers and graphs first (a direct step refers to its state)
+            s.steps = {}
+        self._state = s = None
+        s = _State(self.decoder, rows, slots, max_new, self.features, sampling, self.eos)
+        self.graphed = False
+        if self.cuda_graphs and s.windows:
+            self.graphed = self._capture(s)
+        if not self.graphed:
+            s.steps = {w: Direct(functools.partial(s.step, self.decoder, w), []) for w in s.windows}
+        self._state = s
+        return s
+
+    def _capture(self, s: _State) -> bool:
+        """One CUDA graph per window (sharing one memory pool: they replay one at a time); False, with a
+        warning, where capture fails."""
+        dev = self.decoder.device
+        try:
+            with torch.cuda.device(dev):
+                pool = torch.cuda.graph_pool_handle()
+                for w in s.windows:
+                    s.rewind()  # the warm-ups write the first slots, later overwritten
+                    s.steps[w] = Captured(functools.partial(s.step, self.decoder, w), [], pool=pool)
+                torch.cuda.synchronize(dev)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever capture raised, the direct step still works
+            warnings.warn(f"CUDA-graph capture of the batched decode step failed ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:200]}); running it eagerly (slower)", stacklevel=3)
+            s.steps = {}
+            torch.cuda.synchronize(dev)
+            return False
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature=0.0,
+                 generator: Optional[torch.Generator] = None) -> list[tuple[list[int], Optional[torch.Tensor]]]:
+        """Per prompt: the full token list (prompt + answer, stopping at EOS) and, with features, the
+        target's features [len - 1, hidden] of every token but the last (else None).
+        temperature: one value, or one per prompt (0 = greedy)."""
+        if max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        dec = self.decoder
+        dev = dec.device
+        B = len(prompts)
+        temps = [float(temperature)] * B if isinstance(temperature, (int, float)) else [float(x) for x in temperature]
+        sampling = any(t > 0 for t in temps)
+        P = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+        s = self._prepare(B, P, max_new_tokens, sampling)
+
+        # inputs built on the host, one copy each
+        pad = torch.tensor([P - len(p) for p in prompts])
+        ids = torch.zeros(B, P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        cols = torch.arange(P)
+        prompt_valid = cols.unsqueeze(0) >= pad.unsqueeze(1)  # [B, P]
+        positions = (cols.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
+        ids, positions, prompt_valid = ids.to(dev), positions.to(dev), prompt_valid.to(dev)
+        s.valid.zero_()
+        s.valid[:, :P] = prompt_valid
+        s.greedy.copy_(torch.tensor([t <= 0 for t in temps]))
+        s.temps.copy_(torch.tensor([t if t > 0 else 1.0 for t in temps]))
+        noise = s.noise if sampling else None
+        if noise is not None:
+            noise.exponential_(generator=generator)
+
+        # prefill in row chunks, eager; the first answer token from its last position
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(P, dtype=torch.bool, device=dev)  # padding rows see themselves (no NaN)
+        rows = max(1, PREFILL_TOKENS // P)
+        prompt_feats = []
+        for a in range(0, B, rows):
+            b = min(a + rows, B)
+            sub = KVCache.over(s.cache.k[:, a:b], s.cache.v[:, a:b])
+            mask = (causal.unsqueeze(0) & prompt_valid[a:b].unsqueeze(1)) | eye
+            out = dec(ids[a:b], sub, positions=positions[a:b], attn_mask=mask, logits_at=slice(-1, None),
+                      return_hidden=self.features)
+            if self.features:
+                prompt_feats.append(out.hidden)
+            s.tokens[a:b, 0] = choose_tokens(out.logits[:, -1], s.greedy[a:b], s.temps[a:b],
+                                             None if noise is None else noise[a:b])
+        s.rewind()
+        s.cur.copy_(s.tokens[:, :1])
+        s.pos.copy_(positions[:, -1:] + 1)
+        s.done.copy_((s.tokens[:, :1] == s.eos).any(1))
+
+        # decode: steps queued back to back; the host reads `done` every check_every steps
+        t, w = 1, 0
+        while t < max_new_tokens:
+            if (t - 1) % self.check_every == 0 and bool(s.done.all()):
+                break
+            while s.windows[w] < P + t:  # step t feeds slot P + t - 1
+                w += 1
+            if noise is not None:
+                noise.exponential_(generator=generator)
+            s.steps[s.windows[w]].replay()
+            t += 1
+
+        answers = s.tokens[:, :t].tolist()  # the one copy of the tokens to the host
+        eos = set(self.eos)
+        result = []
+        for i, p in enumerate(prompts):
+            ans = answers[i]
+            end = next((k + 1 for k, x in enumerate(ans) if x in eos), len(ans))
+            ans = ans[:end]
+            feats = None
+            if self.features:
+                c = i // rows
+                f = prompt_feats[c][i - c * rows, P - len(p):]
+                feats = torch.cat([f, s.feats[i, :len(ans) - 1]], 0)  # features for tokens[:-1]
+            result.append((list(p) + ans, feats))
+        return result
+
+
 def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, temperature=0.0,
-                   generator: Optional[torch.Generator] = None) -> list[tuple[list[int], torch.Tensor]]:
+                   generator: Optional[torch.Generator] = None,
+                   return_hidden: bool = True) -> list[tuple[list[int], Optional[torch.Tensor]]]:
     """Generate for several prompts at once (left-padded) and return, per prompt, the full token
     list (prompt + response, stopping at EOS) and the features [len - 1, hidden] of every token
-    but the last. temperature: one value, or one per prompt (0 = greedy)."""
-    dec = target.decoder
-    dev = dec.device
-    B = len(prompts)
-    longest = max(len(p) for p in prompts)
-    pad = [longest - len(p) for p in prompts]
-    ids = torch.zeros(B, longest, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        ids[i, pad[i]:] = torch.tensor(p, device=dev)
-    total = longest + max_new_tokens
-    valid = torch.zeros(B, total, dtype=torch.bool, device=dev)  # which cache slots hold real tokens
-    for i in range(B):
-        valid[i, pad[i]:longest] = True
-    cache = dec.new_cache(total, batch=B)
-    positions = (torch.arange(longest, device=dev).unsqueeze(0) - torch.tensor(pad, device=dev).unsqueeze(1)).clamp(min=0)
-    causal = torch.ones(longest, longest, dtype=torch.bool, device=dev).tril()
-    mask = causal.unsqueeze(0) & valid[:, :longest].unsqueeze(1)
-    mask |= torch.eye(longest, dtype=torch.bool, device=dev).unsqueeze(0)  # pad rows see themselves (no NaN)
-    out = dec(ids, cache, positions=positions, attn_mask=mask, logits_at=slice(-1, None), return_hidden=True)
-    feats = [out.hidden[i, pad[i]:] for i in range(B)]  # features of prompt tokens
-    steps: list[torch.Tensor] = []
-    logits = out.logits[:, -1]
-    tokens = [list(p) for p in prompts]
-    done = [False] * B
-    next_pos = torch.tensor([len(p) for p in prompts], device=dev)
-    eos = target.eos_ids
-    temps = [float(temperature)] * B if isinstance(temperature, (int, float)) else [float(x) for x in temperature]
-    temp_t = torch.tensor([x if x > 0 else 1.0 for x in temps], device=dev).unsqueeze(1)
-    sampled = torch.tensor([x > 0 for x in temps], device=dev)
-    for t in range(max_new_tokens):
-        nxt = logits.argmax(-1)
-        if bool(sampled.any()):
-            probs = (logits / temp_t).softmax(-1)
-            draw = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            nxt = torch.where(sampled, draw, nxt)
-        nxt_list = nxt.tolist()
-        for i in range(B):
-            if not done[i]:
-                tokens[i].append(nxt_list[i])
-                if nxt_list[i] in eos:
-                    done[i] = True
-        if all(done) or t == max_new_tokens - 1:
-            break
-        slot = longest + t
-        valid[:, slot] = True
-        m = valid[:, :slot + 1].unsqueeze(1)  # [B, 1, slot + 1]
-        out = dec(nxt.unsqueeze(1), cache, positions=next_pos.unsqueeze(1), attn_mask=m, return_hidden=True)
-        steps.append(out.hidden[:, 0])
-        logits = out.logits[:, -1]
-        next_pos = next_pos + 1
-    step_feats = torch.stack(steps, 1) if steps else None  # [B, steps, hidden]
-    result = []
-    for i in range(B):
-        n_new = len(tokens[i]) - len(prompts[i])
-        f = feats[i]
-        if n_new > 1:
-            f = torch.cat([f, step_feats[i, :n_new - 1]], 0)
-        result.append((tokens[i], f))  # features for tokens[:-1]
-    return result
+    but the last (None with return_hidden=False). temperature: one value, or one per prompt (0 =
+    greedy). One batch through a fresh `BatchGenerator`; for many batches keep one (it reuses its
+    static state and CUDA graphs across batches of the same shape)."""
+    return BatchGenerator(target, features=return_hidden).generate(prompts, max_new_tokens, temperature, generator)
 
 
 def generate_distill_data(target, prompts, max_new_tokens: int = 256, temperature: float = 0.0,
                           batch_size: int = 16, chat: bool = True, seed: int = 0, max_len: Optional[int] = None,
-                          progress: bool = True, samples: int = 1) -> DistillData:
+                          progress: bool = True, samples: int = 1, features: bool = True) -> DistillData:
     """Encode `prompts` (bench `Prompt`s), let the target answer them in batches, and collect the
     ids, features and response mask. Prompts longer than `max_len` tokens are dropped.
     samples > 1: each prompt is answered `samples` times, the first greedily (what greedy serving
-    sees), the others sampled at `temperature` (default 0.8): more, and more varied, data."""
+    sees), the others sampled at `temperature` (default 0.8): more, and more varied, data.
+    features=False: token-only data (`hidden` None; the online recipe recomputes features), and
+    generation computes none."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     encoded = [target.encode(p.prompt, chat=chat, system=p.system) for p in prompts]
@@ -171,6 +348,7 @@ def generate_distill_data(target, prompts, max_new_tokens: int = 256, temperatur
         rows = [(i, temperature) for i in range(len(encoded))]
     order = sorted(range(len(rows)), key=lambda r: len(encoded[rows[r][0]]))  # little padding per batch
     gen = torch.Generator(device=target.device).manual_seed(seed)
+    engine = BatchGenerator(target, features=features)  # one for all batches: its graphs are reused
     ids, hidden, response, offsets = [], [], [], [0]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress) as bar:
@@ -179,12 +357,13 @@ def generate_distill_data(target, prompts, max_new_tokens: int = 256, temperatur
             chunk = [rows[r] for r in order[b:b + batch_size]]
             batch = [encoded[i] for i, _ in chunk]
             temps = [t for _, t in chunk]
-            for prompt, (toks, feats) in zip(batch, generate_batch(target, batch, max_new_tokens, temps, gen)):
+            for prompt, (toks, feats) in zip(batch, engine.generate(batch, max_new_tokens, temps, gen)):
                 toks = toks[:-1]  # the last token has no feature (nothing after it to predict)
                 if len(toks) <= len(prompt):
                     continue
                 ids.append(torch.tensor(toks))
-                hidden.append(feats.to("cpu"))
+                if features:
+                    hidden.append(feats.to("cpu"))
                 r = torch.zeros(len(toks), dtype=torch.bool)
                 r[len(prompt):] = True
                 response.append(r)
@@ -194,4 +373,4 @@ def generate_distill_data(target, prompts, max_new_tokens: int = 256, temperatur
         raise ValueError("the target produced no training sequences (all prompts too long?)")
     meta = {"target": target.name, "n_prompts": len(encoded), "max_new_tokens": max_new_tokens,
             "temperature": temperature, "chat": chat, "seed": seed, "samples": samples}
-    return DistillData(torch.cat(ids), torch.cat(hidden), torch.cat(response), offsets, meta)
+    return DistillData(torch.cat(ids), torch.cat(hidden) if features else None, torch.cat(response), offsets, meta)

@@ -216,12 +216,12 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
             part = generate_distill_data(target, prompts, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_batch,
                                          cfg.chat, seed=cfg.seed + rank,
                                          max_len=min(cfg.max_len, (cfg.max_prompt_len or cfg.max_len) + cfg.max_new_tokens),
-                                         progress=progress and main, samples=cfg.samples)
+                                         progress=progress and main, samples=cfg.samples, features=not cfg.online)
             gen_s = time.perf_counter() - t_gen
             answered = int(part.response.sum())
             data_stats.update(generated_tokens=answered, generation_seconds=round(gen_s, 1),
                               generated_tokens_per_s=round(answered / max(gen_s, 1e-9)))
-            parts.append(part.tokens_only() if cfg.online else part)
+            parts.append(part)  # token-only when online
         if cfg.text:
             from .online import encode_conversations, load_text_source
 
