@@ -235,7 +235,7 @@ def test_default_tree_follows_the_device():
     from semiar.drafters.falcon import default_tree
 
     assert default_tree(2, "cpu") == TreeSpec("dynamic", depth=2, top_k=1, budget=2)
-    assert default_tree(2, "cuda") == TreeSpec("dynamic", depth=6, top_k=1, budget=6)
+    assert default_tree(2, "cuda") == TreeSpec("dynamic", depth=2, top_k=8, budget=16)
     target, _ = tiny_target()
     assert FalconDrafter(make_net(target), target).tree == default_tree(2, "cpu")
 
