@@ -206,13 +206,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         dtype = x.dtype
-        x = x.float()
+        if dtype != torch.float32:  # no-op conversions still cost a dispatch each (57 norms a 1.5B step)
+            x = x.float()
         if self.row_exact:
             ms = x.double().pow(2).mean(-1, keepdim=True).float()
         else:
             ms = x.pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(ms + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
@@ -351,13 +352,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, k_cache, v_cache, start, mask):
         # x: [B, T, hidden]; cos/sin: [B, T, d]; k_cache/v_cache: [B, kvh, capacity, d]
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
-        q = q.view(B, T, self.h, self.d).transpose(1, 2)
-        k = k.view(B, T, self.kvh, self.d).transpose(1, 2)
-        v = v.view(B, T, self.kvh, self.d).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qkv = self.qkv_proj(x)
+        nqk = (self.h + self.kvh) * self.d
+        # q and k rotated together: one rope instead of two (a one-token CPU step is op-bound)
+        qk = qkv[..., :nqk].view(B, T, self.h + self.kvh, self.d).transpose(1, 2)
+        qk = qk * cos.unsqueeze(1) + rotate_half(qk) * sin.unsqueeze(1)
+        q, k = qk.split([self.h, self.kvh], dim=1)  # [B, h, T, d], [B, kvh, T, d]
+        v = qkv[..., nqk:].view(B, T, self.kvh, self.d).transpose(1, 2)
         if k_cache is None:  # training: the whole sequence at once, nothing cached
             keys, values = k, v
         elif isinstance(start, torch.Tensor):

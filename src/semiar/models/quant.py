@@ -48,7 +48,7 @@ from ..errors import ModelFileError, SemiarError
 GROUP = 32  # the kernel's group along K
 ROW_BLOCK = 64  # the kernel's packing is row-separable in blocks of 64 rows (N pads to 16)
 CACHE_NAME = "model.q4.safetensors"
-_VERSION = "1"
+_VERSION = "2"  # 2: linear layers stored merged (qkv, gate_up)
 _CHUNK_ROWS = 8192  # rows repacked at a time (keeps the fp32 intermediates near 50 MB)
 
 
@@ -193,6 +193,28 @@ def repack(raw: np.ndarray, qtype, k: int) -> Repacked:
     return Repacked(n, k, planes, qtype.name, requant, n * (k // GROUP))
 
 
+def merge_parts(parts: list) -> list:
+    """Consecutive Repacked parts of one linear layer concatenated along N where the kernel's packing
+    allows (the previous part ends a row block of 64 and both have as many planes)."""
+    merged: list[Repacked] = []
+    for p in parts:
+        last = merged[-1] if merged else None
+        if last is not None and last.n % ROW_BLOCK == 0 and len(last.planes) == len(p.planes):
+            planes = [Plane(torch.cat([a.packed, b.packed]), torch.cat([a.scales_zeros, b.scales_zeros], 1))
+                      for a, b in zip(last.planes, p.planes)]
+            merged[-1] = Repacked(last.n + p.n, p.k, planes, last.qtype)
+        else:
+            merged.append(p)
+    return merged
+
+
+#: the decoder's linear layers per layer and the GGUF tensors (HF names) each one holds, in order
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "self_attn.o_proj": ("self_attn.o_proj",),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+         "mlp.down_proj": ("mlp.down_proj",)}
+
+
 class QuantLinear(nn.Module):
     """A linear layer over int4 planes: the outputs of its parts (one per GGUF tensor, merged where
     their layouts allow) side by side; x in any float dtype, multiplied in bf16, summed in fp32,
@@ -202,15 +224,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features = parts[0].k
         self.out_features = sum(p.n for p in parts)
-        merged: list[Repacked] = []
-        for p in parts:  # concatenate along N where the packing allows (row blocks of 64)
-            last = merged[-1] if merged else None
-            if last is not None and last.n % ROW_BLOCK == 0 and len(last.planes) == len(p.planes):
-                planes = [Plane(torch.cat([a.packed, b.packed]), torch.cat([a.scales_zeros, b.scales_zeros], 1))
-                          for a, b in zip(last.planes, p.planes)]
-                merged[-1] = Repacked(last.n + p.n, p.k, planes, last.qtype)
-            else:
-                merged.append(p)
+        merged = merge_parts(parts)  # a no-op for parts stored merged (the cache file's layout)
         self.parts = [(p.n, [(pl.packed, pl.scales_zeros) for pl in p.planes]) for p in merged]
         self.bias = bias
 
@@ -220,7 +234,7 @@ class QuantLinear(nn.Module):
     SINGLE_THREAD_BELOW = 1 << 18
 
     def forward(self, x):
-        if self.in_features * self.out_features < self.SINGLE_THREAD_BELOW and torch.get_num_threads() > 1:
+        if self._small and torch.get_num_threads() > 1:
             n = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
@@ -229,20 +243,26 @@ class QuantLinear(nn.Module):
                 torch.set_num_threads(n)
         return self._forward(x)
 
+    @property
+    def _small(self) -> bool:
+        return self.in_features * self.out_features < self.SINGLE_THREAD_BELOW
+
     def _forward(self, x):
+        # a 1.5B step calls this ~110 times: each op saved here is ~0.3 ms a token (see docs/models.md)
         shape = x.shape
-        x16 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        x16 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         outs = []
         for n, planes in self.parts:
-            y = None
-            for packed, sz in planes:
-                r = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, packed, GROUP, sz).float()
-                y = r if y is None else y + r
+            y = mm(x16, planes[0][0], GROUP, planes[0][1]).float()
+            for packed, sz in planes[1:]:
+                y += mm(x16, packed, GROUP, sz)  # the bf16 product added in fp32, in place
             outs.append(y if y.shape[1] == n else y[:, :n])
         y = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+            y += self.bias
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, planes={[len(p) for _, p in self.parts]}"
@@ -296,6 +316,7 @@ def write_quant_cache(gguf_path, out_file, progress: bool = True) -> QuantReport
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, dict] = {}
     per_type: dict[str, dict] = {}
+    reps: dict[str, Repacked] = {}
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"repacking {gguf_path.name}", total=len(reader.tensors))
         for t in reader.tensors:
@@ -322,15 +343,28 @@ def write_quant_cache(gguf_path, out_file, progress: bool = True) -> QuantReport
                     continue
                 base = "lm_head"
             r = repack(data, t.tensor_type, shape[1])
-            for i, pl in enumerate(r.planes):
-                tensors[f"{base}.{i}.w"] = pl.packed
-                tensors[f"{base}.{i}.sz"] = pl.scales_zeros
-            meta[base] = {"n": r.n, "k": r.k, "planes": len(r.planes), "qtype": r.qtype,
-                          "requantized": r.requantized, "groups": r.groups}
+            reps[base] = r
+            meta[base] = {"qtype": r.qtype, "requantized": r.requantized, "groups": r.groups}
             c = per_type.setdefault(r.qtype, {"tensors": 0, "requantized": 0, "groups": 0})
             c["tensors"] += 1
             c["requantized"] += r.requantized
             c["groups"] += r.groups
+    # stored merged as each QuantLinear holds them: merging at load would copy the parts out of the
+    # file's memory map, which stays mapped, and the pair's RSS held both (0.7 GB extra for the 1.5B)
+    modules: dict[str, list] = {}
+    targets = {f"model.layers.{i}.{mod}": [f"model.layers.{i}.{p}" for p in parts]
+               for i in range(cfg["num_hidden_layers"]) for mod, parts in FUSED.items()}
+    targets["lm_head"] = ["lm_head"]
+    for mod, bases in targets.items():
+        modules[mod] = []
+        for j, r in enumerate(merge_parts([reps.pop(b) for b in bases])):
+            key = f"{mod}.{j}"
+            for i, pl in enumerate(r.planes):
+                tensors[f"{key}.{i}.w"] = pl.packed
+                tensors[f"{key}.{i}.sz"] = pl.scales_zeros
+            meta[key] = {"n": r.n, "k": r.k, "planes": len(r.planes), "qtype": r.qtype}
+            modules[mod].append(key)
+    meta["modules"] = modules
     tmp = out_file.with_name(out_file.name + f".tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={"semiar_quant": _VERSION, "layout": json.dumps(meta),
@@ -350,7 +384,7 @@ def read_quant_report(cache_file) -> QuantReport:
         layout = json.loads(f.metadata()["layout"])
     per_type: dict[str, dict] = {}
     for v in layout.values():
-        if "qtype" in v and "planes" in v:
+        if isinstance(v, dict) and "requantized" in v:
             c = per_type.setdefault(v["qtype"], {"tensors": 0, "requantized": 0, "groups": 0})
             c["tensors"] += 1
             c["requantized"] += v["requantized"]
@@ -393,11 +427,16 @@ def load_quant_decoder(cfg, cache_file) -> nn.Module:
             layout = json.loads(f.metadata()["layout"])
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise ModelFileError(f"quantized cache {cache_file} is corrupt ({e}); delete it to rebuild it") from None
+    if "modules" not in layout:
+        raise ModelFileError(f"quantized cache {cache_file} is from an older semiar; delete it to rebuild it")
 
-    def part(base: str) -> Repacked:
-        m = layout[base]
-        planes = [Plane(sd.pop(f"{base}.{i}.w"), sd.pop(f"{base}.{i}.sz")) for i in range(m["planes"])]
-        return Repacked(m["n"], m["k"], planes, m["qtype"])
+    def linear(mod: str, bias=None) -> QuantLinear:
+        parts = []
+        for key in layout["modules"][mod]:
+            m = layout[key]
+            planes = [Plane(sd.pop(f"{key}.{i}.w"), sd.pop(f"{key}.{i}.sz")) for i in range(m["planes"])]
+            parts.append(Repacked(m["n"], m["k"], planes, m["qtype"]))
+        return QuantLinear(parts, bias)
 
     def cat_bias(names):
         if names[0] not in sd:
@@ -408,17 +447,16 @@ def load_quant_decoder(cfg, cache_file) -> nn.Module:
         dec = Decoder(cfg)
     for i, layer in enumerate(dec.layers):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        layer.self_attn.qkv_proj = QuantLinear([part(a + p) for p in ("q_proj", "k_proj", "v_proj")],
-                                               cat_bias([a + f"{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]))
-        layer.self_attn.o_proj = QuantLinear([part(a + "o_proj")])
-        layer.mlp.gate_up_proj = QuantLinear([part(m + "gate_proj"), part(m + "up_proj")])
-        layer.mlp.down_proj = QuantLinear([part(m + "down_proj")])
+        layer.self_attn.qkv_proj = linear(a + "qkv_proj", cat_bias([a + f"{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]))
+        layer.self_attn.o_proj = linear(a + "o_proj")
+        layer.mlp.gate_up_proj = linear(m + "gate_up_proj")
+        layer.mlp.down_proj = linear(m + "down_proj")
         layer.input_layernorm.weight = nn.Parameter(sd.pop(f"model.layers.{i}.input_layernorm.weight"), False)
         layer.post_attention_layernorm.weight = nn.Parameter(
             sd.pop(f"model.layers.{i}.post_attention_layernorm.weight"), False)
     e = layout["model.embed_tokens"]
     dec.embed_tokens = QuantEmbedding(sd.pop("model.embed_tokens.raw"), e["qtype"], e["dim"])
-    dec.lm_head = QuantLinear([part("lm_head")])
+    dec.lm_head = linear("lm_head")
     dec.norm.weight = nn.Parameter(sd.pop("model.norm.weight"), False)
     dec.inv_freq = rope_inv_freq(cfg)
     # the int4 kernel is row-invariant; the fp32 parts are made so too (see Attention.row_exact):
