@@ -182,3 +182,12 @@ def test_init_trains_on_from_an_existing_drafter(model_dir, tmp_path):
     assert (a[name] - b[name]).abs().max() < 1e-6 < 1e-4 < (a[name] - c[name]).abs().max()
     with pytest.raises(InvalidArgumentError, match="another shape"):
         train_drafter(cfg(model_dir, tmp_path / "d", max_steps=1, k=3, init=str(first)), progress=False)
+
+
+def test_time_budget_estimate_follows_the_pace_both_ways():
+    from semiar.train.trainer import steps_in_budget
+
+    assert steps_in_budget(20, 20.0, 1.0, 100.0, 1000) == 100  # 80 s left at 1 s a step
+    assert steps_in_budget(40, 30.0, 0.5, 100.0, 1000) == 180  # faster later: the end moves out again
+    assert steps_in_budget(40, 30.0, 0.01, 100.0, 1000) == 1000  # never past the plan
+    assert steps_in_budget(90, 101.0, 1.0, 100.0, 1000) == 90  # spent: stop here

@@ -157,6 +157,16 @@ def _batches(lengths: list[int], order: list[int], batch_tokens: int) -> list[li
     return out
 
 
+def steps_in_budget(step: int, spent: float, per_step: float, budget: float, planned: int) -> int:
+    """The step a time-budgeted run should end at, from the seconds spent and the mean pace since
+    warm-up: at most the planned steps, at least the current one (the budget is spent). Re-estimated
+    as the run goes, both ways: a run whose first measured steps were slow (long batches, allocator
+    warm-up) ended at 278 of 420 budgeted seconds when the estimate could only shrink."""
+    if per_step <= 0:
+        return planned
+    return min(planned, max(step, step + int((budget - spent) / per_step)))
+
+
 def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -293,6 +303,7 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     warmup = max(1, int(cfg.warmup * total))
+    planned = total  # a time budget fits the schedule to it, never past this plan
 
     # 3. resume
     ckpt_path = out / "checkpoint.pt"
@@ -353,14 +364,14 @@ def train_drafter(cfg: TrainConfig, progress: bool = True) -> dict:
             # fit the schedule into the budget, from the measured pace (under DDP every 10 steps: the ranks
             # agree on it through an all-reduce, which is a device sync)
             if cfg.time_budget and step - step0 >= 20 and (world == 1 or step % 10 == 0):
-                spent = time.perf_counter() - t_train
-                fit = step + int((cfg.time_budget - spent) / ((time.perf_counter() - t_pace) / (step - step0 - 10)))
+                now = time.perf_counter()
+                fit = steps_in_budget(step, now - t_train, (now - t_pace) / (step - step0 - 10), cfg.time_budget, planned)
                 if world > 1:  # every rank must stop at the same step (the slowest rank's pace decides)
                     t = torch.tensor([fit], device=device if device.startswith("cuda") else "cpu")
                     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
                     fit = int(t)
-                if fit < total:
-                    total = max(step, fit)
+                if fit != total:
+                    total = fit
                     warmup = min(warmup, max(1, total // 20))
                     bar.update(task, total=total)
     train_seconds = time.perf_counter() - t_train
