@@ -325,9 +325,15 @@ def test_bench_llamacpp_peer_runs_llama_server_on_the_same_gguf(tmp_path, monkey
     runs = res["runs"]["llamacpp"]
     assert [r["new_tokens"] for r in runs] == [6, 6]
     assert runs[0]["seconds"] == pytest.approx((2.0 + 4.0 * 6) / 1e3)  # the server's own timings
+    assert runs[0]["prefill_seconds"] == pytest.approx(2.0 / 1e3)
+    # decode-only: the tokens over the server's generation time (llama-bench's tg figure)
+    assert res["summary"]["all"]["llamacpp"]["decode_tokens_per_s"] == pytest.approx(12 / (2 * 4.0 * 6 / 1e3))
+    assert res["summary"]["all"]["ar"]["decode_tokens_per_s"] > 0
+    assert res["identity"]["ar_equals_llamacpp"].endswith("/2")  # informational, not a mismatch
     assert res["machine"]["peers"]["llamacpp"].startswith("llama-server ")
     assert res["machine"]["weights"] == "q4"
-    assert "peer llamacpp: llama-server" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "peer llamacpp: llama-server" in report and "decode tokens/s" in report
     assert "llamacpp" in res["summary"]["all"]
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -199,21 +200,23 @@ def _free_port() -> int:
 class LlamaServerPeer:
     """llama.cpp's own `llama-server` on the GGUF, given our prompt ids (chat template already applied)
     through /completion, greedy (top-k 1), prompt cache off, stopping at its end-of-generation token
-    or the budget. Seconds are the server's own prompt + generation times (no HTTP in them)."""
+    or the budget. Seconds are the server's own prompt + generation times (no HTTP in them);
+    `last_prefill_seconds` keeps the prompt's part of the last run (for decode-only tokens/s)."""
 
     def __init__(self, name: str, server: Path, gguf_path, threads: int, n_ctx: int = 4096,
                  start_timeout: float = 180.0):
         self.name, self.port = name, _free_port()
+        self.last_prefill_seconds: Optional[float] = None
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(server), "-m", str(gguf_path), "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx),
                "--host", "127.0.0.1", "--port", str(self.port), "-np", "1", "--no-webui"]
-        self.log = open(os.devnull, "wb")
+        self.log = tempfile.TemporaryFile()  # its output, quoted when it fails to start
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + start_timeout
         while True:
             if self.proc.poll() is not None:
                 raise InvalidArgumentError(f"llama-server exited with code {self.proc.returncode} at start "
-                                           f"({' '.join(cmd)})")
+                                           f"({' '.join(cmd)}): {self._log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -236,7 +239,13 @@ class LlamaServerPeer:
         wall = time.perf_counter() - t0
         t = out.get("timings") or {}
         secs = (t.get("prompt_ms", 0.0) + t.get("predicted_ms", 0.0)) / 1e3 if t else wall
+        self.last_prefill_seconds = t["prompt_ms"] / 1e3 if "prompt_ms" in t else None
         return [int(x) for x in out.get("tokens", [])], secs
+
+    def _log_tail(self, n: int = 600) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-n:].strip()
 
     def close(self) -> None:
         if self.proc.poll() is None:

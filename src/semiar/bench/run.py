@@ -262,10 +262,15 @@ class Runner:
             if forced is not None:
                 d["departures"] = [[i, round(gap, 5)] for i, gap in gen.departures]
             return d
-        out, secs = self.peers[method].run(ids, max_new, seed)
-        return {"new_tokens": len(out), "seconds": round(secs, 4),
-                "tokens_per_s": round(len(out) / secs, 3) if secs > 0 else 0.0,
-                "tau": None, "target_forwards": None, "accept_by_depth": [], "time_split": None, "token_ids": out}
+        peer = self.peers[method]
+        out, secs = peer.run(ids, max_new, seed)
+        d = {"new_tokens": len(out), "seconds": round(secs, 4),
+             "tokens_per_s": round(len(out) / secs, 3) if secs > 0 else 0.0,
+             "tau": None, "target_forwards": None, "accept_by_depth": [], "time_split": None, "token_ids": out}
+        prefill = getattr(peer, "last_prefill_seconds", None)  # llama-server reports its prompt time
+        if prefill is not None:
+            d["prefill_seconds"] = round(prefill, 4)
+        return d
 
 
 def context_stops(results: dict) -> list[str]:
@@ -462,6 +467,9 @@ def identity_check(results: dict, cfg: BenchConfig) -> dict:
     if "hf-ar" in results["runs"]:  # informational: two implementations of the same model
         same = sum(results["runs"]["ar"][i]["token_ids"] == results["runs"]["hf-ar"][i]["token_ids"] for i in range(n))
         info["ar_equals_hf_ar"] = f"{same}/{n}"
+    if "llamacpp" in results["runs"]:  # informational: llama.cpp's own kernels on the same GGUF
+        same = sum(results["runs"]["ar"][i]["token_ids"] == results["runs"]["llamacpp"][i]["token_ids"] for i in range(n))
+        info["ar_equals_llamacpp"] = f"{same}/{n}"
     return info
 
 
@@ -515,6 +523,9 @@ def summarize(results: dict) -> dict:
             tps = _tps(sel)
             row = {"tokens_per_s": round(tps, 3), "speedup": round(tps / ar_tps, 3) if ar_tps else None,
                    "new_tokens": sum(r["new_tokens"] for r in sel), "seconds": round(sum(r["seconds"] for r in sel), 3)}
+            decode = _decode_tps(sel)
+            if decode is not None:
+                row["decode_tokens_per_s"] = round(decode, 3)
             if method_of(m) in LOSSY:
                 row["lossy"] = True
             fw = [r["target_forwards"] for r in sel if r.get("target_forwards")]
@@ -532,6 +543,22 @@ def summarize(results: dict) -> dict:
 def _tps(runs):
     secs = sum(r["seconds"] for r in runs)
     return sum(r["new_tokens"] for r in runs) / secs if secs else 0.0
+
+
+def _prefill_of(r) -> Optional[float]:
+    if r.get("time_split"):
+        return r["time_split"]["prefill"]
+    return r.get("prefill_seconds")
+
+
+def _decode_tps(runs) -> Optional[float]:
+    """Tokens over the seconds after the prefill (what llama-bench's tg figure measures), when every
+    run knows its prefill time (our methods, llama-server); else None."""
+    prefills = [_prefill_of(r) for r in runs]
+    if not runs or any(p is None for p in prefills):
+        return None
+    secs = sum(r["seconds"] for r in runs) - sum(prefills)
+    return sum(r["new_tokens"] for r in runs) / secs if secs > 0 else None
 
 
 def _pooled_accept(runs):
@@ -603,14 +630,17 @@ def render_report(results: dict) -> str:
                      "target's distribution exactly.")
     if "ar_equals_hf_ar" in ident:
         lines.append(f"(Informational: our `ar` equals transformers' `hf-ar` on {ident['ar_equals_hf_ar']} prompts.)")
+    if "ar_equals_llamacpp" in ident:
+        lines.append(f"(Informational: our `ar` equals llama.cpp's greedy output on {ident['ar_equals_llamacpp']} prompts.)")
     lines.append("")
     for scope, rows in results["summary"].items():
-        lines += [f"## {scope}", "", "| method | tokens/s | speedup vs ar | tau | draft % | verify % | tokens |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"## {scope}", "", "| method | tokens/s | speedup vs ar | decode tokens/s | tau | draft % | verify % | tokens |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for meth, r in rows.items():
             split = r.get("time_split_pct") or {}
             label = f"{meth} (lossy)" if method_of(meth) in LOSSY else meth
-            lines.append(f"| {label} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | "
+            decode = f"{r['decode_tokens_per_s']:.2f}" if r.get("decode_tokens_per_s") is not None else "-"
+            lines.append(f"| {label} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {decode} | "
                          f"{r.get('tau', '-') if r.get('tau') is not None else '-'} | "
                          f"{split.get('draft', '-')} | {split.get('verify', '-')} | {r['new_tokens']} |")
         lines.append("")
