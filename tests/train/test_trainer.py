@@ -53,6 +53,8 @@ def test_bad_settings():
         TrainConfig(target="x", out="y", method="medusa2").validate()
     with pytest.raises(InvalidArgumentError, match="epochs"):
         TrainConfig(target="x", out="y", epochs=0).validate()
+    with pytest.raises(InvalidArgumentError, match="not a drafter directory"):
+        TrainConfig(target="x", out="y", init="/nonexistent/drafter").validate()
 
 
 def run_cli(*args, env=None):

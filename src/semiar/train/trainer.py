@@ -106,7 +106,10 @@ class TrainConfig:
                   (self.reg_weight >= 0 and self.token_weight >= 0 and self.reg_weight + self.token_weight > 0,
                    "reg-weight and token-weight must be >= 0, not both 0"),
                   (0 <= self.ttt <= 1, "ttt must be in [0, 1]"),
-                  (self.prompts != "none" or bool(self.text), "--prompts none needs --text")]
+                  (self.prompts != "none" or bool(self.text), "--prompts none needs --text"),
+                  # before the data is made (minutes); its method, target and shape are checked once the net is built
+                  (self.init is None or Path(self.init, "config.json").is_file(),
+                   f"--init {self.init} is not a drafter directory (no config.json)")]
         for ok, msg in checks:
             if not ok:
                 raise InvalidArgumentError(msg)
