@@ -14,11 +14,14 @@ from semiar.drafters.copy import CopyDrafter
 from semiar.drafters.lookahead import LookaheadDrafter
 from semiar.drafters.ngram import NgramDrafter
 from semiar.engine import Engine
+from semiar.models.cpu import qdot
 from semiar.tree import DraftTree, TreeSpec
 from tiny import tiny_quant_target, tiny_target
 
 # a tiny model per weight format: make(family, seed=...) -> LoadedModel
 MODELS = {"fp32": lambda family="qwen2", **kw: tiny_target(family, **kw)[0], "q4": tiny_quant_target}
+if qdot.available():  # the VNNI kernel's layout (SEMIAR_Q4_KERNEL=vnni), where this CPU has the instructions
+    MODELS["q4v"] = lambda family="qwen2", **kw: tiny_quant_target(family, kernel="vnni", **kw)
 
 
 class OracleDrafter(Drafter):

@@ -16,6 +16,7 @@ from semiar.engine import Engine
 from semiar.sampling import SamplingParams, target_probs
 from semiar.tree import TreeSpec
 from stats import chi_square_pvalue
+from semiar.models.cpu import qdot
 from tiny import tiny_quant_target, tiny_target
 
 V = 8
@@ -83,6 +84,8 @@ def eagle_drafter(target):
 
 MODELS = {"fp32": lambda seed=0: tiny_target("qwen2", seed=seed, vocab=V)[0],
           "q4": lambda seed=0: tiny_quant_target("qwen2", seed=seed, vocab=V)}
+if qdot.available():  # the VNNI kernel's layout (SEMIAR_Q4_KERNEL=vnni)
+    MODELS["q4v"] = lambda seed=0: tiny_quant_target("qwen2", seed=seed, vocab=V, kernel="vnni")
 
 
 METHODS = ["ar", "draft-chain", "draft-tree", "ngram", "falcon", "falcon-vocab", "lookahead", "copy", "copy-tree", "auto",

@@ -189,9 +189,11 @@ def tiny_gguf(path, family="qwen2", seed=0, vocab=VOCAB, tie=True, types=None, t
 _QUANT_DECODERS: dict = {}
 
 
-def tiny_quant_target(family: str = "qwen2", seed: int = 0, vocab: int = VOCAB, tie: bool = True):
+def tiny_quant_target(family: str = "qwen2", seed: int = 0, vocab: int = VOCAB, tie: bool = True,
+                      kernel: str = "int4"):
     """A LoadedModel on the quantized path (`--dtype q4`): a tiny random model written as a GGUF with
-    quantized tensors (`tiny_gguf`), repacked and loaded as the loader does; built once per process."""
+    quantized tensors (`tiny_gguf`), repacked for `kernel` ("int4" or "vnni") and loaded as the loader
+    does; built once per process."""
     import tempfile
     from pathlib import Path
 
@@ -200,13 +202,13 @@ def tiny_quant_target(family: str = "qwen2", seed: int = 0, vocab: int = VOCAB, 
     from semiar.models.loading import LoadedModel
     from semiar.models.quant import load_quant_decoder, write_quant_cache
 
-    key = (family, seed, vocab, tie)
+    key = (family, seed, vocab, tie, kernel)
     if key not in _QUANT_DECODERS:
         d = Path(tempfile.mkdtemp(prefix="semiar-tiny-gguf-"))
         tiny_gguf(d / "m.gguf", family, seed=seed, vocab=vocab, tie=tie)
-        write_quant_cache(d / "m.gguf", d / "q4.safetensors", progress=False)
+        write_quant_cache(d / "m.gguf", d / "q4.safetensors", progress=False, kernel=kernel)
         cfg = DecoderConfig.from_hf(hf_config(open_reader(d / "m.gguf")))
         _QUANT_DECODERS[key] = load_quant_decoder(cfg, d / "q4.safetensors")
     dec = _QUANT_DECODERS[key]
-    return LoadedModel(name=f"tiny-q4-{family}-{seed}", path=None, decoder=dec, tokenizer=None,
+    return LoadedModel(name=f"tiny-q4{'v' if kernel == 'vnni' else ''}-{family}-{seed}", path=None, decoder=dec, tokenizer=None,
                        config=dec.config, eos_ids=set(), weights="q4")

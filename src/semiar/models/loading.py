@@ -188,9 +188,9 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .quant import CACHE_NAME
+    from .quant import CACHE_NAME, cache_name
 
-    files = sorted(f for f in path.glob("*.safetensors") if f.name != CACHE_NAME)
+    files = sorted(f for f in path.glob("*.safetensors") if f.name not in (CACHE_NAME, cache_name("vnni")))
     if not files:
         raise ModelFileError(f"no *.safetensors weights in {path}")
     sd: dict[str, torch.Tensor] = {}

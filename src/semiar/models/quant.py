@@ -58,6 +58,29 @@ def quant_available() -> bool:
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
+KERNELS = ("int4", "vnni")
+
+
+def quant_kernel() -> str:
+    """The products the quantized path runs: "int4" (torch's int4 weight-only kernel, bf16
+    activations; the default) or "vnni" (`models.cpu.qdot`: the GGUF's blocks against int8
+    activations, AVX512-VNNI; opt-in with SEMIAR_Q4_KERNEL=vnni where the CPU has it)."""
+    want = os.environ.get("SEMIAR_Q4_KERNEL", "int4") or "int4"
+    if want not in KERNELS:
+        raise SemiarError(f"SEMIAR_Q4_KERNEL={want!r}: use one of {', '.join(KERNELS)}")
+    if want == "vnni":
+        from .cpu import qdot
+
+        if not qdot.cpu_supported():
+            raise SemiarError("SEMIAR_Q4_KERNEL=vnni needs a CPU with AVX512-VNNI; unset it to use the int4 kernel")
+    return want
+
+
+def cache_name(kernel: str) -> str:
+    """The cache file of a kernel's layout, beside the converted model."""
+    return CACHE_NAME if kernel == "int4" else "model.q4v.safetensors"
+
+
 @dataclass
 class Plane:
     """One int4 plane in the kernel's layout: packed uint8 [N16, K/2], scales_zeros bf16 [K/32, N16, 2];
@@ -296,9 +319,10 @@ class QuantReport:
                          for t, v in sorted(self.per_type.items()))
 
 
-def write_quant_cache(gguf_path, out_file, progress: bool = True) -> QuantReport:
-    """Repack a llama/qwen2 GGUF's weights into `out_file` (safetensors: planes, the embedding's raw
-    blocks, fp32 norms and biases; written to a temporary name and renamed)."""
+def write_quant_cache(gguf_path, out_file, progress: bool = True, kernel: str = "int4") -> QuantReport:
+    """Repack a llama/qwen2 GGUF's weights into `out_file` (safetensors: planes, or for the vnni kernel
+    its packed blocks, the embedding's raw blocks, fp32 norms and biases; written to a temporary name
+    and renamed)."""
     from rich.progress import Progress
     from safetensors.torch import save_file
 
@@ -342,6 +366,19 @@ def write_quant_cache(gguf_path, out_file, progress: bool = True) -> QuantReport
                 if not cfg["tie_word_embeddings"]:
                     continue
                 base = "lm_head"
+            if kernel == "vnni":
+                from .cpu import qdot
+
+                fmt, arrays, requantized = qdot.pack(data, t.tensor_type, shape[1], _CHUNK_ROWS)
+                for field, a in zip(qdot.FIELDS[fmt], arrays):
+                    tensors[f"{base}.{field}"] = torch.from_numpy(np.ascontiguousarray(a))
+                meta[base] = {"qtype": gguf.GGMLQuantizationType(t.tensor_type).name, "requantized": requantized,
+                              "groups": shape[0] * (shape[1] // GROUP), "fmt": fmt, "n": shape[0], "k": shape[1]}
+                c = per_type.setdefault(meta[base]["qtype"], {"tensors": 0, "requantized": 0, "groups": 0})
+                c["tensors"] += 1
+                c["requantized"] += requantized
+                c["groups"] += meta[base]["groups"]
+                continue
             r = repack(data, t.tensor_type, shape[1])
             reps[base] = r
             meta[base] = {"qtype": r.qtype, "requantized": r.requantized, "groups": r.groups}
@@ -356,6 +393,9 @@ def write_quant_cache(gguf_path, out_file, progress: bool = True) -> QuantReport
                for i in range(cfg["num_hidden_layers"]) for mod, parts in FUSED.items()}
     targets["lm_head"] = ["lm_head"]
     for mod, bases in targets.items():
+        if kernel == "vnni":
+            modules[mod] = bases
+            continue
         modules[mod] = []
         for j, r in enumerate(merge_parts([reps.pop(b) for b in bases])):
             key = f"{mod}.{j}"
@@ -367,7 +407,7 @@ def write_quant_cache(gguf_path, out_file, progress: bool = True) -> QuantReport
     meta["modules"] = modules
     tmp = out_file.with_name(out_file.name + f".tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={"semiar_quant": _VERSION, "layout": json.dumps(meta),
+        save_file(tensors, str(tmp), metadata={"semiar_quant": _VERSION, "kernel": kernel, "layout": json.dumps(meta),
                                                "source_size": str(gguf_path.stat().st_size)})
         tmp.replace(out_file)
     except BaseException:
@@ -392,7 +432,7 @@ def read_quant_report(cache_file) -> QuantReport:
     return QuantReport(per_type)
 
 
-def _cache_valid(cache_file: Path, gguf_path: Path) -> bool:
+def _cache_valid(cache_file: Path, gguf_path: Path, kernel: str = "int4") -> bool:
     from safetensors import safe_open
 
     if not cache_file.is_file():
@@ -402,14 +442,17 @@ def _cache_valid(cache_file: Path, gguf_path: Path) -> bool:
             md = f.metadata() or {}
     except Exception:
         return False
-    return md.get("semiar_quant") == _VERSION and md.get("source_size") == str(gguf_path.stat().st_size)
+    return (md.get("semiar_quant") == _VERSION and md.get("kernel", "int4") == kernel
+            and md.get("source_size") == str(gguf_path.stat().st_size))
 
 
-def ensure_quant_cache(gguf_path, cache_dir, progress: bool = True) -> Path:
-    """`cache_dir/model.q4.safetensors` for the GGUF, repacked on first use."""
-    out = Path(cache_dir) / CACHE_NAME
-    if not _cache_valid(out, Path(gguf_path)):
-        write_quant_cache(gguf_path, out, progress=progress)
+def ensure_quant_cache(gguf_path, cache_dir, progress: bool = True, kernel: Optional[str] = None) -> Path:
+    """`cache_dir/model.q4.safetensors` (or the vnni kernel's `model.q4v.safetensors`) for the GGUF,
+    repacked on first use; kernel None: `quant_kernel()`."""
+    kernel = kernel or quant_kernel()
+    out = Path(cache_dir) / cache_name(kernel)
+    if not _cache_valid(out, Path(gguf_path), kernel):
+        write_quant_cache(gguf_path, out, progress=progress, kernel=kernel)
     return out
 
 
@@ -425,12 +468,21 @@ def load_quant_decoder(cfg, cache_file) -> nn.Module:
         sd = load_file(str(cache_file))
         with safe_open(str(cache_file), "pt") as f:
             layout = json.loads(f.metadata()["layout"])
+            kernel = f.metadata().get("kernel", "int4")
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise ModelFileError(f"quantized cache {cache_file} is corrupt ({e}); delete it to rebuild it") from None
     if "modules" not in layout:
         raise ModelFileError(f"quantized cache {cache_file} is from an older semiar; delete it to rebuild it")
 
-    def linear(mod: str, bias=None) -> QuantLinear:
+    def linear(mod: str, bias=None):
+        if kernel == "vnni":
+            from .cpu.qdot import FIELDS, VnniLinear
+
+            vparts = []
+            for key in layout["modules"][mod]:
+                m = layout[key]
+                vparts.append((m["fmt"], m["n"], {f: sd.pop(f"{key}.{f}") for f in FIELDS[m["fmt"]]}))
+            return VnniLinear(layout[layout["modules"][mod][0]]["k"], vparts, bias)
         parts = []
         for key in layout["modules"][mod]:
             m = layout[key]
