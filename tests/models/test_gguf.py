@@ -152,8 +152,11 @@ def _check_against_transformers_gguf(name):
 
     from semiar.models import registry
 
+    from semiar.models.gguf import ensure_dense_weights
+
     out = registry.pull(name, progress=False)
     src = registry.gguf_path(name)
+    ensure_dense_weights(out, src, progress=False)  # a pull writes no dense weights; transformers reads them
     tok = AutoTokenizer.from_pretrained(out)
     ref_tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     for text in ("Hello, world", "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"):

@@ -1,8 +1,9 @@
 """Quantized weight x int8 activation products on the CPU (AVX512-VNNI), compiled on first use.
 
-The kernels (qdot.cpp) are built with torch's C++ extension tooling into
-`$SEMIAR_HOME/kernels/<hash of the source, torch version and compiler flags>` the first time they
-are needed (about a minute on 2 cores) and loaded from there afterwards. They run where the CPU has
+The kernels (qdot.cpp) are built with torch's C++ extension tooling into torch's extension cache
+(`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions), named by a hash of the source, the torch
+version and the compiler flags, the first time they are needed (about 40 s on 2 cores), and loaded
+from there afterwards. They run where the CPU has
 AVX512-VNNI (`available()`); elsewhere the quantized path falls back to torch's int4 kernel.
 
 Example:
@@ -51,15 +52,11 @@ def ops():
     """The compiled module (quantize_act, mm_k4, mm_k6, mm_b8); builds it on first use."""
     from torch.utils import cpp_extension
 
-    from ..registry import semiar_home
-
     src = _SOURCE.read_bytes()
     key = hashlib.sha256(src + torch.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    build = semiar_home() / "kernels" / f"qdot-{key}"
-    build.mkdir(parents=True, exist_ok=True)
-    try:
+    try:  # into torch's extension cache ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), by name
         return cpp_extension.load(name=f"semiar_qdot_{key}", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
-                                  extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+                                  extra_ldflags=["-fopenmp"], verbose=False)
     except (RuntimeError, OSError, ImportError) as e:  # no compiler, no ninja, a failed build
         from ...errors import SemiarError
 
